@@ -1,0 +1,176 @@
+"""bpkit's reverse-mode engine: trace -> forward pass -> reverse walk over the equations.
+
+The whole algorithm (compare JAX's autodidax, ``eval_jaxpr_transposed``):
+
+1. **Trace** the function to a jaxpr with ``jax.make_jaxpr`` (cached per function and input
+   types, so eager calls with the same shapes do not trace again).
+2. **Forward pass**: evaluate the equations in order, keeping every value in ``primal_env``.
+   An input is *active* when it is differentiated and floating point; an equation with an
+   active input is *on the tape*: its rule is looked up, and its outputs become active.
+   Everything else (integer index arithmetic, random bits, masks) is evaluated and forgotten.
+3. **Backward pass**: seed the output cotangents, walk the tape in reverse, pull each
+   equation's output cotangents back through its hand-written rule, and accumulate the input
+   cotangents in ``ct_env`` by addition. A cotangent that is known to be zero is simply absent
+   from ``ct_env`` (a *symbolic zero*): it is never materialised and its equation is skipped.
+
+Rules are written with ordinary ``jax.lax``/``jax.numpy`` operations, so the backward pass is
+itself a JAX program: it runs eagerly, under ``jax.jit``/``vmap``, and can be differentiated
+again by bpkit (second derivatives) or by ``jax.grad``.
+"""
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import jax
+
+from bpkit.engine import compat, registry
+
+# When true, every rule's cotangents are checked against the shapes and dtypes of the primals
+# they belong to (the test suite turns this on; it costs nothing under jit but a Python check).
+CHECK_RULE_OUTPUTS = False
+
+
+class RuleContractError(AssertionError):
+    """A rule returned a cotangent whose shape or dtype differs from its primal's."""
+
+
+@dataclass(frozen=True)
+class Traced:
+    """A function traced once for given input types."""
+
+    jaxpr: Any  # the open jaxpr
+    consts: list
+    out_tree: Any  # pytree structure of the function's output
+
+
+# fun -> {(in_tree, input types): Traced}; weak keys so traces die with their functions.
+_trace_cache: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
+
+
+def trace(fun: Callable, flat_args: Sequence[Any], in_tree) -> Traced:
+    """Trace ``fun(*args, **kwargs)`` to a jaxpr, with caching.
+
+    ``flat_args`` are the leaves of the pytree ``(args, kwargs)`` whose structure is ``in_tree``.
+    """
+    key = (in_tree, tuple(_type_key(x) for x in flat_args))
+    try:
+        per_fun = _trace_cache.setdefault(fun, {})
+    except TypeError:  # not weak-referenceable (e.g. some builtins): no caching
+        per_fun = None
+    if per_fun is not None and key in per_fun:
+        return per_fun[key]
+
+    def flat_fun(*leaves):
+        args, kwargs = jax.tree_util.tree_unflatten(in_tree, leaves)
+        return fun(*args, **kwargs)
+
+    jaxpr, consts, out_shape = compat.make_jaxpr(flat_fun, *flat_args)
+    traced = Traced(jaxpr, consts, jax.tree_util.tree_structure(out_shape))
+    # A trace that closed over tracers of an enclosing transformation must not outlive it.
+    if per_fun is not None and not any(compat.is_tracer(c) for c in consts):
+        per_fun[key] = traced
+    return traced
+
+
+def _type_key(x):
+    aval = compat.typeof(x)
+    return (aval.shape, aval.dtype, getattr(aval, "weak_type", False))
+
+
+def vjp_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any], active_in: Sequence[bool]):
+    """Run the forward pass of an open ``jaxpr``; return ``(outs, backward, active_out)``.
+
+    ``active_in[i]`` says whether input ``i`` is differentiated. ``backward(cts_out)`` takes one
+    cotangent per output (``None`` = zero) and returns one per input (``None`` = zero).
+    ``active_out[j]`` says whether output ``j`` depends on an active input at all.
+    """
+    primal_env: dict = {}
+    active: set = set()
+
+    def read(v):
+        return v.val if isinstance(v, compat.Literal) else primal_env[v]
+
+    for v, c in zip(jaxpr.constvars, consts):
+        primal_env[v] = c
+    for v, x, a in zip(jaxpr.invars, args, active_in):
+        primal_env[v] = x
+        if a and compat.is_inexact(v.aval):
+            active.add(v)
+
+    tape = []  # (eqn, pullback) for each equation on the differentiated path, in order
+    for eqn in jaxpr.eqns:
+        invals = [read(v) for v in eqn.invars]
+        active_mask = [isinstance(v, compat.Var) and v in active for v in eqn.invars]
+        if not any(active_mask) or eqn.primitive in registry.nondiff_primitives:
+            outs = compat.eval_eqn(eqn, invals)
+        else:
+            outs, pullback = _forward_with_rule(eqn, invals, active_mask)
+            tape.append((eqn, pullback))
+            active.update(v for v in eqn.outvars
+                          if not isinstance(v, compat.DropVar) and compat.is_inexact(v.aval))
+        for v, x in zip(eqn.outvars, outs):
+            if not isinstance(v, compat.DropVar):
+                primal_env[v] = x
+
+    outs = [read(v) for v in jaxpr.outvars]
+    active_out = [isinstance(v, compat.Var) and v in active for v in jaxpr.outvars]
+
+    def backward(cts_out: Sequence[Any]) -> list:
+        ct_env: dict = {}
+        for v, ct, a in zip(jaxpr.outvars, cts_out, active_out):
+            if a and ct is not None:
+                _accumulate(ct_env, v, ct)
+        for eqn, pullback in reversed(tape):
+            cts = [ct_env.pop(v, None) if isinstance(v, compat.Var) else None
+                   for v in eqn.outvars]
+            if all(ct is None for ct in cts):
+                continue  # symbolic zero: nothing flows back through this equation
+            with compat.source_context(eqn):
+                cts_in = pullback(cts if eqn.primitive.multiple_results else cts[0])
+            if CHECK_RULE_OUTPUTS:
+                _check_rule_outputs(eqn, cts_in)
+            for v, ct in zip(eqn.invars, cts_in):
+                if ct is not None and isinstance(v, compat.Var) and v in active:
+                    _accumulate(ct_env, v, ct)
+        return [ct_env.get(v) if v in active else None for v in jaxpr.invars]
+
+    return outs, backward, active_out
+
+
+def _forward_with_rule(eqn, invals, active_mask):
+    """Evaluate ``eqn`` and return ``(outs, pullback)`` from its registered rule."""
+    prim = eqn.primitive
+    fwd_bwd = registry.fwd_bwd_rules.get(prim)
+    if fwd_bwd is not None:
+        with compat.source_context(eqn):
+            outs, pullback = fwd_bwd(invals, active_mask, **eqn.params)
+        return list(outs), pullback
+    rule = registry.vjp_rules.get(prim)
+    if rule is None:
+        raise registry.unsupported(eqn)
+    outs = compat.eval_eqn(eqn, invals)
+    out = outs if prim.multiple_results else outs[0]
+    params = eqn.params
+    return outs, lambda ct: rule(ct, *invals, out=out, **params)
+
+
+def _accumulate(ct_env: dict, v, ct) -> None:
+    ct_env[v] = ct if v not in ct_env else ct_env[v] + ct
+
+
+def _check_rule_outputs(eqn, cts_in) -> None:
+    problems = []
+    if len(cts_in) != len(eqn.invars):
+        problems.append(f"returned {len(cts_in)} cotangents for {len(eqn.invars)} inputs")
+    for i, (v, ct) in enumerate(zip(eqn.invars, cts_in)):
+        if ct is None or not compat.is_inexact(v.aval):
+            continue
+        aval = compat.typeof(ct)
+        if aval.shape != v.aval.shape or aval.dtype != v.aval.dtype:
+            problems.append(f"input {i}: primal {v.aval.str_short()}, cotangent {aval.str_short()}")
+    if problems:
+        raise RuleContractError(
+            f"The VJP rule of '{eqn.primitive.name}' (params {dict(eqn.params)}) broke the rule "
+            "contract: " + "; ".join(problems))

@@ -1,0 +1,135 @@
+"""VJP rules of elementwise primitives: arithmetic, powers, exponentials, trigonometry, selection.
+
+Each line is the derivative ``ct * df/dx`` written out. Conventions at kinks follow JAX exactly:
+``max``/``min`` split the cotangent evenly between tied operands; ``abs`` passes ``+ct`` at 0;
+``clamp`` gives the operand nothing at either bound; ``sign``, ``floor``, ``ceil``, ``round``
+have zero derivative (registered in ``nondiff.py``).
+"""
+from __future__ import annotations
+
+import math
+
+import jax.numpy as jnp
+from jax import lax
+
+from bpkit.engine.registry import register_vjp
+from bpkit.rules.helpers import defbinary, defunary, unbroadcast, zeros_like
+
+P = lax  # the primitives live on jax.lax as `<name>_p`
+
+# --- arithmetic -----------------------------------------------------------------------------
+defbinary(P.add_p, lambda ct, x, y, z: ct, lambda ct, x, y, z: ct)
+defbinary(P.sub_p, lambda ct, x, y, z: ct, lambda ct, x, y, z: -ct)
+defbinary(P.mul_p, lambda ct, x, y, z: ct * y, lambda ct, x, y, z: ct * x)
+defbinary(P.div_p, lambda ct, x, y, z: ct / y, lambda ct, x, y, z: -ct * x * lax.integer_pow(y, -2))
+defunary(P.neg_p, lambda ct, x, z: -ct)
+defbinary(P.rem_p, lambda ct, x, y, z: ct,
+          lambda ct, x, y, z: -ct * jnp.sign(x / y) * jnp.floor(jnp.abs(x / y)))
+
+
+def _balanced_eq(x, z, y):
+    """1 where ``x`` is the max/min ``z`` alone, 1/2 where ``y`` ties with it, else 0 (JAX's rule)."""
+    one, zero = jnp.ones_like(z), jnp.zeros_like(z)
+    return lax.select(x == z, one, zero) / lax.select(y == z, one + one, one)
+
+
+defbinary(P.max_p, lambda ct, x, y, z: ct * _balanced_eq(x, z, y),
+          lambda ct, x, y, z: ct * _balanced_eq(y, z, x))
+defbinary(P.min_p, lambda ct, x, y, z: ct * _balanced_eq(x, z, y),
+          lambda ct, x, y, z: ct * _balanced_eq(y, z, x))
+
+
+# --- powers and roots -----------------------------------------------------------------------
+def _pow_x(ct, x, y, z):
+    """d(x**y)/dx = y * x**(y-1), defined as 0 where y == 0 (so 0**0 has slope 0, as in JAX)."""
+    y_f = y.astype(z.dtype) if hasattr(y, "astype") else jnp.asarray(y, z.dtype)
+    jac = lax.select(y_f == 0, jnp.zeros_like(y_f * x), y_f * lax.pow(x, y_f - 1))
+    return ct * jac
+
+
+def _pow_y(ct, x, y, z):
+    """d(x**y)/dy = log(x) * x**y, with log(0) replaced by log(1) (JAX's convention)."""
+    safe_x = lax.select(x == 0, jnp.ones_like(x), x)
+    return ct * jnp.log(safe_x) * z
+
+
+defbinary(P.pow_p, _pow_x, _pow_y)
+
+
+@register_vjp(P.integer_pow_p)
+def _integer_pow_vjp(ct, x, *, out, y):
+    """d(x**n)/dx = n * x**(n-1)."""
+    if y == 0:
+        return [zeros_like(x)]
+    return [ct * (y * (lax.integer_pow(x, y - 1) if y != 1 else jnp.ones_like(x)))]
+
+
+defunary(P.square_p, lambda ct, x, z: ct * 2 * x)
+defunary(P.sqrt_p, lambda ct, x, z: ct * (0.5 / z))
+defunary(P.rsqrt_p, lambda ct, x, z: ct * (-0.5 * z / x))
+defunary(P.cbrt_p, lambda ct, x, z: ct * (lax.integer_pow(z, -2) / 3))
+
+# --- exponentials and logarithms ------------------------------------------------------------
+defunary(P.exp_p, lambda ct, x, z: ct * z)
+defunary(P.exp2_p, lambda ct, x, z: ct * z * math.log(2))
+defunary(P.log_p, lambda ct, x, z: ct / x)
+defunary(P.log1p_p, lambda ct, x, z: ct / (x + 1))
+defunary(P.expm1_p, lambda ct, x, z: ct * (z + 1))
+defunary(P.tanh_p, lambda ct, x, z: (ct + ct * z) * (1 - z))  # (1 + z)(1 - z) = 1 - tanh^2
+defunary(P.logistic_p, lambda ct, x, z: ct * z * (1 - z))
+if hasattr(P, "log2_p"):  # JAX >= 0.11 has a log2 primitive
+    defunary(P.log2_p, lambda ct, x, z: ct / (x * math.log(2)))
+
+# --- error functions and special functions --------------------------------------------------
+defunary(P.erf_p, lambda ct, x, z: ct * (2 / math.sqrt(math.pi)) * jnp.exp(-x * x))
+defunary(P.erfc_p, lambda ct, x, z: ct * (-2 / math.sqrt(math.pi)) * jnp.exp(-x * x))
+defunary(P.erf_inv_p, lambda ct, x, z: ct * (math.sqrt(math.pi) / 2) * jnp.exp(z * z))
+defunary(P.lgamma_p, lambda ct, x, z: ct * lax.digamma(x))
+defunary(P.digamma_p, lambda ct, x, z: ct * lax.polygamma(jnp.ones_like(x), x))
+
+# --- trigonometric and hyperbolic -----------------------------------------------------------
+defunary(P.sin_p, lambda ct, x, z: ct * jnp.cos(x))
+defunary(P.cos_p, lambda ct, x, z: -ct * jnp.sin(x))
+defunary(P.tan_p, lambda ct, x, z: ct * (1 + z * z))
+defunary(P.asin_p, lambda ct, x, z: ct * lax.rsqrt(1 - x * x))
+defunary(P.acos_p, lambda ct, x, z: -ct * lax.rsqrt(1 - x * x))
+defunary(P.atan_p, lambda ct, x, z: ct / (1 + x * x))
+defbinary(P.atan2_p, lambda ct, x, y, z: ct * (y / (x * x + y * y)),
+          lambda ct, x, y, z: ct * (-x / (x * x + y * y)))
+defunary(P.sinh_p, lambda ct, x, z: ct * jnp.cosh(x))
+defunary(P.cosh_p, lambda ct, x, z: ct * jnp.sinh(x))
+defunary(P.asinh_p, lambda ct, x, z: ct * lax.rsqrt(x * x + 1))
+defunary(P.acosh_p, lambda ct, x, z: ct * lax.rsqrt((x - 1) * (x + 1)))
+defunary(P.atanh_p, lambda ct, x, z: ct / (1 + x) / (1 - x))
+
+# --- sign-dependent -------------------------------------------------------------------------
+defunary(P.abs_p, lambda ct, x, z: lax.select(x >= 0, ct, -ct))  # +ct at 0, as in JAX
+
+
+# --- selection ------------------------------------------------------------------------------
+@register_vjp(P.select_n_p)
+def _select_n_vjp(ct, which, *cases, out):
+    """``out = cases[which]``: each case receives ``ct`` where it was selected, 0 elsewhere."""
+    zero = jnp.zeros_like(ct)
+    which = jnp.broadcast_to(which, ct.shape) if which.shape != ct.shape else which
+    cts = []
+    for i, case in enumerate(cases):
+        picks = [zero] * len(cases)
+        picks[i] = ct
+        cts.append(unbroadcast(lax.select_n(which, *picks), case))
+    return [None, *cts]
+
+
+@register_vjp(P.clamp_p)
+def _clamp_vjp(ct, lo, x, hi, *, out):
+    """``clamp(lo, x, hi)``: ``x`` gets ``ct`` strictly inside ``(lo, hi)``; a bound gets it where
+    it is the active one (``lo > x`` for the lower, ``x > hi`` for the upper), as in JAX."""
+    zero = jnp.zeros_like(ct)
+    ct_lo = lax.select((lo > x) & (lo < hi), ct, zero)
+    ct_x = lax.select((x > lo) & (x < hi), ct, zero)
+    ct_hi = lax.select(hi < x, ct, zero)
+    return [unbroadcast(ct_lo, lo), ct_x, unbroadcast(ct_hi, hi)]
+
+
+if hasattr(P, "one_minus_square_p"):  # JAX >= 0.11: 1 - x**2 as one primitive
+    defunary(P.one_minus_square_p, lambda ct, x, z: ct * (-2 * x))

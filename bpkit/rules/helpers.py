@@ -1,0 +1,65 @@
+"""Helpers that make the common shapes of VJP rules one line (JAX's ``defjvp2``/``deflinear``).
+
+* ``defunary(prim, pullback)``: ``pullback(ct, x, out) -> ct_x``.
+* ``defbinary(prim, pull_x, pull_y)``: ``pull(ct, x, y, out)``, each summed back to its operand's
+  shape by ``unbroadcast`` (jaxprs pass scalar literals to binary operations unbroadcast).
+* ``deflinear(prim, transpose)``: a linear primitive; ``transpose(ct, *primals, **params)``
+  returns the cotangents (the primals are there for their shapes only).
+"""
+from __future__ import annotations
+
+import numpy as np
+from jax import lax
+
+from bpkit.engine.registry import register_vjp
+
+
+def unbroadcast(ct, x):
+    """Sum ``ct`` down to the shape of ``x`` and cast it to ``x``'s dtype.
+
+    Binary primitives in a jaxpr take operands of equal shape, or a rank-0 operand next to an
+    array; the cotangent of the rank-0 operand is the sum of the cotangent.
+    """
+    shape, dtype = np.shape(x), _dtype(x)
+    if np.shape(ct) != shape:
+        ct = lax.reduce_sum(ct, tuple(range(np.ndim(ct)))) if shape == () else ct
+        if np.shape(ct) != shape:
+            raise ValueError(f"cannot unbroadcast a cotangent of shape {np.shape(ct)} to {shape}")
+    return ct if ct.dtype == dtype else lax.convert_element_type(ct, dtype)
+
+
+def _dtype(x):
+    return getattr(x, "dtype", None) or np.result_type(x)
+
+
+def zeros_like(x):
+    return lax.full(np.shape(x), 0, _dtype(x))
+
+
+def instantiate_zeros(ct, like):
+    """``ct``, or explicit zeros shaped like ``like`` when ``ct`` is a symbolic zero (``None``)."""
+    return zeros_like(like) if ct is None else ct
+
+
+def defunary(prim, pullback):
+    """Register ``ct_x = pullback(ct, x, out)`` for a one-operand elementwise primitive."""
+    def rule(ct, x, *, out, **params):
+        return [pullback(ct, x, out)]
+    rule.__name__ = f"{prim.name}_vjp"
+    register_vjp(prim, rule)
+
+
+def defbinary(prim, pull_x, pull_y):
+    """Register ``ct_x = pull_x(ct, x, y, out)`` and ``ct_y = pull_y(...)`` for a binary primitive."""
+    def rule(ct, x, y, *, out, **params):
+        return [unbroadcast(pull_x(ct, x, y, out), x), unbroadcast(pull_y(ct, x, y, out), y)]
+    rule.__name__ = f"{prim.name}_vjp"
+    register_vjp(prim, rule)
+
+
+def deflinear(prim, transpose):
+    """Register a linear primitive by its transpose ``transpose(ct, *primals, **params)``."""
+    def rule(ct, *primals, out, **params):
+        return transpose(ct, *primals, **params)
+    rule.__name__ = f"{prim.name}_vjp"
+    register_vjp(prim, rule)

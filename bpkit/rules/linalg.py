@@ -1,0 +1,57 @@
+"""The VJP rule of ``dot_general``: matrix products with any contraction and batch dimensions.
+
+For ``out[b, f_l, f_r] = sum_c lhs[b, f_l, c] * rhs[b, c, f_r]`` (axes in any positions):
+
+* ``ct_lhs[b, f_l, c] = sum_{f_r} ct[b, f_l, f_r] * rhs[b, c, f_r]``
+* ``ct_rhs[b, c, f_r] = sum_{f_l} ct[b, f_l, f_r] * lhs[b, f_l, c]``
+
+Each is itself one ``dot_general`` followed by a transpose back to the operand's axis order; the
+rhs rule is the lhs rule with the operands' roles swapped.
+"""
+from __future__ import annotations
+
+import numpy as np
+from jax import lax
+
+from bpkit.engine import compat
+from bpkit.engine.registry import register_vjp
+
+
+def _ct_operand(ct, other, ndim, dims, other_dims, ct_free, ct_other_free, precision):
+    """Cotangent of one operand (``ndim`` axes; its contracting/batch axes ``dims``) given the
+    other operand. ``ct_free`` are the axes of ``ct`` that belong to this operand's free axes,
+    ``ct_other_free`` those of the other operand's free axes."""
+    (contract, batch), (other_contract, other_batch) = dims, other_dims
+    other_free = [d for d in range(np.ndim(other)) if d not in other_contract and d not in other_batch]
+    n_batch = len(batch)
+    ct_batch = tuple(range(n_batch))
+    res = lax.dot_general(ct, other, ((tuple(ct_other_free), tuple(other_free)),
+                                      (ct_batch, tuple(other_batch))),
+                          precision=precision, preferred_element_type=other.dtype)
+    # res axes: batch (in batch order), this operand's free axes (sorted), then the other
+    # operand's remaining axes, i.e. its contracting axes in increasing order.
+    free = [d for d in range(ndim) if d not in contract and d not in batch]
+    order = np.argsort(other_contract)
+    src = list(batch) + free + [contract[k] for k in order]
+    return lax.transpose(res, tuple(np.argsort(src)))
+
+
+@register_vjp(lax.dot_general_p)
+def _dot_general_vjp(ct, lhs, rhs, *, out, dimension_numbers, precision=None,
+                     preferred_element_type=None, **params):
+    (lc, rc), (lb, rb) = dimension_numbers
+    nb = len(lb)
+    n_lfree = np.ndim(lhs) - len(lc) - nb
+    ct_lfree = list(range(nb, nb + n_lfree))
+    ct_rfree = list(range(nb + n_lfree, np.ndim(ct)))
+    cts = []
+    for x, other, dims, odims, mine, theirs in (
+            (lhs, rhs, (lc, lb), (rc, rb), ct_lfree, ct_rfree),
+            (rhs, lhs, (rc, rb), (lc, lb), ct_rfree, ct_lfree)):
+        if not compat.is_inexact(compat.typeof(x)):
+            cts.append(None)
+            continue
+        c = _ct_operand(ct.astype(x.dtype), other.astype(x.dtype), np.ndim(x), dims, odims,
+                        mine, theirs, precision)
+        cts.append(c)
+    return cts

@@ -1,0 +1,84 @@
+"""VJP rules of structural primitives: they move, copy or re-type values without arithmetic.
+
+All of them are linear, so each rule is the transpose of the data movement: a broadcast sums
+back, a transpose applies the inverse permutation, a concatenation slices its cotangent apart.
+"""
+from __future__ import annotations
+
+import numpy as np
+import jax.numpy as jnp
+from jax import lax
+
+from bpkit.engine import compat
+from bpkit.engine.registry import register_vjp
+from bpkit.rules.helpers import deflinear, instantiate_zeros
+
+P = lax
+
+
+@register_vjp(P.broadcast_in_dim_p)
+def _broadcast_in_dim_vjp(ct, x, *dyn_shape, out, shape, broadcast_dimensions, **params):
+    """Sum over the new axes and over the size-1 axes that were stretched, then reshape."""
+    x_shape = np.shape(x)
+    stretched = [d for i, d in enumerate(broadcast_dimensions) if x_shape[i] == 1 and shape[d] != 1]
+    new_axes = [d for d in range(len(shape)) if d not in broadcast_dimensions]
+    summed = lax.reduce_sum(ct, tuple(sorted(new_axes + stretched))) if new_axes or stretched else ct
+    return [lax.reshape(summed, x_shape), *[None] * len(dyn_shape)]
+
+
+deflinear(P.reshape_p, lambda ct, x, *dyn, **p: [lax.reshape(ct, np.shape(x)), *[None] * len(dyn)])
+deflinear(P.squeeze_p, lambda ct, x, **p: [lax.reshape(ct, np.shape(x))])
+deflinear(P.transpose_p,
+          lambda ct, x, *, permutation: [lax.transpose(ct, tuple(np.argsort(permutation)))])
+deflinear(P.rev_p, lambda ct, x, *, dimensions: [lax.rev(ct, dimensions)])
+deflinear(P.copy_p, lambda ct, x: [ct])
+deflinear(P.reduce_precision_p,
+          lambda ct, x, *, exponent_bits, mantissa_bits: [
+              lax.reduce_precision(ct, exponent_bits, mantissa_bits)])
+
+
+@register_vjp(P.convert_element_type_p)
+def _convert_element_type_vjp(ct, x, *, out, new_dtype, **params):
+    """Cast the cotangent back to the operand's dtype; integer operands get none."""
+    if not compat.is_inexact(compat.typeof(x)):
+        return [None]
+    return [lax.convert_element_type(ct, x.dtype)]
+
+
+@register_vjp(P.concatenate_p)
+def _concatenate_vjp(ct, *xs, out, dimension):
+    """Slice the cotangent back into the operands' pieces along ``dimension``."""
+    cts, start = [], 0
+    for x in xs:
+        size = np.shape(x)[dimension]
+        cts.append(lax.slice_in_dim(ct, start, start + size, axis=dimension))
+        start += size
+    return cts
+
+
+@register_vjp(P.pad_p)
+def _pad_vjp(ct, x, padding_value, *, out, padding_config):
+    """Undo the edge padding (a pad by the negated amounts), then keep every (interior+1)-th
+    element; the padding value receives the total of everything else."""
+    lo, hi, interior = zip(*padding_config)
+    unpadded = lax.pad(ct, jnp.zeros((), ct.dtype),
+                       [(-l, -h, 0) for l, h in zip(lo, hi)])
+    ct_x = lax.slice(unpadded, (0,) * ct.ndim, unpadded.shape, [i + 1 for i in interior])
+    ct_pad = jnp.sum(ct) - jnp.sum(ct_x)
+    return [ct_x, ct_pad.astype(ct.dtype)]
+
+
+if hasattr(P, "split_p"):
+    @register_vjp(P.split_p)
+    def _split_vjp(cts, x, *, out, sizes, axis):
+        """Concatenate the pieces' cotangents (zeros for pieces that received none)."""
+        return [lax.concatenate([instantiate_zeros(c, o) for c, o in zip(cts, out)], axis)]
+
+
+@register_vjp(P.device_put_p)
+def _device_put_vjp(cts, *xs, out, **params):
+    return [instantiate_zeros(c, x) if compat.is_inexact(compat.typeof(x)) else None
+            for c, x in zip(cts, xs)]
+
+
+deflinear(P.sharding_constraint_p, lambda ct, x, **params: [ct])

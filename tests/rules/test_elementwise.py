@@ -1,0 +1,97 @@
+"""Parity table for bpkit/rules/elementwise.py, row for row."""
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from tests.rules.harness import Case, args, const, parametrize, run_case, uniform
+
+S = (3, 4)
+pos = dict(lo=0.5, hi=2.0)  # domain of log, sqrt, pow bases...
+unit = dict(lo=-0.9, hi=0.9)  # domain of asin, acos, atanh, erf_inv
+
+
+def unary(name, fun, **dom):
+    return Case(name, fun, args(uniform(*S, **dom)))
+
+
+def binary(name, fun, dom_x=None, dom_y=None):
+    return Case(name, fun, args(uniform(*S, **(dom_x or {})), uniform(*S, **(dom_y or {}))),
+                argnums=(0, 1))
+
+
+CASES = [
+    # arithmetic
+    binary("add", lax.add),
+    Case("add_scalar_literal", lambda x: x + 2.0, args(uniform(*S))),
+    binary("sub", lax.sub),
+    binary("mul", lax.mul),
+    Case("mul_scalar_operand", lambda x, s: x * s, args(uniform(*S), uniform()), argnums=(0, 1)),
+    binary("div", lax.div, dom_y=pos),
+    unary("neg", lax.neg),
+    binary("rem", lax.rem, dom_x=dict(lo=0.1, hi=3.0), dom_y=dict(lo=0.7, hi=1.3)),
+    binary("max", lax.max),
+    Case("max_ties_split_evenly", lambda x: lax.max(x, jnp.zeros_like(x)),
+         args(const(jnp.array([-1.0, 0.0, 0.0, 2.0]))), fd=False),
+    binary("min", lax.min),
+    Case("min_ties_split_evenly", lambda x, y: lax.min(x, y),
+         args(const(jnp.array([1.0, 2.0])), const(jnp.array([1.0, 3.0]))), argnums=(0, 1), fd=False),
+    # powers and roots
+    binary("pow", lax.pow, dom_x=pos),
+    Case("pow_zero_exponent", lambda x, y: lax.pow(x, y),
+         args(uniform(3, **pos), const(jnp.array([0.0, 1.0, 2.0]))), argnums=(0,), fd=False),
+    Case("integer_pow", lambda x: lax.integer_pow(x, 3) + lax.integer_pow(x, -2) + lax.integer_pow(x, 1)
+         + lax.integer_pow(x, 0), args(uniform(*S, **pos))),
+    unary("square", lax.square),
+    unary("sqrt", lax.sqrt, **pos),
+    unary("rsqrt", lax.rsqrt, **pos),
+    unary("cbrt", lax.cbrt, **pos),
+    # exponentials and logarithms
+    unary("exp", lax.exp),
+    unary("exp2", lax.exp2),
+    unary("log", lax.log, **pos),
+    unary("log1p", lax.log1p, **pos),
+    unary("expm1", lax.expm1),
+    unary("tanh", lax.tanh),
+    unary("logistic", lax.logistic),
+    unary("log2", jnp.log2, **pos),
+    # error functions and special functions
+    unary("erf", lax.erf),
+    unary("erfc", lax.erfc),
+    unary("erf_inv", lax.erf_inv, **unit),
+    unary("lgamma", lax.lgamma, **pos),
+    unary("digamma", lax.digamma, **pos),
+    # trigonometric and hyperbolic
+    unary("sin", lax.sin),
+    unary("cos", lax.cos),
+    unary("tan", lax.tan, **unit),
+    unary("asin", lax.asin, **unit),
+    unary("acos", lax.acos, **unit),
+    unary("atan", lax.atan),
+    binary("atan2", lax.atan2, dom_y=pos),
+    unary("sinh", lax.sinh),
+    unary("cosh", lax.cosh),
+    unary("asinh", lax.asinh),
+    unary("acosh", lax.acosh, lo=1.5, hi=3.0),
+    unary("atanh", lax.atanh, **unit),
+    # sign-dependent
+    unary("abs", lax.abs),
+    Case("abs_at_zero", lax.abs, args(const(jnp.array([-1.0, 0.0, 1.0]))), fd=False),
+    # selection
+    Case("select_n", lambda p, x, y: lax.select_n(p, x, y),
+         args(const(jnp.array([[True, False], [False, True]])), uniform(2, 2), uniform(2, 2)),
+         argnums=(1, 2)),
+    Case("select_n_three_way", lambda p, x, y, z: lax.select_n(p, x, y, z),
+         args(const(jnp.array([0, 1, 2, 1], jnp.int32)), uniform(4), uniform(4), uniform(4)),
+         argnums=(1, 2, 3)),
+    Case("clamp", lambda lo, x, hi: lax.clamp(lo, x, hi),
+         args(uniform(*S, lo=-1.5, hi=-0.5), uniform(*S), uniform(*S, lo=0.5, hi=1.5)),
+         argnums=(0, 1, 2)),
+    Case("clamp_at_bounds", lambda x: lax.clamp(jnp.asarray(-1.0, x.dtype), x, jnp.asarray(1.0, x.dtype)),
+         args(const(jnp.array([-2.0, -1.0, 0.0, 1.0, 2.0]))), fd=False),
+    Case("one_minus_square", lambda x: 1 - x * x, args(uniform(*S))),
+]
+
+
+@parametrize(CASES)
+def test_elementwise(case, dtype, jit):
+    run_case(case, dtype, jit)
