@@ -1,1 +1,269 @@
-"""(rules being written)"""
+"""Rules of call and control-flow primitives: nested jit, remat, custom_jvp/custom_vjp, scan, cond.
+
+These are forward-backward rules (``rule(primals, active, **params) -> (outs, pullback)``),
+because what their backward pass needs is produced by their forward pass in a special way:
+
+* **jit / closed_call**: the inner jaxpr is differentiated in place by the same engine (inlined).
+* **remat** (``jax.checkpoint``): the forward saves nothing; the pullback re-runs the forward of
+  the inner jaxpr (behind an optimisation barrier so XLA cannot merge it with the first one).
+* **custom_jvp_call**: the user's JVP rule is respected (``jax.nn.relu`` has slope 0 at 0). It is
+  linear in the tangents, so its transpose is obtained by running bpkit's own engine on the
+  user's JVP jaxpr with respect to the tangent inputs.
+* **custom_vjp_call**: the user's ``fwd`` runs in the forward pass and the user's ``bwd`` in the
+  backward pass, as in JAX.
+* **scan** (backpropagation through time): the body's forward and backward are traced together
+  once, then split by dependence on the cotangents: the forward scan runs the cotangent-free half
+  and stacks the per-step values the backward half needs (residuals); the backward scan runs the
+  other half in the opposite direction, carrying the carry cotangents and summing the cotangents
+  of loop-invariant inputs.
+* **cond / switch**: the pullback is a ``switch`` over the branches' own pullbacks (each branch
+  re-runs its forward inside the backward, so the forward keeps no per-branch residuals).
+* ``while`` loops are refused with an explanation (see ``nondiff.py``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.extend.core.primitives as prims
+import jax.numpy as jnp
+from jax import lax
+
+from bpkit.engine import compat
+from bpkit.engine.core import vjp_jaxpr
+from bpkit.engine.registry import register_fwd_bwd
+from bpkit.rules.helpers import instantiate_zeros
+
+
+def _zeros_for(avals_or_values):
+    return [jnp.zeros(compat.typeof(v).shape, compat.typeof(v).dtype) for v in avals_or_values]
+
+
+# --- jit and calls: differentiate the inner jaxpr in place ------------------------------------
+def _call_fwd_bwd(primals, active, **params):
+    inner, consts = compat.open_jaxpr(compat.jit_jaxpr(params))
+    outs, backward, _ = vjp_jaxpr(inner, consts, primals, active)
+    return outs, backward
+
+
+for _p in {getattr(prims, "jit_p", None), getattr(prims, "pjit_p", None), prims.closed_call_p}:
+    if _p is not None:
+        register_fwd_bwd(_p, _call_fwd_bwd)
+
+
+# --- remat: save nothing, recompute in the backward pass --------------------------------------
+@register_fwd_bwd(prims.remat_p)
+def _remat_fwd_bwd(primals, active, *, jaxpr, prevent_cse, **params):
+    inner, consts = compat.open_jaxpr(jaxpr) if hasattr(jaxpr, "consts") else (jaxpr, [])
+    outs, _, _ = vjp_jaxpr(inner, consts, primals, [False] * len(primals))
+
+    def pullback(cts):
+        xs = lax.optimization_barrier(list(primals)) if prevent_cse else list(primals)
+        _, backward, _ = vjp_jaxpr(inner, consts, xs, active)
+        return backward(cts)
+
+    return outs, pullback
+
+
+# --- custom_jvp: transpose the user's JVP rule with bpkit's own engine ------------------------
+@register_fwd_bwd(prims.custom_jvp_call_p)
+def _custom_jvp_fwd_bwd(primals, active, *, num_consts, **params):
+    if any(active[:num_consts]):
+        # A custom_jvp function closed over a differentiated value: JAX's rule does not cover
+        # that value either, so differentiate the primal function itself.
+        inner, consts = compat.open_jaxpr(compat.custom_vjp_call_jaxpr(params))
+        outs, backward, _ = vjp_jaxpr(inner, consts, primals, active)
+        return outs, backward
+    args, args_active = primals[num_consts:], active[num_consts:]
+    jvp_jaxpr, jvp_consts, out_zeros = compat.custom_jvp_jaxpr(
+        params, [not a for a in args_active])
+    tangents = _zeros_for([x for x, a in zip(args, args_active) if a])
+    n_primal, n_tangent = len(args), len(tangents)
+    outs, backward, _ = vjp_jaxpr(jvp_jaxpr, jvp_consts, list(args) + tangents,
+                                  [False] * n_primal + [True] * n_tangent)
+    n_out = len(out_zeros)
+    primal_outs = outs[:n_out]
+
+    def pullback(cts):
+        tangent_cts = [ct for ct, zero in zip(cts, out_zeros) if not zero]
+        cts_in = backward([None] * n_out + tangent_cts)[n_primal:]
+        cts_iter = iter(cts_in)
+        return [None] * num_consts + [next(cts_iter) if a else None for a in args_active]
+
+    return primal_outs, pullback
+
+
+# --- custom_vjp: run the user's fwd, then the user's bwd --------------------------------------
+@register_fwd_bwd(prims.custom_vjp_call_p)
+def _custom_vjp_fwd_bwd(primals, active, **params):
+    num_consts, fwd, bwd = compat.custom_vjp_parts(params)
+    if any(active[:num_consts]):
+        raise NotImplementedError(
+            "This custom_vjp function closes over a value that is being differentiated; its "
+            "bwd rule cannot give that value a cotangent (JAX refuses this too). Pass the "
+            "value as an explicit argument of the custom_vjp function instead.")
+    residuals, outs = fwd(list(primals), list(active))
+
+    def pullback(cts):
+        cts = [instantiate_zeros(ct, o) for ct, o in zip(cts, outs)]
+        cts_in = bwd(residuals, cts)
+        return [None] * num_consts + [
+            ct if a and compat.is_inexact(compat.typeof(x)) else None
+            for ct, a, x in zip(cts_in, active[num_consts:], primals[num_consts:])]
+
+    return outs, pullback
+
+
+# --- scan: backpropagation through time ---------------------------------------------------------
+def _active_outputs(jaxpr, active_in: Sequence[bool]) -> list[bool]:
+    """Which outputs of ``jaxpr`` depend on an active input (floating point only)."""
+    active = {v for v, a in zip(jaxpr.invars, active_in) if a and compat.is_inexact(v.aval)}
+    for eqn in jaxpr.eqns:
+        if any(isinstance(v, compat.Var) and v in active for v in eqn.invars):
+            active.update(v for v in eqn.outvars if compat.is_inexact(v.aval))
+    return [isinstance(v, compat.Var) and v in active for v in jaxpr.outvars]
+
+
+def _split_by_cotangent(jaxpr, num_primal_in: int):
+    """Split the equations of ``jaxpr`` into those that do not depend on its last inputs (the
+    cotangents) and those that do; return ``(primal_eqns, tangent_eqns, residuals)`` where
+    residuals are the primal-side variables that the tangent side (or the outputs) read."""
+    tangent_vars = set(jaxpr.invars[num_primal_in:])
+    primal_eqns, tangent_eqns = [], []
+    for eqn in jaxpr.eqns:
+        if any(isinstance(v, compat.Var) and v in tangent_vars for v in eqn.invars):
+            tangent_eqns.append(eqn)
+            tangent_vars.update(eqn.outvars)
+        else:
+            primal_eqns.append(eqn)
+    needed = []
+    seen = set()
+    for v in [v for e in tangent_eqns for v in e.invars] + list(jaxpr.outvars):
+        if isinstance(v, compat.Var) and v not in tangent_vars and v not in seen:
+            seen.add(v)
+            needed.append(v)
+    return primal_eqns, tangent_eqns, needed
+
+
+def _eval_eqns(eqns, env: dict) -> None:
+    for eqn in eqns:
+        invals = [v.val if isinstance(v, compat.Literal) else env[v] for v in eqn.invars]
+        for v, x in zip(eqn.outvars, compat.eval_eqn(eqn, invals)):
+            if not isinstance(v, compat.DropVar):
+                env[v] = x
+
+
+@register_fwd_bwd(prims.scan_p)
+def _scan_fwd_bwd(primals, active, *, reverse, length, jaxpr, unroll, **params):
+    num_consts, num_carry = compat.scan_counts(dict(params, jaxpr=jaxpr))
+    body, body_consts = compat.open_jaxpr(jaxpr)
+    consts, init, xs = (primals[:num_consts], primals[num_consts:num_consts + num_carry],
+                        primals[num_consts + num_carry:])
+    n_in = len(primals)
+
+    # A carry is active if its initial value is, or if the body makes it so: iterate to a fixpoint.
+    carry_active = list(active[num_consts:num_consts + num_carry])
+    while True:
+        mask = list(active[:num_consts]) + carry_active + list(active[num_consts + num_carry:])
+        out_active = _active_outputs(body, mask)
+        new = [a or b for a, b in zip(carry_active, out_active[:num_carry])]
+        if new == carry_active:
+            break
+        carry_active = new
+    in_active = mask
+    ys_active = out_active[num_carry:]
+    out_active = carry_active + ys_active
+    in_avals = [v.aval for v in body.invars]
+    out_avals = [v.aval for v in body.outvars]
+
+    # Trace forward and backward of one step together, then split them apart.
+    def step_fwd_bwd(*args):
+        step_in, cts = args[:n_in], args[n_in:]
+        outs, backward, _ = vjp_jaxpr(body, body_consts, step_in, in_active)
+        cts_iter = iter(cts)
+        full_cts = [next(cts_iter) if a else None for a in out_active]
+        cts_in = backward(full_cts)
+        return outs, [instantiate_zeros(c, x) for c, x, a in zip(cts_in, step_in, in_active) if a]
+
+    struct = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
+    ct_avals = [struct(a) for a, act in zip(out_avals, out_active) if act]
+    joint, joint_consts, _ = compat.make_jaxpr(step_fwd_bwd, *map(struct, in_avals), *ct_avals)
+    primal_eqns, tangent_eqns, needed = _split_by_cotangent(joint, n_in)
+    joint_in = joint.invars[:n_in]
+    const_invars = set(joint_in[:num_consts]) | set(joint.constvars)
+    stacked_res = [v for v in needed if v not in const_invars]
+    n_out = len(out_avals)
+
+    def fwd_body(carry, x):
+        env = dict(zip(joint.constvars, joint_consts))
+        env.update(zip(joint_in, list(consts) + list(carry) + list(x)))
+        _eval_eqns(primal_eqns, env)
+        outs = [env[v] if isinstance(v, compat.Var) else v.val for v in joint.outvars[:n_out]]
+        return outs[:num_carry], (outs[num_carry:], [env[v] for v in stacked_res])
+
+    carry_out, (ys, residuals) = lax.scan(fwd_body, list(init), list(xs), length=length,
+                                          reverse=reverse, unroll=unroll)
+    outs = list(carry_out) + list(ys)
+
+    act_consts = [i for i in range(num_consts) if in_active[i]]
+    act_carry = [i for i in range(num_carry) if in_active[num_consts + i]]
+    act_xs = [i for i in range(n_in - num_consts - num_carry)
+              if in_active[num_consts + num_carry + i]]
+
+    def pullback(cts):
+        cts = [instantiate_zeros(c, o) if a else None for c, o, a in zip(cts, outs, out_active)]
+        ct_carry = [cts[i] for i in act_carry]  # carry activity is a fixpoint: in == out
+        ct_ys = [cts[num_carry + i] for i in range(len(ys)) if ys_active[i]]
+        ct_consts = _zeros_for([consts[i] for i in act_consts])
+
+        def bwd_body(carry, per_step):
+            ct_carry, acc = carry
+            res, ct_y = per_step
+            env = dict(zip(joint.constvars, joint_consts))
+            env.update(zip(joint_in[:num_consts], consts))
+            env.update(zip(stacked_res, res))
+            env.update(zip(joint.invars[n_in:], list(ct_carry) + list(ct_y)))
+            _eval_eqns(tangent_eqns, env)
+            ct_in = [env[v] if isinstance(v, compat.Var) else v.val for v in joint.outvars[n_out:]]
+            n_c, n_k = len(act_consts), len(act_carry)
+            ct_c, new_ct_carry, ct_x = ct_in[:n_c], ct_in[n_c:n_c + n_k], ct_in[n_c + n_k:]
+            return (new_ct_carry, [a + c for a, c in zip(acc, ct_c)]), ct_x
+
+        (ct_init, ct_consts), ct_xs = lax.scan(bwd_body, (ct_carry, ct_consts),
+                                               (residuals, ct_ys), length=length,
+                                               reverse=not reverse, unroll=unroll)
+        result = [None] * n_in
+        for i, c in zip(act_consts, ct_consts):
+            result[i] = c
+        for i, c in zip(act_carry, ct_init):
+            result[num_consts + i] = c
+        for i, c in zip(act_xs, ct_xs):
+            result[num_consts + num_carry + i] = c
+        return result
+
+    return outs, pullback
+
+
+# --- cond / switch ------------------------------------------------------------------------------
+@register_fwd_bwd(prims.cond_p)
+def _cond_fwd_bwd(primals, active, *, branches, **params):
+    index, ops = primals[0], list(primals[1:])
+    op_active = list(active[1:])
+    outs = prims.cond_p.bind(index, *ops, branches=branches, **params)
+
+    def branch_pullback(branch):
+        inner, consts = compat.open_jaxpr(branch)
+
+        def run(ops, cts):
+            _, backward, _ = vjp_jaxpr(inner, consts, ops, op_active)
+            cts_in = backward(cts)
+            return [instantiate_zeros(c, x) for c, x, a in zip(cts_in, ops, op_active) if a]
+        return run
+
+    def pullback(cts):
+        cts = [instantiate_zeros(c, o) for c, o in zip(cts, outs)]
+        act_cts = lax.switch(index, [branch_pullback(b) for b in branches], ops, cts)
+        it = iter(act_cts)
+        return [None] + [next(it) if a else None for a in op_active]
+
+    return list(outs), pullback

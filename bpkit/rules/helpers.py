@@ -17,14 +17,20 @@ from bpkit.engine.registry import register_vjp
 def unbroadcast(ct, x):
     """Sum ``ct`` down to the shape of ``x`` and cast it to ``x``'s dtype.
 
-    Binary primitives in a jaxpr take operands of equal shape, or a rank-0 operand next to an
-    array; the cotangent of the rank-0 operand is the sum of the cotangent.
+    Binary primitives in a jaxpr take operands of equal shape, a rank-0 operand next to an
+    array (a scalar literal), or operands whose size-1 axes stretch (``sub a:f32[5,3]
+    g:f32[1,1]``); the cotangent of the smaller operand sums over what was stretched.
     """
     shape, dtype = np.shape(x), _dtype(x)
-    if np.shape(ct) != shape:
-        ct = lax.reduce_sum(ct, tuple(range(np.ndim(ct)))) if shape == () else ct
-        if np.shape(ct) != shape:
-            raise ValueError(f"cannot unbroadcast a cotangent of shape {np.shape(ct)} to {shape}")
+    ct_shape = np.shape(ct)
+    if ct_shape != shape:
+        if len(shape) == 0:
+            ct = lax.reduce_sum(ct, tuple(range(len(ct_shape))))
+        elif len(shape) == len(ct_shape):
+            stretched = tuple(i for i, (a, b) in enumerate(zip(shape, ct_shape)) if a == 1 != b)
+            ct = lax.reshape(lax.reduce_sum(ct, stretched), shape)
+        else:
+            raise ValueError(f"cannot unbroadcast a cotangent of shape {ct_shape} to {shape}")
     return ct if ct.dtype == dtype else lax.convert_element_type(ct, dtype)
 
 
