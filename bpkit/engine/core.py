@@ -117,7 +117,9 @@ def vjp_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any], active_in: Sequ
     outs = [read(v) for v in jaxpr.outvars]
     active_out = [isinstance(v, compat.Var) and v in active for v in jaxpr.outvars]
 
-    def backward(cts_out: Sequence[Any]) -> list:
+    def backward(cts_out: Sequence[Any], observe: Callable | None = None) -> list:
+        """Pull ``cts_out`` back to the inputs; ``observe(var, ct)``, if given, sees the final
+        cotangent of every variable on the tape (the hook behind backward-signal diagnostics)."""
         ct_env: dict = {}
         for v, ct, a in zip(jaxpr.outvars, cts_out, active_out):
             if a and ct is not None:
@@ -127,6 +129,10 @@ def vjp_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any], active_in: Sequ
                    for v in eqn.outvars]
             if all(ct is None for ct in cts):
                 continue  # symbolic zero: nothing flows back through this equation
+            if observe is not None:
+                for v, ct in zip(eqn.outvars, cts):
+                    if ct is not None:
+                        observe(v, ct)
             with compat.source_context(eqn):
                 cts_in = pullback(cts if eqn.primitive.multiple_results else cts[0])
             if CHECK_RULE_OUTPUTS:
