@@ -112,3 +112,30 @@ def param_grad_norms(grads, layer_names: Sequence[str]) -> dict[str, jax.Array]:
         if sq:
             out[name] = jnp.sqrt(sum(sq))
     return out
+
+
+def signal_warnings(signals: dict, *, vanish_ratio: float = 1e-3,
+                    explode_ratio: float = 1e3) -> list[str]:
+    """Warnings for layers whose backward signal vanished, exploded or turned non-finite.
+
+    A layer's signal is compared with the top (last) layer's: below ``vanish_ratio`` times it
+    is *vanishing*, above ``explode_ratio`` times it is *exploding*. ``signals`` maps layer
+    names to ``LayerSignal`` (or to plain floats) in depth order, as ``backward_signals`` gives.
+    """
+    norms = {name: float(getattr(s, "activation_grad_norm", s)) for name, s in signals.items()}
+    if not norms:
+        return []
+    import math
+    top_name = list(norms)[-1]
+    top = norms[top_name]
+    out = []
+    for name, n in norms.items():
+        if not math.isfinite(n):
+            out.append(f"backward signal at layer '{name}' is not finite ({n}).")
+        elif top > 0 and n < vanish_ratio * top:
+            out.append(f"backward signal vanishes at layer '{name}': ||dL/d output|| = {n:.3g}, "
+                       f"{n / top:.2g} x the top layer '{top_name}' ({top:.3g}).")
+        elif top > 0 and n > explode_ratio * top:
+            out.append(f"backward signal explodes at layer '{name}': ||dL/d output|| = {n:.3g}, "
+                       f"{n / top:.2g} x the top layer '{top_name}' ({top:.3g}).")
+    return out
