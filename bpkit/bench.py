@@ -1,0 +1,204 @@
+"""The benchmark harness: bpkit's train step against jax.grad's, side by side in one process.
+
+For each reference model it builds the same jitted train step (gradient + optax adam update)
+twice — ``engine="bpkit"`` and ``engine="jax"`` — and measures
+
+* the step time: median of ``repeats`` timed steps after warm-up, the two engines interleaved
+  step by step so that machine noise hits both alike;
+* the compile time: trace + lower + compile of the step;
+* XLA's temporary memory of the compiled step (``compiled.memory_analysis()``);
+* for the MLP and the GPT, the achieved FLOP/s (XLA's cost analysis over the step time) as a
+  fraction of the machine's measured matmul peak (a large float32 matmul, same run).
+
+Ratios are bpkit / jax: below 1 means bpkit is faster or smaller. Absolute times depend on the
+machine; only the ratios are comparable across machines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bpkit import models
+from bpkit.nn import losses
+from bpkit.train import TrainState, make_train_step
+
+ROW_KEYS = ("model", "bpkit_step_ms", "jax_step_ms", "step_ratio", "bpkit_compile_s",
+            "jax_compile_s", "compile_ratio", "bpkit_temp_bytes", "jax_temp_bytes",
+            "memory_ratio")
+
+
+class BenchModel(NamedTuple):
+    name: str
+    model: models.Model
+    batch: Callable[[np.random.Generator], tuple]  # rng -> (x, y)
+    sequence_labels: bool = False  # language model: labels per position
+
+
+def bench_models() -> dict[str, BenchModel]:
+    """The reference models at the sizes of issue 6 (MNIST-1D shapes, char-level GPT)."""
+    def classify(b, shape, classes=10, dtype=np.float32):
+        return lambda rng: (rng.standard_normal((b, *shape)).astype(dtype),
+                            rng.integers(0, classes, b).astype(np.int32))
+
+    def tokens(b, t, v):
+        def make(rng):
+            seq = rng.integers(0, v, (b, t + 1)).astype(np.int32)
+            return seq[:, :-1], seq[:, 1:]
+        return make
+
+    return {m.name: m for m in [
+        BenchModel("mlp", models.mlp(40, (256, 256), 10), classify(512, (40,))),
+        BenchModel("cnn1d", models.cnn1d(40, (32, 32, 32), 5, 10), classify(512, (40,))),
+        BenchModel("gru", models.gru_classifier(1, 128, 10), classify(256, (40,))),
+        BenchModel("lstm", models.lstm_classifier(1, 128, 10), classify(256, (40,))),
+        BenchModel("gpt", models.gpt(65, 128, 4, 4, 128), tokens(16, 128, 65), True),
+        BenchModel("residual_mlp", models.residual_mlp(40, 64, 20, 10), classify(512, (40,))),
+        BenchModel("cnn2d", models.cnn2d((28, 28, 1), (16, 32), 10), classify(128, (28, 28, 1))),
+    ]}
+
+
+def _loss_fn(bm: BenchModel):
+    def loss_fn(params, batch, key):
+        x, y = batch
+        logits = bm.model.apply(params, x, key=key, train=True)
+        return jnp.mean(losses.softmax_cross_entropy(logits, y))
+    return loss_fn
+
+
+def _time(fn) -> float:
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    return time.perf_counter() - t
+
+
+def matmul_peak_flops(n: int = 2048, repeats: int = 10) -> float:
+    """Measured float32 matmul FLOP/s of this machine through XLA (best of ``repeats``)."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(f(a, a))
+    return 2 * n ** 3 / min(_time(lambda: f(a, a)) for _ in range(repeats))
+
+
+def _flops(compiled) -> float | None:
+    try:
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return float(cost.get("flops")) if cost and cost.get("flops") else None
+    except Exception:  # cost analysis is optional on some backends
+        return None
+
+
+def bench_model(bm: BenchModel, repeats: int = 10, warmup: int = 3, seed: int = 0
+                ) -> tuple[dict, float | None]:
+    """``(row, flops_per_step)``: the JSON row for ``bm`` (exactly ``ROW_KEYS``) and XLA's
+    FLOP count of one step (``None`` where the backend gives no cost analysis)."""
+    rng = np.random.default_rng(seed)
+    batch = tuple(jnp.asarray(a) for a in bm.batch(rng))
+    tx = optax.adam(1e-3)
+    params = bm.model.init(jax.random.PRNGKey(seed))
+    row: dict = {"model": bm.name}
+    steps, states = {}, {}
+    for engine in ("bpkit", "jax"):
+        step = make_train_step(_loss_fn(bm), tx, engine=engine, donate=False)
+        state = TrainState.create(jax.tree_util.tree_map(jnp.array, params), tx, seed=seed)
+        t0 = time.perf_counter()
+        lowered = step.lower(state, batch)
+        compiled = lowered.compile()
+        row[f"{engine}_compile_s"] = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        row[f"{engine}_temp_bytes"] = int(getattr(mem, "temp_size_in_bytes", 0)) if mem else 0
+        if engine == "jax":
+            flops = _flops(compiled)
+        steps[engine], states[engine] = compiled, state
+    for _ in range(warmup):
+        for engine in steps:
+            states[engine] = steps[engine](states[engine], batch)[0]
+    times = {"bpkit": [], "jax": []}
+    for _ in range(repeats):
+        for engine in steps:  # interleaved: both engines see the same machine noise
+            t = time.perf_counter()
+            states[engine], metrics = steps[engine](states[engine], batch)
+            jax.block_until_ready(metrics["loss"])
+            times[engine].append(time.perf_counter() - t)
+    for engine in steps:
+        row[f"{engine}_step_ms"] = 1e3 * statistics.median(times[engine])
+    row["step_ratio"] = row["bpkit_step_ms"] / row["jax_step_ms"]
+    row["compile_ratio"] = row["bpkit_compile_s"] / row["jax_compile_s"]
+    row["memory_ratio"] = (row["bpkit_temp_bytes"] / row["jax_temp_bytes"]
+                           if row["jax_temp_bytes"] else float("nan"))
+    return {k: row[k] for k in ROW_KEYS}, flops
+
+
+def format_table(rows: list[dict]) -> str:
+    head = ["model", "bpkit ms", "jax ms", "step", "bpkit comp s", "jax comp s", "compile",
+            "bpkit temp MB", "jax temp MB", "memory"]
+    lines = [head]
+    for r in rows:
+        lines.append([r["model"], f"{r['bpkit_step_ms']:.2f}", f"{r['jax_step_ms']:.2f}",
+                      f"{r['step_ratio']:.2f}", f"{r['bpkit_compile_s']:.2f}",
+                      f"{r['jax_compile_s']:.2f}", f"{r['compile_ratio']:.2f}",
+                      f"{r['bpkit_temp_bytes'] / 2**20:.2f}", f"{r['jax_temp_bytes'] / 2**20:.2f}",
+                      f"{r['memory_ratio']:.2f}"])
+    w = [max(len(l[i]) for l in lines) for i in range(len(head))]
+    out = ["| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(l)) + " |" for l in lines]
+    out.insert(1, "|" + "|".join("-" * (x + 2) for x in w) + "|")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    all_models = bench_models()
+    p = argparse.ArgumentParser(prog="bpkit bench", description=__doc__.split("\n")[0])
+    p.add_argument("--json", metavar="PATH", help="write the rows as JSON to PATH")
+    p.add_argument("--models", nargs="+", default=list(all_models), choices=list(all_models),
+                   metavar="MODEL", help=f"models to run (default all: {' '.join(all_models)})")
+    p.add_argument("--repeats", type=int, default=10, help="timed steps per engine (>= 10)")
+    p.add_argument("--torch", action="store_true",
+                   help="also time PyTorch eager (needs `pip install torch==2.13.0`)")
+    args = p.parse_args(argv)
+    if args.repeats < 10:
+        p.error("--repeats must be at least 10")
+    if args.torch:
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            print("bpkit bench: --torch needs PyTorch; install the CPU build with "
+                  "`pip install torch==2.13.0`.", file=sys.stderr)
+            return 2
+        print("bpkit bench: the PyTorch pass is not implemented yet; timing JAX only.",
+              file=sys.stderr)
+    peak = matmul_peak_flops()
+    print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} "
+          f"{jax.devices()[0].platform} device(s), jax {jax.__version__}; float32 matmul peak "
+          f"{peak / 1e9:.1f} GFLOP/s", flush=True)
+    rows, achieved = [], {}
+    for name in args.models:
+        row, flops = bench_model(all_models[name], repeats=args.repeats)
+        rows.append(row)
+        note = ""
+        if flops and name in ("mlp", "gpt"):
+            achieved[name] = {engine: flops / (row[f"{engine}_step_ms"] / 1e3) / peak
+                              for engine in ("bpkit", "jax")}
+            note = (f", achieved {100 * achieved[name]['bpkit']:.0f}% (bpkit) / "
+                    f"{100 * achieved[name]['jax']:.0f}% (jax) of the matmul peak")
+        print(f"{name}: step ratio {row['step_ratio']:.2f} "
+              f"({row['bpkit_step_ms']:.2f} vs {row['jax_step_ms']:.2f} ms), compile ratio "
+              f"{row['compile_ratio']:.2f}, memory ratio {row['memory_ratio']:.2f}{note}",
+              flush=True)
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": {"platform": jax.devices()[0].platform,
+                                   "device_count": jax.device_count(),
+                                   "jax": jax.__version__, "matmul_peak_flops": peak},
+                       "rows": rows, "peak_fraction": achieved}, f, indent=2)
+    return 0
