@@ -9,7 +9,8 @@ module             primitives
 elementwise        add mul div max pow exp log tanh sin ... select_n clamp
 structural         broadcast_in_dim reshape transpose squeeze rev concatenate pad
                    convert_element_type copy reduce_precision split expand_dims
-slicing            slice dynamic_slice dynamic_update_slice gather scatter(-add) sort
+slicing            slice dynamic_slice dynamic_update_slice gather scatter scatter-add/sub/
+                   mul/max/min sort top_k
 reductions         reduce_sum/max/min/prod, argmax, cumsum/prod/max/min, cumlogsumexp
 linalg             dot_general
 conv               conv_general_dilated
