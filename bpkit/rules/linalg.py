@@ -25,8 +25,10 @@ def _ct_operand(ct, other, ndim, dims, other_dims, ct_free, ct_other_free, preci
     other_free = [d for d in range(np.ndim(other)) if d not in other_contract and d not in other_batch]
     n_batch = len(batch)
     ct_batch = tuple(range(n_batch))
-    res = lax.dot_general(ct, other, ((tuple(ct_other_free), tuple(other_free)),
-                                      (ct_batch, tuple(other_batch))),
+    ct_c, other_c = tuple(ct_other_free), tuple(other_free)
+    if not n_batch:
+        ct, ct_c, other, other_c = _merge_contraction(ct, ct_c, other, other_c)
+    res = lax.dot_general(ct, other, ((ct_c, other_c), (ct_batch, tuple(other_batch))),
                           precision=precision, preferred_element_type=other.dtype)
     # res axes: batch (in batch order), this operand's free axes (sorted), then the other
     # operand's remaining axes, i.e. its contracting axes in increasing order.
@@ -34,6 +36,27 @@ def _ct_operand(ct, other, ndim, dims, other_dims, ct_free, ct_other_free, preci
     order = np.argsort(other_contract)
     src = list(batch) + free + [contract[k] for k in order]
     return lax.transpose(res, tuple(np.argsort(src)))
+
+
+def _merge_contraction(a, a_dims, b, b_dims):
+    """Contract over one flattened axis instead of several adjacent ones.
+
+    ``x (B, T, d)`` against ``ct (B, T, e)`` over ``(B, T)`` is the same product as
+    ``x (B*T, d)`` against ``ct (B*T, e)`` over ``B*T``; CPU and GPU backends run the 2-D form
+    as one plain matrix multiplication instead of transposing and copying first.
+    """
+    def adjacent(dims):
+        return len(dims) > 1 and list(dims) == list(range(dims[0], dims[0] + len(dims)))
+    if not (adjacent(a_dims) and adjacent(b_dims)):
+        return a, a_dims, b, b_dims
+
+    def merge(x, dims):
+        lo, hi = dims[0], dims[-1] + 1
+        shape = np.shape(x)
+        return lax.reshape(x, shape[:lo] + (int(np.prod(shape[lo:hi])),) + shape[hi:]), (lo,)
+    a, a_dims = merge(a, a_dims)
+    b, b_dims = merge(b, b_dims)
+    return a, a_dims, b, b_dims
 
 
 @register_vjp(lax.dot_general_p)
