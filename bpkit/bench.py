@@ -10,17 +10,25 @@ twice — ``engine="bpkit"`` and ``engine="jax"`` — and measures
 * for the MLP and the GPT, the achieved FLOP/s (XLA's cost analysis over the step time) as a
   fraction of the machine's measured matmul peak (a large float32 matmul, same run).
 
+With ``--torch`` (PyTorch installed), ``bpkit.bench_torch`` also times the same models in
+PyTorch eager in a separate process, and a second table shows bpkit / torch.
+
 Ratios are bpkit / jax: below 1 means bpkit is faster or smaller. Absolute times depend on the
 machine; only the ratios are comparable across machines.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import jax
@@ -155,6 +163,55 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+TORCH_ROW_KEYS = ("model", "torch_eager_step_ms", "bpkit_step_ms", "bpkit_over_torch")
+
+
+def run_torch_pass(names: list[str], repeats: int = 10) -> tuple[list[dict] | None, dict]:
+    """Times ``names`` in PyTorch eager in a separate process (``python -m bpkit.bench_torch``,
+    same interpreter) and returns ``(rows, machine)``; ``(None, {})`` (with a message on
+    stderr) when that process fails."""
+    root = str(Path(__file__).resolve().parent.parent)  # so that the child finds this bpkit
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "torch.json")
+        cmd = [sys.executable, "-m", "bpkit.bench_torch", "--json", path, "--repeats",
+               str(repeats), "--models", *names]
+        print("PyTorch eager pass: " + " ".join(cmd[1:3] + cmd[5:]), flush=True)
+        proc = subprocess.run(cmd, env=env)
+        if proc.returncode != 0 or not os.path.exists(path):
+            print(f"bpkit bench: the PyTorch pass failed (exit status {proc.returncode}).",
+                  file=sys.stderr)
+            return None, {}
+        with open(path) as f:
+            data = json.load(f)
+    return data["rows"], data.get("machine", {})
+
+
+def compare_torch(rows: list[dict], torch_rows: list[dict]) -> list[dict]:
+    """Rows ``TORCH_ROW_KEYS``: bpkit's step time over PyTorch eager's, per model in both."""
+    torch_ms = {r["model"]: r["torch_eager_step_ms"] for r in torch_rows}
+    return [{"model": r["model"], "torch_eager_step_ms": torch_ms[r["model"]],
+             "bpkit_step_ms": r["bpkit_step_ms"],
+             "bpkit_over_torch": r["bpkit_step_ms"] / torch_ms[r["model"]]}
+            for r in rows if r["model"] in torch_ms]
+
+
+def _markdown(lines: list[list[str]]) -> str:
+    w = [max(len(l[i]) for l in lines) for i in range(len(lines[0]))]
+    out = ["| " + " | ".join(c.ljust(w[i]) for i, c in enumerate(l)) + " |" for l in lines]
+    out.insert(1, "|" + "|".join("-" * (x + 2) for x in w) + "|")
+    return "\n".join(out)
+
+
+def format_torch_table(rows: list[dict]) -> str:
+    lines = [["model", "bpkit ms", "torch eager ms", "bpkit/torch"]]
+    for r in rows:
+        lines.append([r["model"], f"{r['bpkit_step_ms']:.2f}", f"{r['torch_eager_step_ms']:.2f}",
+                      f"{r['bpkit_over_torch']:.2f}"])
+    return _markdown(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     all_models = bench_models()
     p = argparse.ArgumentParser(prog="bpkit bench", description=__doc__.split("\n")[0])
@@ -167,15 +224,15 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 10:
         p.error("--repeats must be at least 10")
+    torch_rows = None
     if args.torch:
-        try:
-            import torch  # noqa: F401
-        except ImportError:
+        if importlib.util.find_spec("torch") is None:  # not imported here: torch runs apart
             print("bpkit bench: --torch needs PyTorch; install the CPU build with "
                   "`pip install torch==2.13.0`.", file=sys.stderr)
             return 2
-        print("bpkit bench: the PyTorch pass is not implemented yet; timing JAX only.",
-              file=sys.stderr)
+        torch_rows, torch_machine = run_torch_pass(args.models, args.repeats)
+        if torch_rows is None:
+            return 1
     peak = matmul_peak_flops()
     print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} "
           f"{jax.devices()[0].platform} device(s), jax {jax.__version__}; float32 matmul peak "
@@ -195,10 +252,17 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['compile_ratio']:.2f}, memory ratio {row['memory_ratio']:.2f}{note}",
               flush=True)
     print(format_table(rows))
+    machine = {"platform": jax.devices()[0].platform, "device_count": jax.device_count(),
+               "jax": jax.__version__, "matmul_peak_flops": peak}
+    out = {"machine": machine, "rows": rows, "peak_fraction": achieved}
+    if torch_rows is not None:
+        out["torch"] = compare_torch(rows, torch_rows)
+        machine["torch"] = torch_machine.get("torch")
+        machine["torch_threads"] = torch_machine.get("threads")
+        print(f"\nPyTorch {torch_machine.get('torch')} eager ({torch_machine.get('threads')} "
+              f"threads, separate process) vs bpkit:")
+        print(format_torch_table(out["torch"]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"machine": {"platform": jax.devices()[0].platform,
-                                   "device_count": jax.device_count(),
-                                   "jax": jax.__version__, "matmul_peak_flops": peak},
-                       "rows": rows, "peak_fraction": achieved}, f, indent=2)
+            json.dump(out, f, indent=2)
     return 0
