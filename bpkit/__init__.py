@@ -25,3 +25,6 @@ __all__ = [
     "registered_primitives", "UnsupportedPrimitiveError", "check_parity", "ParityReport",
     "testing",
 ]
+
+from bpkit import models, nn, ops  # noqa: E402  (layers, fused ops, reference models)
+from bpkit import train  # noqa: E402,F401  (bpkit.train: train steps, optimizers, the loop)

@@ -1,0 +1,92 @@
+"""Fused ops vs their unfused references: jitted forward + backward, median of interleaved runs.
+
+    python scripts/bench_fused.py [--reps 30] [--engine jax|bpkit] [--small] [--json out.json]
+
+For each op, ``loss = sum(op(*args) * w)`` is differentiated w.r.t. its floating inputs under
+``jax.jit`` (by ``jax.grad`` or ``bpkit.grad``: both run the fused op's hand-written backward
+and differentiate the reference by the chain rule). The fused and reference steps run
+alternately, so machine noise hits both alike; the ratio is median(fused) / median(reference)
+(< 1: the fused op is faster).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import bpkit
+from bpkit import ops
+from bpkit.ops import reference
+
+
+def _normal(seed, shape, dtype=jnp.float32):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def cases(small: bool):
+    b, c = (512, 256) if small else (4096, 1024)
+    rows, d = (2048, 256) if small else (16384, 768)
+    bt, t, h, hd = (4, 128, 4, 32) if small else (8, 512, 8, 64)
+    labels = jnp.asarray(np.random.default_rng(1).integers(0, c, (b,)), jnp.int32)
+    attn_args = tuple(_normal(i, (bt, t, h, hd)) for i in range(3))
+    return [
+        (f"softmax_cross_entropy ({b}, {c})", lambda z: ops.softmax_cross_entropy(z, labels),
+         lambda z: reference.softmax_cross_entropy(z, labels), (_normal(0, (b, c)),)),
+        (f"layer_norm ({rows}, {d})", ops.layer_norm, reference.layer_norm,
+         (_normal(0, (rows, d)), _normal(1, (d,)), _normal(2, (d,)))),
+        (f"attention ({bt}, {t}, {h}, {hd})", ops.attention, reference.attention, attn_args),
+        (f"attention causal ({bt}, {t}, {h}, {hd})",
+         lambda q, k, v: ops.attention(q, k, v, causal=True),
+         lambda q, k, v: reference.attention(q, k, v, causal=True), attn_args),
+    ]
+
+
+def step_fn(op, args, engine):
+    w = _normal(9, jax.eval_shape(op, *args).shape)
+    grad = jax.grad if engine == "jax" else bpkit.grad
+    argnums = tuple(range(len(args)))
+    return jax.jit(grad(lambda *a: jnp.sum(op(*a) * w), argnums))
+
+
+def time_once(fn, args) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    return time.perf_counter() - t0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--engine", choices=["jax", "bpkit"], default="jax")
+    p.add_argument("--small", action="store_true", help="small shapes (for slow CPUs)")
+    p.add_argument("--json", help="also write the results to this file")
+    a = p.parse_args(argv)
+    print(f"device: {jax.devices()[0].device_kind}, engine: {a.engine}.grad, reps: {a.reps}")
+    print(f"{'op':44s} {'fused ms':>10s} {'ref ms':>10s} {'fused/ref':>10s}")
+    results = []
+    for name, fused, ref, args in cases(a.small):
+        f, r = step_fn(fused, args, a.engine), step_fn(ref, args, a.engine)
+        for fn in (f, r):  # compile and warm up
+            time_once(fn, args)
+            time_once(fn, args)
+        tf, tr = [], []
+        for _ in range(a.reps):
+            tf.append(time_once(f, args))
+            tr.append(time_once(r, args))
+        mf, mr = statistics.median(tf) * 1e3, statistics.median(tr) * 1e3
+        results.append({"op": name, "fused_ms": mf, "reference_ms": mr, "ratio": mf / mr})
+        print(f"{name:44s} {mf:10.3f} {mr:10.3f} {mf / mr:10.2f}")
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump({"device": jax.devices()[0].device_kind, "engine": a.engine,
+                       "results": results}, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
