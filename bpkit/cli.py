@@ -1,0 +1,154 @@
+"""The ``bpkit`` command.
+
+    bpkit train CONFIG [key=value ...]    train (or resume) into runs/<name>
+    bpkit eval RUN_DIR                    evaluate a run's latest checkpoint
+    bpkit parity CONFIG [key=value ...]   bpkit vs jax.grad vs float64 finite differences
+    bpkit plot RUN_DIR                    plots/*.png from metrics.jsonl
+    bpkit rules [...]                     the rule coverage table
+
+User mistakes (config keys, types, missing files, data that does not fit the model) exit with
+status 2 and a one-line message; a non-finite loss or a parity mismatch exits 1; SIGINT/SIGTERM
+save a checkpoint and exit 130/143.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _user_error(e: Exception) -> int:
+    print(f"bpkit: error: {e}", file=sys.stderr)
+    return 2
+
+
+def _load(config: str, overrides: list[str]):
+    from bpkit.config import load_config
+    return load_config(config, overrides)
+
+
+def cmd_train(args) -> int:
+    cfg = _load(args.config, args.overrides)
+    from bpkit.train import loop
+    try:
+        loop.train(cfg)
+    except loop.Interrupted as e:
+        return 128 + e.signum
+    except (loop.NonFiniteLoss, loop.ParityError) as e:
+        print(f"bpkit: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _run_config(run_dir: str):
+    from bpkit.config import ConfigError
+    path = os.path.join(run_dir, "config.yaml")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
+    return _load(path, [])
+
+
+def cmd_eval(args) -> int:
+    import jax
+
+    from bpkit.config import ConfigError
+    from bpkit.data import eval_batches
+    from bpkit.train import checkpoint as ckpt
+    from bpkit.train import loop
+    from bpkit.train.step import evaluate
+    cfg = _run_config(args.run_dir)
+    cfg.model.init_from = None
+    ds, task, tx, schedule = loop.build(cfg)
+    state = loop.init_state(cfg, task, tx)
+    step, restored = ckpt.restore_latest(os.path.join(args.run_dir, "checkpoints"), state,
+                                         warn=lambda m: print(m, file=sys.stderr))
+    if restored is None:
+        raise ConfigError(f"no usable checkpoint in {args.run_dir}/checkpoints")
+    if task.kind == "gan":
+        print(json.dumps({"step": step, "note": "GANs have no held-out loss"}))
+        return 0
+    _, eval_step = loop.make_steps(cfg, task, tx, schedule)
+    res = evaluate(eval_step, jax.device_put(restored.params),
+                   eval_batches(ds, cfg.data.eval_batch_size, cfg.run.eval_batches or None))
+    result = {"step": step, "eval_loss": res.get("loss"),
+              "eval_accuracy": res.get("accuracy") if task.kind == "classifier" else None}
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_parity(args) -> int:
+    import jax
+
+    from bpkit.data import train_batch
+    from bpkit.train import loop
+    cfg = _load(args.config, args.overrides)
+    cfg.model.init_from = None  # parity needs only the architecture
+    ds, task, tx, schedule = loop.build(cfg)
+    state = loop.init_state(cfg, task, tx)
+    batch = train_batch(ds, 0, cfg.data.batch_size, cfg.run.seed)
+    key = jax.random.fold_in(state.key, 0)
+    report = loop.check_step_parity(task, state.params, batch, key, fd=not args.no_fd)
+    print(f"parity of the train-step loss of {args.config} on one batch of "
+          f"{cfg.data.batch_size}:")
+    print(report)
+    return 0 if report.ok else 1
+
+
+def cmd_plot(args) -> int:
+    from bpkit.config import ConfigError
+    from bpkit.train.plots import plot_run
+    try:
+        paths = plot_run(args.run_dir)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
+    for p in paths:
+        print(p)
+    return 0
+
+
+def cmd_rules(argv: list[str]) -> int:
+    from bpkit.check.coverage import rules_command
+    return rules_command(argv)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bpkit", description="Backpropagation you can read.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train (or resume) a config into its run directory")
+    t.add_argument("config")
+    t.add_argument("overrides", nargs="*", metavar="key=value")
+    t.set_defaults(fn=cmd_train)
+    e = sub.add_parser("eval", help="evaluate a run directory's latest checkpoint")
+    e.add_argument("run_dir")
+    e.set_defaults(fn=cmd_eval)
+    q = sub.add_parser("parity", help="bpkit vs jax.grad vs finite differences on one batch")
+    q.add_argument("config")
+    q.add_argument("overrides", nargs="*", metavar="key=value")
+    q.add_argument("--no-fd", action="store_true", help="skip finite differences")
+    q.set_defaults(fn=cmd_parity)
+    g = sub.add_parser("plot", help="write plots/*.png for a run directory")
+    g.add_argument("run_dir")
+    g.set_defaults(fn=cmd_plot)
+    sub.add_parser("rules", help="the VJP rule coverage table", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "rules":
+        return cmd_rules(argv[1:])
+    args = _parser().parse_args(argv)
+    from bpkit.config import ConfigError
+    from bpkit.data import DataError
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError) as e:
+        return _user_error(e)
+    except KeyboardInterrupt:
+        print("bpkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,387 @@
+"""``train(cfg)``: the loop behind ``bpkit train``, leaving a run directory.
+
+    <out_dir>/config.yaml        the resolved config
+    <out_dir>/metrics.jsonl      one JSON object per logged step (train) or evaluation (eval)
+    <out_dir>/summary.json       steps, train_loss, eval_loss, eval_accuracy, wall_seconds, ...
+    <out_dir>/checkpoints/<step>/
+    <out_dir>/plots/*.png
+
+Batches and randomness are pure functions of (seed, step), and metrics lines past the
+restored checkpoint are dropped on resume, so a run killed at any point and restarted with the
+same command ends with exactly the losses of an uninterrupted run.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bpkit.config import Config, ConfigError, dump_config
+from bpkit.data import dataset_from_config, eval_batches, train_batch
+from bpkit.train import checkpoint as ckpt
+from bpkit.train.optim import build_optimizer
+from bpkit.train.state import TrainState
+from bpkit.train.step import evaluate, make_eval_step, make_gan_step, make_train_step, to_host
+from bpkit.train.tasks import Task, build_task
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite (``run.on_nonfinite=stop``)."""
+
+
+class ParityError(RuntimeError):
+    """bpkit's gradient disagrees with jax.grad on the first batch."""
+
+
+class Interrupted(RuntimeError):
+    """SIGINT/SIGTERM arrived; a checkpoint was saved. ``signum`` is the signal."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+
+
+def _param_count(params) -> int:
+    return int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params)))
+
+
+def build(cfg: Config):
+    """``(dataset, task, optimizer(s), schedule(s))`` for ``cfg``."""
+    ds = dataset_from_config(cfg.data, cfg.run.seed)
+    task = build_task(cfg, ds)
+    tx, schedule = build_optimizer(cfg.optimizer, cfg.run.steps)
+    if task.kind == "gan":
+        d_tx, d_schedule = build_optimizer(
+            cfg.optimizer, cfg.run.steps,
+            learning_rate=cfg.optimizer.d_learning_rate or cfg.optimizer.learning_rate)
+        return ds, task, (tx, d_tx), (schedule, d_schedule)
+    return ds, task, tx, schedule
+
+
+def init_state(cfg: Config, task: Task, tx) -> TrainState:
+    init_key, run_key = jax.random.split(jax.random.PRNGKey(cfg.run.seed))
+    params = task.init(init_key)
+    if cfg.model.init_from:
+        params = load_params(cfg.model.init_from, params)
+    if task.kind == "gan":
+        g_tx, d_tx = tx
+        opt_state = {"generator": g_tx.init(params["generator"]),
+                     "discriminator": d_tx.init(params["discriminator"])}
+        return TrainState(jnp.zeros((), jnp.int32), params, opt_state, {}, run_key)
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), {}, run_key)
+
+
+def load_params(run_dir: str, like):
+    """The parameters of ``run_dir``'s latest good checkpoint (for fine-tuning)."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    leaves_like, treedef = jax.tree_util.tree_flatten(like)
+    for step in reversed(ckpt.checkpoint_steps(ckpt_dir)):
+        path = os.path.join(ckpt_dir, str(step))
+        try:
+            with open(os.path.join(path, ckpt.META)) as f:
+                meta = json.load(f)
+            lo, hi = meta["params_leaves"]
+            if hi - lo != len(leaves_like) or any(
+                    list(np.shape(x)) != meta["shapes"][lo + i]
+                    for i, x in enumerate(leaves_like)):
+                raise ConfigError(f"model.init_from: the parameters in {path} do not match "
+                                  "this model (use the same model.name and model.args)")
+            full = ckpt.restore_leaves(path)
+            return jax.tree_util.tree_unflatten(treedef, full[lo:hi])
+        except (OSError, ValueError, KeyError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            print(f"warning: skipping checkpoint {path}: {e}", file=sys.stderr)
+    raise ConfigError(f"model.init_from: no checkpoint under {ckpt_dir}; train that run first")
+
+
+def make_steps(cfg: Config, task: Task, tx, schedule) -> tuple[Callable, Callable | None]:
+    if task.kind == "gan":
+        g_tx, d_tx = tx
+        g_sched, d_sched = schedule
+        step = make_gan_step(task.d_loss_fn, task.g_loss_fn, d_tx, g_tx, engine=cfg.run.engine,
+                             d_schedule=d_sched, g_schedule=g_sched)
+        return step, None
+    compute = jnp.bfloat16 if cfg.model.compute_dtype == "bfloat16" else None
+    step = make_train_step(task.loss_fn, tx, engine=cfg.run.engine, has_aux=True,
+                           schedule=schedule, accumulate_steps=cfg.optimizer.accumulate_steps,
+                           compute_dtype=compute,
+                           skip_nonfinite=cfg.run.on_nonfinite == "skip")
+    return step, make_eval_step(task.metric_fn)
+
+
+def parity_loss(task: Task, key):
+    """The scalar the train step differentiates, as ``f(params, batch)`` (not for GANs)."""
+    return lambda params, batch: task.loss_fn(params, batch, key)[0]
+
+
+def check_step_parity(task: Task, params, batch, key, *, fd: bool = True,
+                      max_examples: int | None = None):
+    """bpkit vs jax.grad (vs float64 finite differences with ``fd``) on the gradient the train
+    step takes for ``batch``. A GAN step takes two: the discriminator's loss w.r.t. its
+    parameters and the generator's loss w.r.t. its own; both are checked."""
+    from bpkit.check import ParityReport, check_parity
+    if max_examples is not None:
+        batch = jax.tree_util.tree_map(lambda x: x[:max_examples], batch)
+    if task.kind != "gan":
+        return check_parity(parity_loss(task, key), params, batch, fd=fd)
+    kd, kg = jax.random.split(key)
+    g, d = params["generator"], params["discriminator"]
+    r_d = check_parity(lambda d_, g_, b: task.d_loss_fn(d_, g_, b, kd), d, g, batch, fd=fd)
+    r_g = check_parity(lambda g_, d_, b: task.g_loss_fn(g_, d_, b, kg), g, d, batch, fd=fd)
+    for leaf in r_d.leaves:
+        leaf.path = "discriminator" + leaf.path[len("arg0"):]
+    for leaf in r_g.leaves:
+        leaf.path = "generator" + leaf.path[len("arg0"):]
+    return ParityReport(r_d.leaves + r_g.leaves)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _progress(cfg: Config, start: int):
+    mode = cfg.run.progress
+    if mode == "auto":
+        mode = "bar" if sys.stderr.isatty() else "log"
+    if mode == "bar":
+        from tqdm import tqdm
+        return tqdm(total=cfg.run.steps, initial=start, dynamic_ncols=True, unit="step")
+    return None
+
+
+def _fmt(m: dict) -> str:
+    parts = []
+    for k in ("loss", "accuracy", "d_loss", "g_loss", "grad_norm", "learning_rate"):
+        if k in m:
+            parts.append(f"{k} {m[k]:.4g}")
+    return "  ".join(parts)
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    if not os.path.exists(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if rec.get("step", 0) <= step:
+                keep.append(json.dumps(rec))
+    with open(path, "w") as f:
+        f.write("".join(k + "\n" for k in keep))
+
+
+def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
+    """Train ``cfg`` into ``cfg.out_dir`` (resuming from its checkpoints); return the summary."""
+    t_start = time.time()
+    run_dir = cfg.out_dir
+    os.makedirs(run_dir, exist_ok=True)
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    metrics_path = os.path.join(run_dir, "metrics.jsonl")
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        f.write(dump_config(cfg))
+
+    ds, task, tx, schedule = build(cfg)
+    state = init_state(cfg, task, tx)
+    n_params = _param_count(state.params)
+    params_leaves = (1, 1 + len(jax.tree_util.tree_leaves(state.params)))
+    start, restored = ckpt.restore_latest(ckpt_dir, state,
+                                          warn=lambda m: out(m))
+    if restored is not None:
+        state = jax.device_put(restored)
+        _truncate_metrics(metrics_path, start)
+    else:
+        start = 0
+        if os.path.exists(metrics_path):
+            os.remove(metrics_path)
+    step_fn, eval_step = make_steps(cfg, task, tx, schedule)
+
+    devices = [str(d) for d in jax.devices()[:cfg.mesh.data]]
+    out(f"bpkit train: {cfg.run.name} -> {run_dir}")
+    out(f"  model   {cfg.model.name} {task.model_args or ''}: {n_params:,} parameters "
+        f"({cfg.model.compute_dtype} compute)")
+    out(f"  data    {ds.describe()}; batch {cfg.data.batch_size}")
+    out(f"  optim   {cfg.optimizer.name} lr {cfg.optimizer.learning_rate:g} "
+        f"({cfg.optimizer.schedule}); {cfg.run.steps} steps")
+    out(f"  engine  {cfg.run.engine}; devices {', '.join(devices)}")
+    if start:
+        out(f"  resumed from checkpoint at step {start}")
+
+    first = train_batch(ds, start, cfg.data.batch_size, cfg.run.seed)
+    if cfg.run.check_parity and start < cfg.run.steps:
+        report = check_step_parity(task, state.params, first,
+                                   jax.random.fold_in(state.key, start), fd=False,
+                                   max_examples=16)
+        if report.ok:
+            out(f"  parity  first batch: max |bpkit - jax.grad| = {report.max_jax_abs:.2e} "
+                f"over {len(report.leaves)} parameter arrays: OK")
+        else:
+            out(str(report))
+            raise ParityError(
+                f"bpkit's gradient disagrees with jax.grad on the first batch (table above); "
+                "train with run.engine=jax and report the mismatch")
+
+    stop_signal: list[int] = []
+
+    def on_signal(signum, frame):
+        stop_signal.append(signum)
+
+    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    bar = _progress(cfg, start)
+    pending: list[tuple[int, Any]] = []
+    last_train: dict[str, float] = {}
+    last_eval: dict[str, float] = {}
+    mfile = open(metrics_path, "a")
+    t_loop, step_at_t = time.time(), start
+    bs = cfg.data.batch_size
+
+    def flush(step: int) -> None:
+        """Move pending device metrics to the host; check finiteness; log the window."""
+        nonlocal last_train, t_loop, step_at_t
+        if not pending:
+            return
+        host = [(s, to_host(m)) for s, m in pending]
+        pending.clear()
+        for s, m in host:
+            if not math.isfinite(m["loss"]) and cfg.run.on_nonfinite == "stop":
+                mfile.flush()
+                raise NonFiniteLoss(
+                    f"non-finite loss ({m['loss']}) at step {s}; stopping. The last good "
+                    f"checkpoint is kept in {ckpt_dir}; lower optimizer.learning_rate, set "
+                    "optimizer.clip_norm, or set run.on_nonfinite=skip")
+        now = time.time()
+        rate = (step - step_at_t) * bs / max(now - t_loop, 1e-9)
+        t_loop, step_at_t = now, step
+        window = {k: float(np.mean([m[k] for _, m in host])) for k in host[-1][1]}
+        if "skipped" in window:
+            window["skipped"] = int(sum(m["skipped"] for _, m in host))
+        last_train = window
+        rec = {"step": step, "split": "train", **window, "examples_per_second": rate,
+               "wall_seconds": now - t_start}
+        mfile.write(json.dumps(rec) + "\n")
+        mfile.flush()
+        if bar is not None:
+            bar.set_postfix_str(f"loss {window['loss']:.4f}  {rate:,.0f} ex/s")
+        else:
+            out(f"step {step:>6}/{cfg.run.steps}  {_fmt(window)}  {rate:,.0f} ex/s")
+
+    def run_eval(step: int) -> None:
+        nonlocal last_eval
+        if eval_step is None:
+            return
+        res = evaluate(eval_step, state.params, eval_batches(ds, cfg.data.eval_batch_size,
+                                                             cfg.run.eval_batches or None))
+        last_eval = res
+        rec = {"step": step, "split": "eval", **{f"eval_{k}": v for k, v in res.items()}}
+        mfile.write(json.dumps(rec) + "\n")
+        mfile.flush()
+        msg = f"eval  {step:>6}/{cfg.run.steps}  loss {res.get('loss', float('nan')):.4f}" + (
+            f"  accuracy {res['accuracy']:.4f}" if "accuracy" in res else "")
+        (bar.write if bar is not None else out)(msg)
+
+    def save(step: int) -> None:
+        ckpt.save(ckpt_dir, step, state, keep=cfg.run.keep_checkpoints,
+                  extra={"params_leaves": list(params_leaves)})
+
+    step = start
+    steps_run = 0
+    try:
+        batch = first
+        while step < cfg.run.steps:
+            if stop_signal:
+                raise Interrupted(stop_signal[0])
+            state, metrics = step_fn(state, batch)
+            step += 1
+            steps_run += 1
+            pending.append((step, metrics))
+            if step < cfg.run.steps:
+                batch = train_batch(ds, step, bs, cfg.run.seed)  # overlaps the device work
+            if bar is not None:
+                bar.update(1)
+            done = step == cfg.run.steps
+            if step % cfg.run.log_every == 0 or done:
+                flush(step)
+            if (cfg.run.eval_every and step % cfg.run.eval_every == 0) and not done:
+                run_eval(step)
+            if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and not done:
+                flush(step)
+                save(step)
+        flush(step)
+        run_eval(step)
+        if start < cfg.run.steps or not ckpt.checkpoint_steps(ckpt_dir):
+            save(step)
+    except Interrupted:
+        flush(step)
+        save(step)
+        name = signal.Signals(stop_signal[0]).name
+        out(f"\n{name} received: checkpoint saved at step {step} in {ckpt_dir}; run the same "
+            "command again to resume")
+        raise
+    finally:
+        mfile.close()
+        if bar is not None:
+            bar.close()
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+
+    wall = time.time() - t_start
+    if not last_train:  # already complete: read the last logged values
+        last_train, last_eval = _last_logged(metrics_path)
+    summary = {
+        "name": cfg.run.name, "steps": step, "train_loss": last_train.get("loss"),
+        "eval_loss": last_eval.get("loss"), "eval_accuracy":
+            last_eval.get("accuracy") if task.kind == "classifier" else None,
+        "wall_seconds": wall, "examples_per_second": steps_run * bs / wall if steps_run else None,
+        "engine": cfg.run.engine, "devices": devices, "parameters": n_params,
+        "resumed_from": start or None}
+    with open(os.path.join(run_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    out(f"done: {step} steps in {wall:.1f}s; train loss {_num(summary['train_loss'])}, eval loss "
+        f"{_num(summary['eval_loss'])}"
+        + (f", eval accuracy {summary['eval_accuracy']:.4f}"
+           if summary["eval_accuracy"] is not None else ""))
+    try:
+        from bpkit.train.plots import plot_run
+        plot_run(run_dir)
+    except Exception as e:  # plots are a convenience: never fail a finished run on them
+        out(f"warning: plots not written ({type(e).__name__}: {e})")
+    if task.kind == "lm" and cfg.run.sample_length:
+        out("sample:\n" + sample_text(task, state.params, ds, cfg))
+    return summary
+
+
+def _num(x) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def _last_logged(path: str):
+    train, ev = {}, {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                rec = json.loads(line)
+                if rec.get("split") == "eval":
+                    ev = {k[5:]: v for k, v in rec.items() if k.startswith("eval_")}
+                else:
+                    train = rec
+    return train, ev
+
+
+def sample_text(task: Task, params, ds, cfg: Config) -> str:
+    from bpkit.data import decode, encode
+    from bpkit.models import generate
+    prompt = "def "
+    tokens = jnp.asarray(encode(prompt, ds.vocab))[None, :]          # (1, T0)
+    out = generate(task.model, params, jax.random.PRNGKey(cfg.run.seed + 1), tokens,
+                   cfg.run.sample_length, temperature=0.8)
+    out = np.asarray(out).reshape(-1)
+    return decode(out, ds.vocab)

@@ -1,0 +1,168 @@
+"""Pure train and eval steps (the flax-examples shape: ``step(state, batch) -> (state, metrics)``).
+
+``make_train_step(loss_fn, optimizer, engine="bpkit")`` differentiates ``loss_fn`` with bpkit's
+engine (``engine="jax"``: with ``jax.value_and_grad``, the reference), applies the optax
+``optimizer`` and returns a jit-compiled step with the state donated. ``loss_fn(params, batch,
+key)`` returns the scalar loss, or ``(loss, metrics)`` with ``has_aux=True`` where ``metrics``
+is a dict of scalars (accuracy, say).
+
+Metrics of every step: ``loss``, ``grad_norm`` (global norm of the gradient), ``update_norm``
+(of the optimizer's update), ``learning_rate`` (when a schedule is given), ``skipped`` (1 when a
+non-finite loss or gradient left the state unchanged, with ``skip_nonfinite=True``), plus the
+loss function's own metrics.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bpkit.engine import api
+from bpkit.train.state import TrainState
+
+ENGINES = ("bpkit", "jax")
+_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
+
+def value_and_grad_for(engine: str) -> Callable:
+    """The ``value_and_grad`` of ``engine``: bpkit's, or jax's as the reference."""
+    if engine == "bpkit":
+        return api.value_and_grad
+    if engine == "jax":
+        return jax.value_and_grad
+    raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
+
+
+def _cast_floats(tree, dtype):
+    def cast(x):
+        if jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            return jnp.asarray(x).astype(dtype)
+        return x
+    return jax.tree_util.tree_map(cast, tree)
+
+
+def with_compute_dtype(loss_fn: Callable, dtype, has_aux: bool) -> Callable:
+    """``loss_fn`` run in ``dtype`` (e.g. bfloat16) on float32 master parameters.
+
+    The casts are inside the differentiated function, so gradients arrive in float32."""
+    if dtype is None or jnp.dtype(dtype) == jnp.float32:
+        return loss_fn
+
+    def cast_loss(params, batch, key):
+        out = loss_fn(_cast_floats(params, dtype), _cast_floats(batch, dtype), key)
+        if has_aux:
+            loss, aux = out
+            return loss.astype(jnp.float32), _cast_floats(aux, jnp.float32)
+        return out.astype(jnp.float32)
+    return cast_loss
+
+
+def _select(ok, new, old):
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
+                    engine: str = "bpkit", has_aux: bool = False,
+                    schedule: Callable | None = None, accumulate_steps: int = 1,
+                    compute_dtype=None, skip_nonfinite: bool = False, jit: bool = True,
+                    donate: bool = True) -> Callable:
+    """A pure ``step(state, batch) -> (state, metrics)`` for ``loss_fn`` and ``optimizer``.
+
+    ``schedule`` (step -> learning rate) is only reported, as ``metrics["learning_rate"]``;
+    with gradient accumulation (``optax.MultiSteps``) pass ``accumulate_steps`` so the reported
+    rate follows the optimizer's own count.
+    """
+    vg = value_and_grad_for(engine)(with_compute_dtype(loss_fn, compute_dtype, has_aux),
+                                    has_aux=has_aux)
+
+    def step(state: TrainState, batch) -> tuple[TrainState, dict[str, Any]]:
+        out, grads = vg(state.params, batch, state.step_key())
+        loss, aux = out if has_aux else (out, {})
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {"loss": loss, "grad_norm": _norm(grads),
+                   "update_norm": _norm(updates), **aux}
+        if schedule is not None:
+            metrics["learning_rate"] = jnp.asarray(schedule(state.step // accumulate_steps),
+                                                   jnp.float32)
+        if skip_nonfinite:
+            ok = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+            params = _select(ok, params, state.params)
+            opt_state = _select(ok, opt_state, state.opt_state)
+            metrics["skipped"] = (~ok).astype(jnp.int32)
+        new = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
+        return new, metrics
+
+    if not jit:
+        return step
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def make_gan_step(d_loss_fn: Callable, g_loss_fn: Callable,
+                  d_optimizer: optax.GradientTransformation,
+                  g_optimizer: optax.GradientTransformation, *, engine: str = "bpkit",
+                  d_schedule: Callable | None = None, g_schedule: Callable | None = None,
+                  jit: bool = True, donate: bool = True) -> Callable:
+    """Two losses, two optimizers: a discriminator update, then a generator update.
+
+    ``state.params`` and ``state.opt_state`` are ``{"generator": ..., "discriminator": ...}``.
+    ``d_loss_fn(d_params, g_params, batch, key)`` and ``g_loss_fn(g_params, d_params, batch,
+    key)`` return scalars; the generator step sees the updated discriminator.
+    """
+    vg = value_and_grad_for(engine)
+
+    def step(state: TrainState, batch):
+        key_d, key_g = jax.random.split(state.step_key())
+        g, d = state.params["generator"], state.params["discriminator"]
+        d_loss, d_grads = vg(d_loss_fn)(d, g, batch, key_d)
+        d_updates, d_opt = d_optimizer.update(d_grads, state.opt_state["discriminator"], d)
+        d = optax.apply_updates(d, d_updates)
+        g_loss, g_grads = vg(g_loss_fn)(g, d, batch, key_g)
+        g_updates, g_opt = g_optimizer.update(g_grads, state.opt_state["generator"], g)
+        g = optax.apply_updates(g, g_updates)
+        metrics = {"loss": d_loss + g_loss, "d_loss": d_loss, "g_loss": g_loss,
+                   "grad_norm": _norm((d_grads, g_grads)),
+                   "update_norm": _norm((d_updates, g_updates))}
+        if g_schedule is not None:
+            metrics["learning_rate"] = jnp.asarray(g_schedule(state.step), jnp.float32)
+        if d_schedule is not None:
+            metrics["d_learning_rate"] = jnp.asarray(d_schedule(state.step), jnp.float32)
+        new = state._replace(step=state.step + 1,
+                             params={"generator": g, "discriminator": d},
+                             opt_state={"generator": g_opt, "discriminator": d_opt})
+        return new, metrics
+
+    if not jit:
+        return step
+    return jax.jit(step, donate_argnums=(0,) if donate else ())
+
+
+def make_eval_step(metric_fn: Callable, *, jit: bool = True) -> Callable:
+    """``eval_step(params, batch) -> sums``: ``metric_fn(params, batch)`` gives a dict of
+    per-example values ``(B,)``; they are summed with ``batch["mask"]`` (1 = real row) as
+    weights, and ``"count"`` holds the number of real rows. Divide by it for means."""
+    def eval_step(params, batch):
+        per_example = metric_fn(params, batch)
+        any_value = next(iter(per_example.values()))
+        mask = batch.get("mask", jnp.ones(any_value.shape[:1], jnp.float32))
+        sums = {k: jnp.sum(v.astype(jnp.float32) * mask) for k, v in per_example.items()}
+        sums["count"] = jnp.sum(mask)
+        return sums
+    return jax.jit(eval_step) if jit else eval_step
+
+
+def evaluate(eval_step: Callable, params, batches) -> dict[str, float]:
+    """Means over all batches of ``eval_step``'s per-example metrics."""
+    totals: dict[str, float] = {}
+    for batch in batches:
+        for k, v in eval_step(params, batch).items():
+            totals[k] = totals.get(k, 0.0) + float(v)
+    count = totals.pop("count", 0.0)
+    return {k: v / count for k, v in totals.items()} if count else {}
+
+
+def to_host(metrics) -> dict[str, float]:
+    return {k: float(np.asarray(v)) for k, v in metrics.items()}

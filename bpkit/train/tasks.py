@@ -1,0 +1,228 @@
+"""A config's model and loss: ``build_task(cfg, dataset) -> Task``.
+
+``model.name`` names a factory in ``bpkit.models``; ``model.args`` are its keyword arguments,
+checked against its signature (an unknown argument gets the closest valid one). Arguments the
+data determines (``in_features``, ``in_length``, ``num_classes``, ``vocab_size``, ``context``)
+are filled in from the dataset when not given.
+
+Task kinds: ``classifier`` (softmax cross-entropy + accuracy), ``lm`` (next-token
+cross-entropy), ``regression`` (MSE or Huber), ``gan`` (non-saturating GAN: two losses).
+"""
+from __future__ import annotations
+
+import difflib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+
+from bpkit.config import ConfigError
+from bpkit.data import Dataset, validate_dataset
+
+ALIASES = {"gru": "gru_classifier", "lstm": "lstm_classifier", "cnn": "cnn1d",
+           "gan": "gan_2d"}
+MODEL_NAMES = ("logreg", "mlp", "cnn1d", "cnn2d", "gru_classifier", "lstm_classifier", "gpt",
+               "residual_mlp", "sigmoid_mlp", "gan_2d", "regression_mlp")
+
+
+@dataclass
+class Task:
+    kind: str                                   # classifier | lm | regression | gan
+    model: Any                                  # a Model, or (generator, discriminator)
+    init: Callable                              # key -> params
+    loss_fn: Callable | None = None             # (params, batch, key) -> (loss, metrics)
+    metric_fn: Callable | None = None           # (params, batch) -> per-example metrics
+    d_loss_fn: Callable | None = None           # GAN
+    g_loss_fn: Callable | None = None           # GAN
+    latent_dim: int | None = None               # GAN
+    model_args: dict | None = None
+
+
+def _factory(name: str):
+    try:
+        from bpkit import models
+    except ImportError as e:
+        raise ConfigError(f"bpkit.models is not available ({e})") from None
+    name = ALIASES.get(name, name)
+    fn = getattr(models, name, None)
+    if fn is None or name.startswith("_"):
+        close = difflib.get_close_matches(name, MODEL_NAMES, n=1, cutoff=0.5)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"model.name: unknown model {name!r}{hint}; allowed: "
+                          + ", ".join(MODEL_NAMES))
+    return name, fn
+
+
+def _check_args(name: str, fn, args: dict) -> dict:
+    sig = inspect.signature(fn)
+    params = {k: p for k, p in sig.parameters.items()
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    out = {}
+    for key, value in args.items():
+        if key not in params:
+            close = difflib.get_close_matches(key, list(params), n=1, cutoff=0.5)
+            hint = f" (did you mean 'model.args.{close[0]}'?)" if close else (
+                "; valid: " + ", ".join(params))
+            raise ConfigError(f"unknown key 'model.args.{key}' for model {name}{hint}")
+        default = params[key].default
+        if default is not inspect.Parameter.empty and default is not None:
+            if isinstance(default, tuple) and isinstance(value, (list, tuple)):
+                value = tuple(value)
+            elif isinstance(default, bool) != isinstance(value, bool) or (
+                    isinstance(default, (int, float)) and not isinstance(value, (int, float))) or (
+                    isinstance(default, str) and not isinstance(value, str)) or (
+                    isinstance(default, int) and not isinstance(default, bool)
+                    and isinstance(value, float)):
+                raise ConfigError(f"model.args.{key}: got {value!r}, expected a value like "
+                                  f"{default!r}")
+        out[key] = value
+    return out
+
+
+def _fill(fn, args: dict, **available) -> dict:
+    names = inspect.signature(fn).parameters
+    for key, value in available.items():
+        if key in names and key not in args and value is not None:
+            args[key] = value
+    return args
+
+
+def _labels_loss(cfg):
+    from bpkit.nn import losses
+    ls = cfg.model.label_smoothing
+
+    def ce(logits, labels):
+        return losses.softmax_cross_entropy(logits, labels, label_smoothing=ls)
+    return ce
+
+
+def build_task(cfg, ds: Dataset) -> Task:
+    """The model, loss and metrics of ``cfg`` for ``ds``; validates that they fit."""
+    name, fn = _factory(cfg.model.name)
+    args = _check_args(name, fn, dict(cfg.model.args))
+    if name == "gan_2d" or cfg.model.loss == "gan":
+        return _gan_task(cfg, name, fn, args, ds)
+    if ds.kind == "lm":
+        args = _fill(fn, args, vocab_size=len(ds.vocab), context=ds.context)
+        model = fn(**args)
+        validate_dataset(ds, vocab_size=args.get("vocab_size"))
+        return _lm_task(cfg, model, args)
+    if ds.kind in ("classification", "regression"):
+        shape = ds.x_train.shape[1:]
+        feat = int(shape[-1]) if len(shape) else 1
+        args = _fill(fn, args, in_features=feat if len(shape) == 1 else None,
+                     in_length=int(shape[0]) if len(shape) == 1 else None,
+                     num_classes=ds.num_classes)
+        if name in ("gru_classifier", "lstm_classifier"):
+            args.pop("in_features", None) if "in_features" not in cfg.model.args else None
+        model = fn(**args)
+        _check_fit(cfg, model, ds, args)
+        if ds.kind == "classification":
+            if cfg.model.loss != "cross_entropy":
+                raise ConfigError(f"model.loss: {cfg.model.loss!r} does not fit a "
+                                  "classification set; use cross_entropy")
+            return _classifier_task(cfg, model, args)
+        if cfg.model.loss not in ("mse", "huber"):
+            raise ConfigError(f"model.loss: {cfg.model.loss!r} does not fit a regression set; "
+                              "use mse or huber")
+        return _regression_task(cfg, model, args)
+    raise ConfigError(f"model {name} does not fit data.name={cfg.data.name} ({ds.kind} data)")
+
+
+def _check_fit(cfg, model, ds, args):
+    """Run the model on two examples: a clear error if features or classes do not fit."""
+    from bpkit.data import DataError
+    params = model.init(jax.random.PRNGKey(0))
+    try:
+        out = jax.eval_shape(lambda p, x: model.apply(p, x), params, ds.x_train[:2])
+    except Exception as e:
+        raise DataError(f"data does not fit model {cfg.model.name}: examples of shape "
+                        f"{tuple(ds.x_train.shape[1:])} fail in the model "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if ds.kind == "classification":
+        validate_dataset(ds, num_classes=int(out.shape[-1]))
+    elif tuple(out.shape[1:]) != tuple(ds.y_train.shape[1:]):
+        raise DataError(f"data does not fit model {cfg.model.name}: it outputs "
+                        f"{tuple(out.shape[1:])} per example, the targets are "
+                        f"{tuple(ds.y_train.shape[1:])}")
+
+
+def _classifier_task(cfg, model, args) -> Task:
+    ce = _labels_loss(cfg)
+
+    def loss_fn(params, batch, key):
+        logits = model.apply(params, batch["x"], key=key, train=True)        # (B, C)
+        loss = jnp.mean(ce(logits, batch["y"]))
+        acc = jnp.mean((jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32))
+        return loss, {"accuracy": jax.lax.stop_gradient(acc)}
+
+    def metric_fn(params, batch):
+        logits = model.apply(params, batch["x"])
+        return {"loss": ce(logits, batch["y"]),
+                "accuracy": (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)}
+
+    return Task("classifier", model, model.init, loss_fn, metric_fn, model_args=args)
+
+
+def _lm_task(cfg, model, args) -> Task:
+    ce = _labels_loss(cfg)
+
+    def loss_fn(params, batch, key):
+        logits = model.apply(params, batch["x"], key=key, train=True)        # (B, T, V)
+        return jnp.mean(ce(logits, batch["y"])), {}
+
+    def metric_fn(params, batch):
+        logits = model.apply(params, batch["x"])
+        per_token = ce(logits, batch["y"])                                    # (B, T)
+        acc = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
+        return {"loss": jnp.mean(per_token, -1), "accuracy": jnp.mean(acc, -1)}
+
+    return Task("lm", model, model.init, loss_fn, metric_fn, model_args=args)
+
+
+def _regression_task(cfg, model, args) -> Task:
+    from bpkit.nn import losses
+    per_example = losses.mse if cfg.model.loss == "mse" else losses.huber    # (B, ...) -> (B,)
+
+    def loss_fn(params, batch, key):
+        return jnp.mean(per_example(model.apply(params, batch["x"], key=key, train=True),
+                                    batch["y"])), {}
+
+    def metric_fn(params, batch):
+        return {"loss": per_example(model.apply(params, batch["x"]), batch["y"])}
+
+    return Task("regression", model, model.init, loss_fn, metric_fn, model_args=args)
+
+
+def _gan_task(cfg, name, fn, args, ds) -> Task:
+    from bpkit.nn import losses
+    if ds.kind != "sampler":
+        raise ConfigError(f"model {name} is a GAN and needs data.name=toy2d, not "
+                          f"data.name={cfg.data.name}")
+    generator, discriminator = fn(**args)
+    latent = args.get("latent_dim", inspect.signature(fn).parameters["latent_dim"].default)
+    bce = losses.binary_cross_entropy_with_logits
+
+    def fake(g, key, n):
+        z = jax.random.normal(key, (n, latent), jnp.float32)                 # (B, latent)
+        return generator.apply(g, z)
+
+    def d_loss_fn(d, g, batch, key):
+        x = batch["x"]
+        x_fake = jax.lax.stop_gradient(fake(g, key, x.shape[0]))
+        real = discriminator.apply(d, x)                              # (B,)
+        gen = discriminator.apply(d, x_fake)
+        return jnp.mean(bce(real, jnp.ones_like(real))) + jnp.mean(bce(gen, jnp.zeros_like(gen)))
+
+    def g_loss_fn(g, d, batch, key):
+        gen = discriminator.apply(d, fake(g, key, batch["x"].shape[0]))
+        return jnp.mean(bce(gen, jnp.ones_like(gen)))                         # non-saturating
+
+    def init(key):
+        kg, kd = jax.random.split(key)
+        return {"generator": generator.init(kg), "discriminator": discriminator.init(kd)}
+
+    return Task("gan", (generator, discriminator), init, d_loss_fn=d_loss_fn,
+                g_loss_fn=g_loss_fn, latent_dim=latent, model_args=args)

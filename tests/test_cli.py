@@ -1,0 +1,86 @@
+"""The ``bpkit`` command end to end, in a fresh process, on a config that trains in seconds."""
+import contextlib
+import json
+import os
+
+import jax
+
+import pytest
+
+from bpkit import cli
+from tests.train.helpers import CONFIGS, TINY, bpkit, summary, train_losses
+
+
+@contextlib.contextmanager
+def training_numerics():
+    """As users run: float32 by default, standard dtype promotion (see tests/train/conftest)."""
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
+    try:
+        with jax.numpy_dtype_promotion("standard"):
+            yield
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
+def test_train_eval_plot_end_to_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = os.path.join(CONFIGS, "mnist1d_mlp.yaml")
+    p = bpkit("train", cfg, *TINY, f"run.out_dir={run}")
+    assert p.returncode == 0, p.stderr
+    out = p.stdout
+    for word in ("parameters", "mnist1d: 4,000 train / 1,000 test", "engine  bpkit",
+                 "devices", "parity  first batch: max |bpkit - jax.grad|", "OK", "step     30/30",
+                 "done: 30 steps"):
+        assert word in out, out
+    assert sorted(os.listdir(run)) == ["checkpoints", "config.yaml", "metrics.jsonl", "plots",
+                                       "summary.json"]
+    s = summary(run)
+    for key in ("steps", "train_loss", "eval_loss", "eval_accuracy", "wall_seconds",
+                "examples_per_second", "engine", "devices"):
+        assert key in s
+    assert s["steps"] == 30 and s["engine"] == "bpkit" and 0 <= s["eval_accuracy"] <= 1
+    assert sorted(os.listdir(run / "checkpoints"), key=int) == ["10", "20", "30"]
+    assert {"loss.png", "accuracy.png", "learning_rate.png", "grad_norm.png"} <= set(
+        os.listdir(run / "plots"))
+    assert [s for s, _ in train_losses(run)] == [5, 10, 15, 20, 25, 30]
+
+    # The other commands in this process (a fresh process each costs seconds of start-up).
+    with training_numerics():
+        assert cli.main(["eval", str(run)]) == 0
+        res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert res["step"] == 30
+        assert res["eval_loss"] == pytest.approx(s["eval_loss"], rel=1e-5)
+
+        os.remove(run / "plots" / "loss.png")
+        assert cli.main(["plot", str(run)]) == 0
+        assert os.path.exists(run / "plots" / "loss.png")
+
+        # Training the finished run again resumes at its end and changes nothing.
+        assert cli.main(["train", cfg, *TINY, f"run.out_dir={run}"]) == 0
+        assert summary(run)["train_loss"] == s["train_loss"]
+
+
+def test_plot_and_eval_need_a_run_dir(tmp_path, capsys):
+    assert cli.main(["plot", str(tmp_path)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+    assert cli.main(["eval", str(tmp_path)]) == 2
+    assert "is not a run directory" in capsys.readouterr().err
+
+
+def test_rules_subcommand_is_delegated(monkeypatch):
+    import sys
+    import types
+    seen = []
+    fake = types.ModuleType("bpkit.check.coverage")
+    fake.rules_command = lambda argv: seen.append(argv) or 0
+    monkeypatch.setitem(sys.modules, "bpkit.check.coverage", fake)
+    assert cli.main(["rules", "--missing", "x"]) == 0
+    assert seen == [["--missing", "x"]]
+
+
+def test_scripts_are_thin_equivalents():
+    root = os.path.dirname(CONFIGS)
+    for name in ("train", "eval", "plot", "parity"):
+        text = open(os.path.join(root, "scripts", f"{name}.py")).read()
+        assert f'main(["{name}", *sys.argv[1:]])' in text

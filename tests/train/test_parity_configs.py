@@ -1,0 +1,52 @@
+"""``bpkit parity`` passes for every shipped config (small sizes through overrides)."""
+import os
+
+import pytest
+
+from bpkit import cli
+from tests.train.helpers import CONFIGS
+
+SMALL = {
+    "mnist1d_logreg": [],
+    "mnist1d_mlp": ["model.args.hidden=[16,16]"],
+    "mnist1d_cnn": ["model.args.channels=[4,4,4]"],
+    "mnist1d_gru": ["model.args.hidden=8"],
+    "charlm_gpt": ["data.context=4", "data.max_chars=5000", "model.args.d_model=8",
+                   "model.args.n_layers=1", "model.args.n_heads=2"],
+    "deep_sigmoid": ["model.args.depth=4", "model.args.width=8"],
+    "deep_residual": ["model.args.depth=4", "model.args.width=8"],
+    "gan_2d": ["model.args.hidden=8"],
+    "finetune": ["model.args.hidden=[16,16]"],
+    "regression_mse": ["model.args.hidden=[8,8]"],
+}
+
+
+def test_every_shipped_config_is_covered():
+    assert sorted(n[:-5] for n in os.listdir(CONFIGS) if n.endswith(".yaml")) == sorted(SMALL)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_parity_passes(name, capsys):
+    code = cli.main(["parity", os.path.join(CONFIGS, f"{name}.yaml"), "data.batch_size=2",
+                     *SMALL[name]])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "parity OK" in out and "MISMATCH" not in out
+
+
+def test_a_wrong_rule_fails_parity_and_stops_training(monkeypatch, capsys, tmp_path):
+    import jax
+    from bpkit.engine import registry
+    right = registry.vjp_rules[jax.lax.tanh_p]
+    monkeypatch.setitem(registry.vjp_rules, jax.lax.tanh_p,
+                        lambda ct, x, *, out, **kw: [2 * r if r is not None else r
+                                                     for r in right(ct, x, out=out, **kw)])
+    cfg = os.path.join(CONFIGS, "regression_mse.yaml")
+    assert cli.main(["parity", cfg, "data.batch_size=4", "model.args.hidden=[8,8]"]) == 1
+    assert "MISMATCH" in capsys.readouterr().out
+    code = cli.main(["train", cfg, "run.steps=2", "model.args.hidden=[8,8]",
+                     f"run.out_dir={tmp_path / 'run'}"])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "disagrees with jax.grad on the first batch" in captured.err
+    assert "MISMATCH" in captured.out

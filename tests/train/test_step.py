@@ -1,0 +1,218 @@
+"""Pure train steps: engines agree, one trace, donation, freezing, accumulation, GAN, bf16."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bpkit import models
+from bpkit.config import OptimizerConfig
+from bpkit.data import load_mnist1d, train_batch
+from bpkit.nn import losses
+from bpkit.train import (TrainState, build_optimizer, default_decay_mask, make_eval_step,
+                         make_gan_step, make_train_step)
+from bpkit.train.optim import OPTIMIZERS, frozen_mask, param_paths
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_mnist1d()
+
+
+MODEL = models.mlp(hidden=(16,), activation="tanh")
+
+
+def loss_fn(params, batch, key):
+    logits = MODEL.apply(params, batch["x"], key=key, train=True)        # (B, 10)
+    loss = jnp.mean(losses.softmax_cross_entropy(logits, batch["y"]))
+    return loss, {"accuracy": losses.accuracy(logits, batch["y"])}
+
+
+def fresh_state(tx, seed=0):
+    return TrainState.create(MODEL.init(jax.random.PRNGKey(seed)), tx, seed=seed)
+
+
+def run(engine, data, steps=20, cfg=OptimizerConfig(name="adamw", weight_decay=0.01,
+                                                      schedule="cosine", warmup_steps=3)):
+    tx, schedule = build_optimizer(cfg, steps)
+    step = make_train_step(loss_fn, tx, engine=engine, has_aux=True, schedule=schedule)
+    state, out = fresh_state(tx), []
+    for i in range(steps):
+        state, m = step(state, train_batch(data, i, 32, 0))
+        out.append({k: float(v) for k, v in m.items()})
+    return state, out
+
+
+def test_bpkit_and_jax_engines_give_the_same_losses(data):
+    _, a = run("bpkit", data)
+    _, b = run("jax", data)
+    for ma, mb in zip(a, b):
+        assert set(ma) == {"loss", "accuracy", "grad_norm", "update_norm", "learning_rate"}
+        for k in ma:
+            np.testing.assert_allclose(ma[k], mb[k], rtol=1e-5, atol=1e-7, err_msg=k)
+    assert a[-1]["loss"] < a[0]["loss"]
+    assert a[0]["learning_rate"] == 0.0 and a[3]["learning_rate"] == pytest.approx(1e-3)
+
+
+def test_step_traces_once_and_donates_the_state(data):
+    traces = []
+
+    def counted(params, batch, key):
+        traces.append(1)
+        return loss_fn(params, batch, key)
+
+    tx = optax.sgd(0.1)
+    step = make_train_step(counted, tx, has_aux=True)
+    state = fresh_state(tx)
+    old = state
+    for i in range(4):
+        state, _ = step(state, train_batch(data, i, 32, 0))
+    assert len(traces) == 1
+    assert jax.tree_util.tree_leaves(old.params)[0].is_deleted()
+    assert int(state.step) == 4
+
+
+def test_unjitted_step_matches_jitted(data):
+    tx = optax.sgd(0.1)
+    batch = train_batch(data, 0, 32, 0)
+    s1, m1 = make_train_step(loss_fn, tx, has_aux=True, jit=False)(fresh_state(tx), batch)
+    s2, m2 = make_train_step(loss_fn, tx, has_aux=True)(fresh_state(tx), batch)
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s2.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_frozen_paths_do_not_move(data):
+    cfg = OptimizerConfig(name="adam", learning_rate=1e-2, trainable=["head/*"])
+    tx, _ = build_optimizer(cfg, 5)
+    state = fresh_state(tx)
+    before = jax.tree_util.tree_map(np.array, state.params)
+    step = make_train_step(loss_fn, tx, has_aux=True)
+    for i in range(3):
+        state, _ = step(state, train_batch(data, i, 32, 0))
+    assert np.array_equal(state.params["dense_0"]["w"], before["dense_0"]["w"])
+    assert not np.array_equal(state.params["head"]["w"], before["head"]["w"])
+    mask = frozen_mask(before, freeze=["*/b"])
+    assert mask["head"]["b"] and not mask["head"]["w"]
+
+
+def test_gradient_accumulation_equals_the_big_batch(data):
+    big = train_batch(data, 0, 64, 0)
+    halves = [jax.tree_util.tree_map(lambda x: x[:32], big),
+              jax.tree_util.tree_map(lambda x: x[32:], big)]
+    cfg = OptimizerConfig(name="sgd", learning_rate=0.5)
+    tx_acc, _ = build_optimizer(dataclasses.replace(cfg, accumulate_steps=2), 1)
+    tx, _ = build_optimizer(cfg, 1)
+    state = fresh_state(tx_acc)
+    step = make_train_step(loss_fn, tx_acc, has_aux=True)
+    p0 = jax.tree_util.tree_map(np.array, state.params)
+    state, _ = step(state, halves[0])
+    assert np.array_equal(state.params["head"]["w"], p0["head"]["w"])  # not applied yet
+    state, _ = step(state, halves[1])
+    ref, _ = make_train_step(loss_fn, tx, has_aux=True)(fresh_state(tx), big)
+    for a, b in zip(jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(ref.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_every_optimizer_takes_a_step(name, data):
+    cfg = OptimizerConfig(name=name, learning_rate=1e-2, weight_decay=1e-3, clip_norm=1.0)
+    _, out = run("bpkit", data, steps=3, cfg=cfg)
+    assert all(np.isfinite(m["loss"]) for m in out)
+    assert out[-1]["update_norm"] > 0
+
+
+@pytest.mark.parametrize("schedule, checks", [
+    ("constant", {0: 1.0, 50: 1.0}),
+    ("linear", {10: 1.0, 100: 0.0}),
+    ("cosine", {0: 0.0, 10: 1.0, 100: 0.0}),
+    ("exponential", {10: 1.0, 60: 0.5}),
+    ("piecewise", {0: 1.0, 30: 0.1, 80: 0.01}),
+])
+def test_schedules(schedule, checks):
+    cfg = OptimizerConfig(learning_rate=1.0, schedule=schedule,
+                          warmup_steps=0 if schedule in ("constant", "piecewise") else 10,
+                          transition_steps=50, boundaries=[20, 70], scales=[0.1, 0.1])
+    _, sched = build_optimizer(cfg, 100)
+    for step, value in checks.items():
+        assert float(sched(step)) == pytest.approx(value, abs=1e-6), (schedule, step)
+
+
+def test_weight_decay_skips_biases_and_norm_scales():
+    params = {"dense": {"w": jnp.ones((2, 3)), "b": jnp.ones(3)},
+              "ln": {"scale": jnp.ones(3), "bias": jnp.ones(3)}, "emb": {"table": jnp.ones((4, 2))}}
+    mask = default_decay_mask(params)
+    assert mask == {"dense": {"w": True, "b": False}, "ln": {"scale": False, "bias": False},
+                    "emb": {"table": True}}
+    assert param_paths(params) == ["dense/b", "dense/w", "emb/table", "ln/bias", "ln/scale"]
+
+
+def test_nonfinite_updates_can_be_skipped(data):
+    def nan_loss(params, batch, key):
+        loss, aux = loss_fn(params, batch, key)
+        return loss * jnp.asarray(jnp.nan, loss.dtype), aux
+
+    tx = optax.adam(1e-2)
+    state = fresh_state(tx)
+    before = jax.tree_util.tree_map(np.array, state.params)
+    state, m = make_train_step(nan_loss, tx, has_aux=True, skip_nonfinite=True)(
+        state, train_batch(data, 0, 32, 0))
+    assert int(m["skipped"]) == 1 and int(state.step) == 1
+    assert np.array_equal(state.params["head"]["w"], before["head"]["w"])
+
+
+def test_bf16_compute_keeps_float32_master_params(data):
+    tx = optax.sgd(0.1)
+    step = make_train_step(loss_fn, tx, has_aux=True, compute_dtype=jnp.bfloat16)
+    state, m = step(fresh_state(tx), train_batch(data, 0, 32, 0))
+    assert m["loss"].dtype == jnp.float32
+    assert all(x.dtype == jnp.float32 for x in jax.tree_util.tree_leaves(state.params))
+    _, ref = make_train_step(loss_fn, tx, has_aux=True)(fresh_state(tx),
+                                                        train_batch(data, 0, 32, 0))
+    assert float(m["loss"]) == pytest.approx(float(ref["loss"]), rel=2e-2)
+
+
+def test_gan_step_updates_both_networks():
+    gen, disc = models.gan_2d(latent_dim=2, hidden=16)
+    bce = losses.binary_cross_entropy_with_logits
+
+    def d_loss(d, g, batch, key):
+        fake = jax.lax.stop_gradient(gen.apply(g, jax.random.normal(key, (8, 2), jnp.float32)))
+        real, gen_logits = disc.apply(d, batch["x"]), disc.apply(d, fake)
+        return jnp.mean(bce(real, jnp.ones_like(real)) + bce(gen_logits, jnp.zeros_like(real)))
+
+    def g_loss(g, d, batch, key):
+        logits = disc.apply(d, gen.apply(g, jax.random.normal(key, (8, 2), jnp.float32)))
+        return jnp.mean(bce(logits, jnp.ones_like(logits)))
+
+    tx_d, tx_g = optax.adam(1e-2), optax.adam(1e-2)
+    kg, kd = jax.random.split(jax.random.PRNGKey(0))
+    params = {"generator": gen.init(kg), "discriminator": disc.init(kd)}
+    before = jax.tree_util.tree_map(np.array, params)
+    state = TrainState(jnp.zeros((), jnp.int32), params,
+                       {"generator": tx_g.init(params["generator"]),
+                        "discriminator": tx_d.init(params["discriminator"])}, {},
+                       jax.random.PRNGKey(1))
+    step = make_gan_step(d_loss, g_loss, tx_d, tx_g)
+    batch = {"x": jnp.asarray(np.random.default_rng(0).normal(size=(8, 2)), jnp.float32)}
+    state, m = step(state, batch)
+    assert {"loss", "d_loss", "g_loss", "grad_norm", "update_norm"} <= set(m)
+    for net in ("generator", "discriminator"):
+        assert not np.array_equal(state.params[net]["out"]["w"], before[net]["out"]["w"])
+
+
+def test_eval_step_masks_padding(data):
+    def metric_fn(params, batch):
+        logits = MODEL.apply(params, batch["x"])
+        return {"loss": losses.softmax_cross_entropy(logits, batch["y"])}
+
+    params = MODEL.init(jax.random.PRNGKey(0))
+    ev = make_eval_step(metric_fn)
+    full = ev(params, {"x": data.x_test[:6], "y": data.y_test[:6]})
+    padded = ev(params, {"x": np.concatenate([data.x_test[:6], data.x_test[:2]]),
+                         "y": np.concatenate([data.y_test[:6], data.y_test[:2]]),
+                         "mask": np.array([1] * 6 + [0] * 2, np.float32)})
+    assert float(padded["count"]) == 6
+    np.testing.assert_allclose(float(padded["loss"]), float(full["loss"]), rtol=1e-6)
