@@ -8,19 +8,13 @@ import jax
 import pytest
 
 from bpkit import bench, bench_torch
+from tests import numerics
 
 
 @pytest.fixture
 def user_numerics():
-    """As users run the bench (see tests/train/conftest.py): optax mixes Python scalars and
-    int32 counters, which the suite's strict promotion rejects; float32 by default."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", False)
-    try:
-        with jax.numpy_dtype_promotion("standard"):
-            yield
-    finally:
-        jax.config.update("jax_enable_x64", previous)
+    with numerics.user_numerics():
+        yield
 
 
 def _row(model="mlp", **kw):

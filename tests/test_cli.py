@@ -1,26 +1,13 @@
 """The ``bpkit`` command end to end, in a fresh process, on a config that trains in seconds."""
-import contextlib
 import json
 import os
 
-import jax
 
 import pytest
 
 from bpkit import cli
+from tests.numerics import user_numerics as training_numerics
 from tests.train.helpers import CONFIGS, TINY, bpkit, summary, train_losses
-
-
-@contextlib.contextmanager
-def training_numerics():
-    """As users run: float32 by default, standard dtype promotion (see tests/train/conftest)."""
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", False)
-    try:
-        with jax.numpy_dtype_promotion("standard"):
-            yield
-    finally:
-        jax.config.update("jax_enable_x64", previous)
 
 
 def test_train_eval_plot_end_to_end(tmp_path, capsys):
