@@ -4,7 +4,6 @@ import importlib.util
 import json
 import math
 
-import jax
 import pytest
 
 from bpkit import bench, bench_torch

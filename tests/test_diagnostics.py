@@ -4,7 +4,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import bpkit
 from bpkit.diagnostics import backward_signals, signal_warnings
 
 
