@@ -6,7 +6,8 @@
     bpkit plot RUN_DIR                    plots/*.png from metrics.jsonl
     bpkit rules [...]                     the rule coverage table
 
-User mistakes (config keys, types, missing files, data that does not fit the model) exit with
+User mistakes (config keys, types, missing files, data that does not fit the model, a mesh
+that does not fit the devices or the batch) exit with
 status 2 and a one-line message; a non-finite loss or a parity mismatch exits 1; SIGINT/SIGTERM
 save a checkpoint and exit 130/143.
 """
@@ -141,9 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from bpkit.config import ConfigError
     from bpkit.data import DataError
+    from bpkit.sharding import ShardingError
     try:
         return args.fn(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, ShardingError) as e:
         return _user_error(e)
     except KeyboardInterrupt:
         print("bpkit: interrupted", file=sys.stderr)

@@ -1,7 +1,7 @@
 """Typed run configuration: YAML (``yaml.safe_load``) into dataclasses, with dotted overrides.
 
-A config file has the sections ``run``, ``data``, ``model``, ``optimizer``, ``mesh`` and
-``diagnostics``; every field has a default, so a file only names what it changes. Overrides on
+A config file has the sections ``run``, ``data``, ``model``, ``optimizer``, ``mesh``,
+``distributed`` and ``diagnostics``; every field has a default, so a file only names what it changes. Overrides on
 the command line are ``section.key=value`` with the value parsed as YAML (``run.steps=200``,
 ``model.args.hidden=[64,64]``, ``run.check_parity=false``).
 
@@ -103,12 +103,24 @@ class OptimizerConfig:
 
 @dataclass
 class MeshConfig:
-    data: int = 1                         # devices for data parallelism (1 until scale-out)
+    data: int = 1                         # devices the batch is split over (data parallelism)
+    fsdp: int = 1                         # devices parameters/optimizer state are split over
+
+
+@dataclass
+class DistributedConfig:
+    """Multi-host: all null (and auto false) is a single process."""
+    coordinator_address: str | None = None  # host:port of process 0
+    num_processes: int | None = None
+    process_id: int | None = None
+    auto: bool = False                    # jax.distributed.initialize() with no arguments
 
 
 @dataclass
 class DiagnosticsConfig:
-    enabled: bool = False                 # placeholder for the diagnostics issue
+    every: int = 0                        # steps between backward-signal logs (0: off)
+    vanish_ratio: float = 1e-3            # warn below this x the top layer's signal
+    explode_ratio: float = 1e3            # warn above this x the top layer's signal
 
 
 @dataclass
@@ -118,6 +130,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
 
     @property
@@ -131,7 +144,7 @@ class Config:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_CLASSES = {"run": RunConfig, "data": DataConfig, "model": ModelConfig,
                     "optimizer": OptimizerConfig, "mesh": MeshConfig,
-                    "diagnostics": DiagnosticsConfig}
+                    "distributed": DistributedConfig, "diagnostics": DiagnosticsConfig}
 
 
 def _suggest(name: str, valid, prefix: str = "") -> str:
@@ -277,12 +290,12 @@ def load_config(path: str, overrides: list[str] = ()) -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks: positive sizes, piecewise schedules that line up, one device."""
+    """Cross-field checks: positive sizes, piecewise schedules that line up, a complete ``distributed`` section, sensible diagnostics ratios."""
     positive = {"run.steps": cfg.run.steps, "run.log_every": cfg.run.log_every,
                 "data.batch_size": cfg.data.batch_size,
                 "data.eval_batch_size": cfg.data.eval_batch_size,
                 "optimizer.accumulate_steps": cfg.optimizer.accumulate_steps,
-                "mesh.data": cfg.mesh.data, "data.context": cfg.data.context}
+                "mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp, "data.context": cfg.data.context}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}: got {value}, expected a positive integer")
@@ -297,9 +310,35 @@ def validate(cfg: Config) -> None:
         raise ConfigError("optimizer.boundaries and optimizer.scales must have the same length "
                           f"(got {len(cfg.optimizer.boundaries)} and "
                           f"{len(cfg.optimizer.scales)})")
-    if cfg.mesh.data != 1:
-        raise ConfigError(f"mesh.data: got {cfg.mesh.data}; only 1 device is supported until "
-                          "data parallelism lands (set mesh.data=1)")
+    d = cfg.distributed
+    explicit = {"coordinator_address": d.coordinator_address,
+                "num_processes": d.num_processes, "process_id": d.process_id}
+    given = [k for k, v in explicit.items() if v is not None]
+    if d.auto and given:
+        raise ConfigError("distributed.auto: true detects the cluster by itself; leave "
+                          + ", ".join(f"distributed.{k}" for k in given) + " null")
+    if given and len(given) != 3:
+        missing = [k for k in explicit if k not in given]
+        raise ConfigError("distributed: set coordinator_address, num_processes and process_id "
+                          "together (missing " + ", ".join(f"distributed.{k}" for k in missing)
+                          + "), or distributed.auto=true under a cluster launcher")
+    if len(given) == 3:
+        if d.num_processes < 1:
+            raise ConfigError(f"distributed.num_processes: got {d.num_processes}, expected a "
+                              "positive integer")
+        if not 0 <= d.process_id < d.num_processes:
+            raise ConfigError(f"distributed.process_id: got {d.process_id}, expected 0 .. "
+                              f"{d.num_processes - 1} (num_processes={d.num_processes})")
+        if cfg.data.batch_size % d.num_processes:
+            raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is not divisible by "
+                              f"distributed.num_processes={d.num_processes}")
+    g = cfg.diagnostics
+    if g.every < 0:
+        raise ConfigError(f"diagnostics.every: got {g.every}, expected >= 0 (0: off)")
+    if not 0 < g.vanish_ratio < g.explode_ratio:
+        raise ConfigError(f"diagnostics.vanish_ratio ({g.vanish_ratio}) and "
+                          f"diagnostics.explode_ratio ({g.explode_ratio}) must satisfy "
+                          "0 < vanish_ratio < explode_ratio")
 
 
 def dump_config(cfg: Config) -> str:
@@ -310,4 +349,5 @@ def dump_config(cfg: Config) -> str:
 
 
 __all__ = ["Config", "RunConfig", "DataConfig", "ModelConfig", "OptimizerConfig", "MeshConfig",
-           "DiagnosticsConfig", "ConfigError", "load_config", "config_from_dict", "dump_config"]
+           "DistributedConfig", "DiagnosticsConfig", "ConfigError", "load_config",
+           "config_from_dict", "dump_config"]

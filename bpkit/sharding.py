@@ -77,7 +77,7 @@ def param_spec(shape: tuple, fsdp: int) -> P:
     if not candidates:
         return P()
     axis = max(candidates, key=lambda i: shape[i])
-    spec = [None] * len(shape)
+    spec = [None] * (axis + 1)  # no trailing Nones: the spec XLA gives back (one compile)
     spec[axis] = "fsdp"
     return P(*spec)
 
@@ -108,6 +108,21 @@ def initialize_distributed(cfg: DistributedConfig) -> None:
     """Call ``jax.distributed.initialize`` once, before any other JAX call of the process."""
     jax.distributed.initialize(coordinator_address=cfg.coordinator_address,
                                num_processes=cfg.num_processes, process_id=cfg.process_id)
+
+
+def global_batch(local_batch: Any, mesh: Mesh, global_batch_size: int) -> Any:
+    """This process's rows (``process_batch_slice``) as one global array split over the mesh.
+
+    With one process this is ``shard_batch``; with several, each process passes only its own
+    rows and ``jax.make_array_from_process_local_data`` assembles the global batch."""
+    check_batch_size(global_batch_size, mesh)
+    if jax.process_count() == 1:
+        return shard_batch(local_batch, mesh)
+    sharding = batch_sharding(mesh)
+    return jax.tree_util.tree_map(
+        lambda x: jax.make_array_from_process_local_data(
+            sharding, np.asarray(x), (global_batch_size,) + tuple(np.shape(x)[1:])),
+        local_batch)
 
 
 def process_batch_slice(global_batch_size: int) -> slice:

@@ -45,7 +45,12 @@ def test_dump_round_trips():
     (["optimizer.name=adamm"], "optimizer.name: got 'adamm', expected one of 'sgd'"),
     (["run.check_parity=maybe"], "run.check_parity: got 'maybe' (str), expected true or false"),
     (["run.steps"], "override 'run.steps' must look like section.key=value"),
-    (["mesh.data=2"], "mesh.data: got 2; only 1 device is supported"),
+    (["mesh.fsdp=0"], "mesh.fsdp: got 0, expected a positive integer"),
+    (["distributed.num_processes=2"], "distributed: set coordinator_address, num_processes and "
+                                      "process_id together"),
+    (["distributed.auto=true", "distributed.process_id=0"],
+     "distributed.auto: true detects the cluster by itself; leave distributed.process_id null"),
+    (["diagnostics.every=-1"], "diagnostics.every: got -1, expected >= 0"),
     (["model.args.hiden=[4]"], "unknown key 'model.args.hiden' for model mlp "
                                "(did you mean 'model.args.hidden'?)"),
 ])

@@ -68,3 +68,21 @@ def test_vanishing_warning_fires_for_deep_sigmoid_and_not_for_residual_relu():
 
 def test_non_finite_signal_is_reported():
     assert "not finite" in signal_warnings({"a": float("nan"), "b": 1.0})[0]
+
+
+def test_layer_and_its_last_sublayer_share_an_output():
+    """``block/proj`` computes the output of ``block`` itself: both must report its signal."""
+    def loss(p, x):
+        with jax.named_scope("block"):
+            with jax.named_scope("fc"):
+                h = jnp.tanh(x @ p["block"]["fc"]["w"])
+            with jax.named_scope("proj"):
+                h = h @ p["block"]["proj"]["w"]
+        return jnp.sum(jnp.sin(h))
+
+    p = {"block": {"fc": {"w": jnp.full((3, 3), 0.5)}, "proj": {"w": jnp.full((3, 2), 0.3)}}}
+    x = jnp.ones((2, 3))
+    _, _, sig = backward_signals(loss)(p, x)
+    assert float(sig["block"].activation_grad_norm) > 0
+    np.testing.assert_allclose(float(sig["block"].activation_grad_norm),
+                               float(sig["block/proj"].activation_grad_norm))

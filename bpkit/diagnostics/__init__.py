@@ -2,9 +2,10 @@
 from bpkit.diagnostics.signals import (
     LayerSignal,
     backward_signals,
+    layer_names,
     layer_outputs,
     param_grad_norms,
     signal_warnings,
 )
 
-__all__ = ["LayerSignal", "backward_signals", "layer_outputs", "param_grad_norms", "signal_warnings"]
+__all__ = ["LayerSignal", "backward_signals", "layer_names", "layer_outputs", "param_grad_norms", "signal_warnings"]

@@ -61,12 +61,67 @@ def _path_name(path) -> str:
     return "/".join(parts)
 
 
+def _scope_starts(jaxpr) -> dict[str, int]:
+    """Each name-scope path -> index of the first equation inside it (forward order)."""
+    starts: dict[str, int] = {}
+    for i, eqn in enumerate(jaxpr.eqns):
+        parts = [p for p in compat.name_stack(eqn).split("/") if p]
+        for j in range(1, len(parts) + 1):
+            starts.setdefault("/".join(parts[:j]), i)
+    return starts
+
+
+def _depth_order(names, starts: dict[str, int]) -> list[str]:
+    """``names`` in forward (depth) order: by first equation, a parent before its children."""
+    return sorted(names, key=lambda n: (starts.get(n, len(starts) + 10 ** 9), n.count("/"), n))
+
+
+def _model_root(names, param_names) -> str | None:
+    """The one scope wrapping the whole model (``nn.sequential(..., name="mlp")``) when the
+    parameter paths do not include it, so that layer names match the parameter dict paths."""
+    roots = {n.split("/")[0] for n in names}
+    if len(roots) != 1:
+        return None
+    root = roots.pop()
+    if any(p == root or p.startswith(root + "/") for p in param_names):
+        return None
+    return root
+
+
+def _layers(jaxpr, param_tree) -> list[tuple[str, str]]:
+    """``(layer name, scope path)`` pairs in depth order; the layer name has the model's root
+    scope (if any, see ``_model_root``) removed so that it matches the parameter paths."""
+    taps = layer_outputs(jaxpr)
+    scopes = _depth_order(taps, _scope_starts(jaxpr))
+    param_names = [_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(param_tree)[0]]
+    root = _model_root(scopes, param_names)
+    if root is None:
+        return [(s, s) for s in scopes]
+    return [(s[len(root) + 1:], s) for s in scopes if s != root]
+
+
+def layer_names(fun: Callable, argnums: int = 0) -> Callable:
+    """``layer_names(loss)(params, *rest) -> [layer, ...]``: the named layers of ``loss`` in
+    depth order, named as ``backward_signals`` names them (nested ones as ``block_0/attn``).
+    It only traces ``loss``; use it with ``param_grad_norms`` for gradients from ``jax.grad``.
+    """
+    def wrapped(*args, **kwargs):
+        flat_args, in_tree = jax.tree_util.tree_flatten((args, kwargs))
+        traced = core.trace(fun, flat_args, in_tree)
+        return [name for name, _ in _layers(traced.jaxpr, args[argnums])]
+
+    return wrapped
+
+
 def backward_signals(fun: Callable, argnums: int = 0) -> Callable:
     """``backward_signals(loss)(params, *rest) -> (value, grads, {layer: LayerSignal})``.
 
     ``value`` and ``grads`` are exactly what ``bpkit.value_and_grad(loss, argnums)`` returns.
-    Layers are the ``jax.named_scope`` paths seen in ``loss``; a layer's parameter gradient
-    norm is taken over the gradient leaves whose dict path starts with the layer's name.
+    Layers are the ``jax.named_scope`` paths seen in ``loss``, in depth (forward) order, a
+    parent before its children; a scope wrapping the whole model whose name is not a
+    parameter path (``nn.sequential(..., name="mlp")``) is dropped from the names. A layer's
+    parameter gradient norm is taken over the gradient leaves whose dict path starts with the
+    layer's name (NaN for a layer without parameters).
     """
     def wrapped(*args, **kwargs):
         flat_args, in_tree = jax.tree_util.tree_flatten((args, kwargs))
@@ -78,12 +133,15 @@ def backward_signals(fun: Callable, argnums: int = 0) -> Callable:
         outs, backward, _ = core.vjp_jaxpr(traced.jaxpr, traced.consts, flat_args, active)
         value = outs[0]
         taps = layer_outputs(traced.jaxpr)
-        wanted = {v: name for name, v in taps.items()}
+        layers = _layers(traced.jaxpr, args[argnums])
+        wanted: dict = {}  # var -> scopes it is the output of (a layer and its last sublayer)
+        for _, scope in layers:
+            wanted.setdefault(taps[scope], []).append(scope)
         seen: dict[str, jax.Array] = {}
 
         def observe(v, ct):
-            if v in wanted:
-                seen[wanted[v]] = jnp.sqrt(jnp.sum(jnp.square(ct.astype(jnp.float32))))
+            for scope in wanted.get(v, ()):
+                seen[scope] = jnp.sqrt(jnp.sum(jnp.square(ct.astype(jnp.float32))))
 
         cts = backward([jnp.ones((), compat.typeof(value).dtype)] + [None] * (len(outs) - 1),
                        observe=observe)
@@ -91,11 +149,11 @@ def backward_signals(fun: Callable, argnums: int = 0) -> Callable:
         grads = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(args[argnums]), leaves)
         named = [(_path_name(p), g) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]]
         signals = {}
-        for name in sorted(taps):
+        for name, scope in layers:
             sq = [jnp.sum(jnp.square(g.astype(jnp.float32))) for n, g in named
                   if n == name or n.startswith(name + "/")]
             pnorm = jnp.sqrt(sum(sq)) if sq else jnp.asarray(jnp.nan, jnp.float32)
-            act = seen.get(name, jnp.asarray(0.0, jnp.float32))
+            act = seen.get(scope, jnp.asarray(0.0, jnp.float32))
             signals[name] = LayerSignal(act, pnorm)
         return value, grads, signals
 

@@ -5,6 +5,12 @@ with the step, the leaves' shapes and dtypes and a SHA-256 of each leaf's bytes.
 without ``meta.json`` is partial (the process died while writing it); one whose leaves do not
 match their checksums is corrupt. ``restore_latest`` skips both, with a warning, and falls back
 to the previous checkpoint.
+
+Arrays are stored whole (gathered from their shards), so a checkpoint saved from a run on one
+mesh restores onto any other (``mesh.data=4`` -> ``mesh.data=2``): the train loop places the
+restored arrays per its own mesh. In a multi-host run every process calls ``save`` (orbax's
+save is collective; arrays sharded across hosts are all-gathered first); only process 0
+creates, prunes and commits (``meta.json``) the directories.
 """
 from __future__ import annotations
 
@@ -37,17 +43,37 @@ def checkpoint_steps(ckpt_dir: str) -> list[int]:
     return sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
 
 
+def _host(x) -> np.ndarray:
+    """The whole array on the host (all-gathered across processes if it spans hosts)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
 def save(ckpt_dir: str, step: int, state, *, keep: int = 0, extra: dict | None = None) -> str:
     """Write ``state`` as checkpoint ``step``; keep the newest ``keep`` (0: keep all)."""
     import orbax.checkpoint as ocp
     _quiet_orbax()
-    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(state)]
+    main = jax.process_index() == 0
+    leaves = [_host(x) for x in jax.tree_util.tree_leaves(state)]
     path = os.path.abspath(os.path.join(ckpt_dir, str(step)))
-    if os.path.exists(path):
-        shutil.rmtree(path)
-    os.makedirs(path)
+    if main:
+        if os.path.exists(path):
+            shutil.rmtree(path)
+        os.makedirs(path)
+    _barrier(f"bpkit_ckpt_mkdir_{step}")
     items = {f"leaf_{i:05d}": x for i, x in enumerate(leaves)}
-    ocp.PyTreeCheckpointer().save(os.path.join(path, "state"), items)
+    ocp.PyTreeCheckpointer().save(os.path.join(path, "state"), items)  # collective
+    if not main:
+        _barrier(f"bpkit_ckpt_commit_{step}")
+        return path
     meta = {"step": int(step), "num_leaves": len(leaves),
             "shapes": [list(x.shape) for x in leaves], "dtypes": [x.dtype.name for x in leaves],
             "sha256": [_digest(x) for x in leaves], **(extra or {})}
@@ -62,6 +88,7 @@ def save(ckpt_dir: str, step: int, state, *, keep: int = 0, extra: dict | None =
                     if os.path.exists(os.path.join(ckpt_dir, str(s), META))]
         for old in complete[:-keep]:
             shutil.rmtree(os.path.join(ckpt_dir, str(old)), ignore_errors=True)
+    _barrier(f"bpkit_ckpt_commit_{step}")
     return path
 
 

@@ -4,7 +4,13 @@
     <out_dir>/metrics.jsonl      one JSON object per logged step (train) or evaluation (eval)
     <out_dir>/summary.json       steps, train_loss, eval_loss, eval_accuracy, wall_seconds, ...
     <out_dir>/checkpoints/<step>/
-    <out_dir>/plots/*.png
+    <out_dir>/plots/*.png         (gradient_flow.png with diagnostics.every > 0)
+
+``mesh.data`` x ``mesh.fsdp`` devices form a ``bpkit.sharding`` mesh: every batch is split over
+it, parameters and optimizer state are replicated (``fsdp=1``) or split (``fsdp>1``), and the
+jitted step is the same function as on one device (XLA's SPMD partitioner does the rest).
+With a ``distributed`` section, ``jax.distributed.initialize`` runs first, each process loads
+its own rows of every global batch, and only process 0 writes metrics, plots and the summary.
 
 Batches and randomness are pure functions of (seed, step), and metrics lines past the
 restored checkpoint are dropped on resume, so a run killed at any point and restarted with the
@@ -24,10 +30,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bpkit import sharding
 from bpkit.config import Config, ConfigError, dump_config
 from bpkit.data import dataset_from_config, eval_batches, train_batch
 from bpkit.train import checkpoint as ckpt
 from bpkit.train.optim import build_optimizer
+from bpkit.train.signals import make_signals_fn, signals_to_host, warnings_for
 from bpkit.train.state import TrainState
 from bpkit.train.step import evaluate, make_eval_step, make_gan_step, make_train_step, to_host
 from bpkit.train.tasks import Task, build_task
@@ -47,6 +55,39 @@ class Interrupted(RuntimeError):
     def __init__(self, signum: int = signal.SIGINT):
         super().__init__(signal.Signals(signum).name)
         self.signum = int(signum)
+
+
+def setup_distributed(cfg: Config) -> bool:
+    """``jax.distributed.initialize`` per ``cfg.distributed`` (before any other JAX call);
+    returns whether it ran. All fields null and ``auto: false``: a single process."""
+    d = cfg.distributed
+    if not d.auto and d.coordinator_address is None:
+        return False
+    from jax._src import distributed as _dist
+    if getattr(_dist.global_state, "client", None) is not None:
+        return False  # already initialized in this process
+    if d.auto:
+        jax.distributed.initialize()
+    else:
+        sharding.initialize_distributed(sharding.DistributedConfig(
+            d.coordinator_address, d.num_processes, d.process_id))
+    return True
+
+
+def build_mesh(cfg: Config):
+    """The ``("data", "fsdp")`` mesh of ``cfg.mesh``; ``ShardingError`` if it does not fit."""
+    mesh = sharding.make_mesh(cfg.mesh.data, cfg.mesh.fsdp)
+    sharding.check_batch_size(cfg.data.batch_size, mesh)
+    return mesh
+
+
+def place_state(state: TrainState, mesh) -> TrainState:
+    """Parameters and optimizer state per ``sharding.shard_state`` (replicated when fsdp=1,
+    split along ``"fsdp"`` otherwise); step, model state and key replicated."""
+    rep = sharding.replicated(mesh)
+    return TrainState(jax.device_put(state.step, rep), sharding.shard_state(state.params, mesh),
+                      sharding.shard_state(state.opt_state, mesh),
+                      jax.device_put(state.model_state, rep), jax.device_put(state.key, rep))
 
 
 def _param_count(params) -> int:
@@ -118,6 +159,13 @@ def make_steps(cfg: Config, task: Task, tx, schedule) -> tuple[Callable, Callabl
     return step, make_eval_step(task.metric_fn)
 
 
+def make_signals(cfg: Config, task: Task) -> Callable:
+    """The jitted backward-signals function of ``cfg``'s train loss (see train/signals.py)."""
+    compute = jnp.bfloat16 if cfg.model.compute_dtype == "bfloat16" else None
+    return make_signals_fn(task.loss_fn, engine=cfg.run.engine, has_aux=True,
+                           compute_dtype=compute)
+
+
 def parity_loss(task: Task, key):
     """The scalar the train step differentiates, as ``f(params, batch)`` (not for GANs)."""
     return lambda params, batch: task.loss_fn(params, batch, key)[0]
@@ -183,36 +231,54 @@ def _truncate_metrics(path: str, step: int) -> None:
 def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
     """Train ``cfg`` into ``cfg.out_dir`` (resuming from its checkpoints); return the summary."""
     t_start = time.time()
+    setup_distributed(cfg)
+    main = sharding.is_main_process()
+    if not main:
+        out = lambda msg: None  # noqa: E731 -- only process 0 reports
+    mesh = build_mesh(cfg)
+    rows = sharding.process_batch_slice(cfg.data.batch_size)
     run_dir = cfg.out_dir
     os.makedirs(run_dir, exist_ok=True)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-        f.write(dump_config(cfg))
+    if main:
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            f.write(dump_config(cfg))
 
     ds, task, tx, schedule = build(cfg)
+    every = cfg.diagnostics.every
+    if every and task.kind == "gan":
+        raise ConfigError("diagnostics.every: backward signals are not available for GAN runs "
+                          "(two losses); set diagnostics.every=0")
     state = init_state(cfg, task, tx)
     n_params = _param_count(state.params)
     params_leaves = (1, 1 + len(jax.tree_util.tree_leaves(state.params)))
     start, restored = ckpt.restore_latest(ckpt_dir, state,
                                           warn=lambda m: out(m))
     if restored is not None:
-        state = jax.device_put(restored)
-        _truncate_metrics(metrics_path, start)
+        state = restored  # host arrays: placed on this run's mesh below
+        if main:
+            _truncate_metrics(metrics_path, start)
     else:
         start = 0
-        if os.path.exists(metrics_path):
+        if main and os.path.exists(metrics_path):
             os.remove(metrics_path)
     step_fn, eval_step = make_steps(cfg, task, tx, schedule)
+    signals_fn = make_signals(cfg, task) if every else None
 
-    devices = [str(d) for d in jax.devices()[:cfg.mesh.data]]
+    devices = [str(d) for d in mesh.devices.flat]
     out(f"bpkit train: {cfg.run.name} -> {run_dir}")
     out(f"  model   {cfg.model.name} {task.model_args or ''}: {n_params:,} parameters "
         f"({cfg.model.compute_dtype} compute)")
     out(f"  data    {ds.describe()}; batch {cfg.data.batch_size}")
     out(f"  optim   {cfg.optimizer.name} lr {cfg.optimizer.learning_rate:g} "
         f"({cfg.optimizer.schedule}); {cfg.run.steps} steps")
-    out(f"  engine  {cfg.run.engine}; devices {', '.join(devices)}")
+    out(f"  engine  {cfg.run.engine}; devices {', '.join(devices)}"
+        + (f" (mesh data={cfg.mesh.data} x fsdp={cfg.mesh.fsdp})" if len(devices) > 1 else "")
+        + (f"; {jax.process_count()} processes" if jax.process_count() > 1 else ""))
+    if every:
+        out(f"  signals backward signals every {every} steps"
+            + (" (engine jax: parameter-gradient norms only)" if cfg.run.engine == "jax" else ""))
     if start:
         out(f"  resumed from checkpoint at step {start}")
 
@@ -230,6 +296,15 @@ def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
                 f"bpkit's gradient disagrees with jax.grad on the first batch (table above); "
                 "train with run.engine=jax and report the mismatch")
 
+    state = place_state(state, mesh)
+
+    def load(step: int):
+        """The global batch of ``step``: this process's rows, split over the mesh."""
+        host = train_batch(ds, step, cfg.data.batch_size, cfg.run.seed)
+        if jax.process_count() > 1:
+            host = jax.tree_util.tree_map(lambda x: x[rows], host)
+        return sharding.global_batch(host, mesh, cfg.data.batch_size)
+
     stop_signal: list[int] = []
 
     def on_signal(signum, frame):
@@ -240,7 +315,9 @@ def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
     pending: list[tuple[int, Any]] = []
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
-    mfile = open(metrics_path, "a")
+    mfile = open(metrics_path, "a") if main else open(os.devnull, "w")
+    pending_signals: list[tuple[int, Any]] = []
+    warned: set[tuple[str, str]] = set()
     t_loop, step_at_t = time.time(), start
     bs = cfg.data.batch_size
 
@@ -267,12 +344,38 @@ def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
         last_train = window
         rec = {"step": step, "split": "train", **window, "examples_per_second": rate,
                "wall_seconds": now - t_start}
+        if pending_signals:
+            s_step, s_dev = pending_signals.pop()
+            pending_signals.clear()
+            host_signals = signals_to_host(s_dev)
+            rec["backward_signals"] = host_signals
+            report_signals(s_step, host_signals)
         mfile.write(json.dumps(rec) + "\n")
         mfile.flush()
         if bar is not None:
             bar.set_postfix_str(f"loss {window['loss']:.4f}  {rate:,.0f} ex/s")
         else:
             out(f"step {step:>6}/{cfg.run.steps}  {_fmt(window)}  {rate:,.0f} ex/s")
+
+    def report_signals(step: int, host_signals: dict) -> None:
+        """One warning line per kind (vanishes/explodes/not finite) naming the layers that are
+        new to it: the first (deepest from the top) in full, the others by name."""
+        new: dict[str, list[tuple[str, str]]] = {}
+        for msg in warnings_for(host_signals, vanish_ratio=cfg.diagnostics.vanish_ratio,
+                                explode_ratio=cfg.diagnostics.explode_ratio):
+            layer = msg.split("'")[1]
+            kind = next((k for k in ("vanishes", "explodes", "not finite") if k in msg), msg)
+            if (layer, kind) not in warned:
+                warned.add((layer, kind))
+                new.setdefault(kind, []).append((layer, msg))
+        for kind, items in new.items():
+            line = f"warning: step {step}: {items[0][1]}"
+            others = [layer for layer, _ in items[1:]]
+            if others:
+                shown = ", ".join(others[:6]) + (f", ... ({len(others) - 6} more)"
+                                                 if len(others) > 6 else "")
+                line += f" Also {kind} at {len(others)} more layers: {shown}."
+            (bar.write if bar is not None else out)(line)
 
     def run_eval(step: int) -> None:
         nonlocal last_eval
@@ -295,20 +398,24 @@ def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
     step = start
     steps_run = 0
     try:
-        batch = first
+        batch = load(start) if start < cfg.run.steps else None
         while step < cfg.run.steps:
             if stop_signal:
                 raise Interrupted(stop_signal[0])
+            if signals_fn is not None and (step == 0 or (step + 1) % every == 0):
+                # Before the step: it donates the state. Same params, batch and key.
+                pending_signals.append(
+                    (step + 1, signals_fn(state.params, batch, state.step_key())))
             state, metrics = step_fn(state, batch)
             step += 1
             steps_run += 1
             pending.append((step, metrics))
             if step < cfg.run.steps:
-                batch = train_batch(ds, step, bs, cfg.run.seed)  # overlaps the device work
+                batch = load(step)  # overlaps the device work
             if bar is not None:
                 bar.update(1)
             done = step == cfg.run.steps
-            if step % cfg.run.log_every == 0 or done:
+            if step % cfg.run.log_every == 0 or done or pending_signals:
                 flush(step)
             if (cfg.run.eval_every and step % cfg.run.eval_every == 0) and not done:
                 run_eval(step)
@@ -341,8 +448,12 @@ def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
         "eval_loss": last_eval.get("loss"), "eval_accuracy":
             last_eval.get("accuracy") if task.kind == "classifier" else None,
         "wall_seconds": wall, "examples_per_second": steps_run * bs / wall if steps_run else None,
-        "engine": cfg.run.engine, "devices": devices, "parameters": n_params,
+        "engine": cfg.run.engine, "devices": len(devices),
+        "mesh": {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp},
+        "processes": jax.process_count(), "parameters": n_params,
         "resumed_from": start or None}
+    if not main:
+        return summary
     with open(os.path.join(run_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     out(f"done: {step} steps in {wall:.1f}s; train loss {_num(summary['train_loss'])}, eval loss "
