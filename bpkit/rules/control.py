@@ -39,6 +39,13 @@ def _zeros_for(avals_or_values):
     return [jnp.zeros(compat.typeof(v).shape, compat.typeof(v).dtype) for v in avals_or_values]
 
 
+def _zero_tangent(x):
+    """A zero tangent for ``x`` as JAX builds it: zeros of its dtype, float0 for integers."""
+    aval = compat.typeof(x)
+    return (jnp.zeros(aval.shape, aval.dtype) if compat.is_inexact(aval)
+            else compat.float0_zeros(aval))
+
+
 # --- jit and calls: differentiate the inner jaxpr in place ------------------------------------
 def _call_fwd_bwd(primals, active, **params):
     inner, consts = compat.open_jaxpr(compat.jit_jaxpr(params))
@@ -75,20 +82,26 @@ def _custom_jvp_fwd_bwd(primals, active, *, num_consts, **params):
         outs, backward, _ = vjp_jaxpr(inner, consts, primals, active)
         return outs, backward
     args, args_active = primals[num_consts:], active[num_consts:]
-    jvp_jaxpr, jvp_consts, out_zeros = compat.custom_jvp_jaxpr(
-        params, [not a for a in args_active])
-    tangents = _zeros_for([x for x, a in zip(args, args_active) if a])
-    n_primal, n_tangent = len(args), len(tangents)
+    # Only a rule declared with symbolic_zeros=True may see symbolic-zero tangents; any other
+    # rule gets every tangent as an array (zeros, float0 for integers), as JAX gives it.
+    zero_mask = ([not a for a in args_active] if params.get("symbolic_zeros")
+                 else [False] * len(args))
+    jvp_jaxpr, jvp_consts, out_zeros = compat.custom_jvp_jaxpr(params, zero_mask)
+    tangent_of = [i for i, z in enumerate(zero_mask) if not z]  # the arg of each tangent input
+    tangents = [_zero_tangent(args[i]) for i in tangent_of]
+    n_primal = len(args)
     outs, backward, _ = vjp_jaxpr(jvp_jaxpr, jvp_consts, list(args) + tangents,
-                                  [False] * n_primal + [True] * n_tangent)
+                                  [False] * n_primal + [args_active[i] for i in tangent_of])
     n_out = len(out_zeros)
     primal_outs = outs[:n_out]
 
     def pullback(cts):
         tangent_cts = [ct for ct, zero in zip(cts, out_zeros) if not zero]
         cts_in = backward([None] * n_out + tangent_cts)[n_primal:]
-        cts_iter = iter(cts_in)
-        return [None] * num_consts + [next(cts_iter) if a else None for a in args_active]
+        result = [None] * n_primal
+        for i, ct in zip(tangent_of, cts_in):
+            result[i] = ct if args_active[i] else None
+        return [None] * num_consts + result
 
     return primal_outs, pullback
 

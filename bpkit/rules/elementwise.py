@@ -43,7 +43,7 @@ defbinary(P.min_p, lambda ct, x, y, z: ct * _balanced_eq(x, z, y),
 def _pow_x(ct, x, y, z):
     """d(x**y)/dx = y * x**(y-1), defined as 0 where y == 0 (so 0**0 has slope 0, as in JAX)."""
     y_f = y.astype(z.dtype) if hasattr(y, "astype") else jnp.asarray(y, z.dtype)
-    jac = lax.select(y_f == 0, jnp.zeros_like(y_f * x), y_f * lax.pow(x, y_f - 1))
+    jac = jnp.where(y_f == 0, jnp.zeros_like(y_f * x), y_f * lax.pow(x, y_f - 1))
     return ct * jac
 
 

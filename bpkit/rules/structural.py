@@ -26,7 +26,15 @@ def _broadcast_in_dim_vjp(ct, x, *dyn_shape, out, shape, broadcast_dimensions, *
     return [lax.reshape(summed, x_shape), *[None] * len(dyn_shape)]
 
 
-deflinear(P.reshape_p, lambda ct, x, *dyn, **p: [lax.reshape(ct, np.shape(x)), *[None] * len(dyn)])
+@register_vjp(P.reshape_p)
+def _reshape_vjp(ct, x, *dyn, out, dimensions=None, **params):
+    """Reshape back; with ``dimensions`` the forward transposed first, so transpose back after."""
+    if dimensions is None:
+        return [lax.reshape(ct, np.shape(x)), *[None] * len(dyn)]
+    permuted = lax.reshape(ct, tuple(np.shape(x)[d] for d in dimensions))
+    return [lax.transpose(permuted, tuple(np.argsort(dimensions))), *[None] * len(dyn)]
+
+
 deflinear(P.squeeze_p, lambda ct, x, **p: [lax.reshape(ct, np.shape(x))])
 deflinear(P.transpose_p,
           lambda ct, x, *, permutation: [lax.transpose(ct, tuple(np.argsort(permutation)))])
@@ -42,7 +50,7 @@ def _convert_element_type_vjp(ct, x, *, out, new_dtype, **params):
     """Cast the cotangent back to the operand's dtype; integer operands get none."""
     if not compat.is_inexact(compat.typeof(x)):
         return [None]
-    return [lax.convert_element_type(ct, x.dtype)]
+    return [lax.convert_element_type(ct, compat.typeof(x).dtype)]
 
 
 @register_vjp(P.concatenate_p)

@@ -1,0 +1,246 @@
+"""Parity table for bpkit/rules/control.py, row for row, plus checks that custom rules are used."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+from jax._src import core as jax_core
+
+import bpkit
+from tests.rules.harness import Case, args, const, parametrize, run_case, uniform
+
+
+# --- jit and calls ----------------------------------------------------------------------------
+@jax.jit
+def _inner(x, y):
+    return jnp.sin(x) * y
+
+
+@jax.jit
+def _outer(x, y):
+    return _inner(x, y) + jax.jit(lambda z: jnp.tanh(z) * 2)(x)
+
+
+def _closed_call(x, y):
+    """A ``closed_call`` equation (named ``eval_jaxpr`` from JAX 0.12 on), staged directly."""
+    closed = jax.make_jaxpr(lambda a, b: jnp.sin(a) * b)(x, y)
+    if jax_core.closed_call_p.name == "closed_call":
+        from jax._src.lax.eval_jaxpr import eval_jaxpr_p  # stages a closed_call on JAX 0.10
+        return eval_jaxpr_p.bind(x, y, jaxpr=closed)[0]
+    return jax_core.closed_call_p.bind(x, y, call_jaxpr=closed)[0]
+
+
+# --- remat -------------------------------------------------------------------------------------
+def _block(w, x):
+    return jnp.tanh(x @ w) @ w.T
+
+
+# --- custom_jvp --------------------------------------------------------------------------------
+@jax.custom_jvp
+def _clipped_square(x):
+    return x * x
+
+
+@_clipped_square.defjvp
+def _clipped_square_jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return x * x, 2 * jnp.clip(x, -1.0, 1.0) * t  # deliberately not the true derivative
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _scaled(x, k):
+    return x * k
+
+
+@_scaled.defjvp
+def _scaled_jvp(k, primals, tangents):
+    return _scaled(primals[0], k), tangents[0] * k
+
+
+@jax.custom_jvp
+def _times_int(x, n):
+    return x * n.astype(x.dtype)
+
+
+_times_int.defjvp(lambda p, t: (_times_int(*p), t[0] * p[1].astype(p[0].dtype)))
+
+
+# --- custom_vjp --------------------------------------------------------------------------------
+@jax.custom_vjp
+def _double_grad(x, y):
+    return jnp.sin(x) * y
+
+
+def _double_grad_fwd(x, y):
+    return jnp.sin(x) * y, (jnp.cos(x), jnp.sin(x), y)
+
+
+def _double_grad_bwd(res, ct):
+    cos_x, sin_x, y = res
+    return 2 * ct * cos_x * y, 2 * ct * sin_x  # twice the true gradient
+
+
+_double_grad.defvjp(_double_grad_fwd, _double_grad_bwd)
+
+
+@jax.custom_vjp
+def _clip_gradient(x):
+    return x
+
+
+_clip_gradient.defvjp(lambda x: (x, None), lambda _, ct: (jnp.clip(ct, -0.1, 0.1),))
+
+
+# --- scan ----------------------------------------------------------------------------------------
+def _rnn(w, h0, xs, reverse=False):
+    def step(carry, x):
+        h, n = carry
+        h = jnp.tanh(h @ w + x["a"] * x["b"])
+        return (h, n + 1), {"h": h, "n2": h * h.sum()}
+    (h, n), ys = lax.scan(step, (h0, jnp.int32(0)), xs, reverse=reverse)
+    return h * n.astype(h.dtype), ys
+
+
+def _xs(rng, dtype):
+    return {"a": jnp.asarray(rng.uniform(-1, 1, (5, 2, 3)), dtype),
+            "b": jnp.asarray(rng.uniform(-1, 1, (5, 2, 3)), dtype)}
+
+
+def _several_carries(a, b, xs):
+    def step(c, x):
+        a, b, k = c
+        return (a * jnp.cos(x), b + a * x, k * 2), a * b
+    (a, b, k), ys = lax.scan(step, (a, b, jnp.int32(1)), xs)
+    return a + b * k.astype(a.dtype), ys
+
+
+def _nested_scan(w, xs):
+    def outer(c, x_row):
+        def inner(ci, x):
+            return jnp.sin(ci * w + x), ci * x
+        c2, ys = lax.scan(inner, c, x_row)
+        return c2 + 0.5 * c, ys.sum()
+    return lax.scan(outer, jnp.zeros_like(w), xs)
+
+
+def _fori(x, w):
+    return lax.fori_loop(0, 4, lambda i, c: jnp.sin(c * w) + c * i.astype(c.dtype), x)
+
+
+def _fori_unrolled(x):
+    return lax.fori_loop(0, 3, lambda i, c: c * c * 0.5 + c, x, unroll=True)
+
+
+# --- cond / switch ---------------------------------------------------------------------------
+def _cond(p, x, y):
+    return lax.cond(p, lambda a, b: jnp.sin(a) * b, lambda a, b: a - jnp.exp(b), x, y)
+
+
+def _switch(i, x, y):
+    return lax.switch(i, [lambda a, b: a * b, lambda a, b: jnp.tanh(a) + b, lambda a, b: a - a],
+                      x, y)
+
+
+S = (3, 4)
+
+CASES = [
+    # jit and calls
+    Case("jit_nested", _outer, args(uniform(*S), uniform(*S)), argnums=(0, 1)),
+    Case("jit_with_int_and_static", jax.jit(lambda x, n: x * n.astype(x.dtype)),
+         args(uniform(*S), const(jnp.int32(3)))),
+    Case("closed_call", _closed_call, args(uniform(*S), uniform(*S)), argnums=(0, 1)),
+    # remat
+    Case("remat", jax.checkpoint(_block), args(uniform(3, 3), uniform(2, 3)), argnums=(0, 1)),
+    Case("remat_prevent_cse_false", jax.checkpoint(_block, prevent_cse=False),
+         args(uniform(3, 3), uniform(2, 3)), argnums=(0, 1)),
+    Case("remat_policy_dots_saveable",
+         jax.checkpoint(_block, policy=jax.checkpoint_policies.dots_saveable),
+         args(uniform(3, 3), uniform(2, 3)), argnums=(0, 1)),
+    Case("remat_policy_nothing_saveable_in_scan",
+         lambda w, xs: lax.scan(jax.checkpoint(lambda c, x: (jnp.tanh(c @ w + x), c.sum()),
+                                               policy=jax.checkpoint_policies.nothing_saveable),
+                                jnp.zeros(3, w.dtype), xs),
+         args(uniform(3, 3), uniform(4, 3)), argnums=(0, 1)),
+    # custom_jvp
+    Case("custom_jvp_relu", jax.nn.relu, args(uniform(*S))),
+    Case("custom_jvp_relu_at_zero", jax.nn.relu, args(const(np.array([-1.0, 0.0, 0.0, 2.0]))),
+         fd=False),
+    Case("custom_jvp_gelu", jax.nn.gelu, args(uniform(*S))),
+    Case("custom_jvp_gelu_exact", lambda x: jax.nn.gelu(x, approximate=False), args(uniform(*S))),
+    Case("custom_jvp_softplus", jax.nn.softplus, args(uniform(*S))),
+    Case("custom_jvp_logaddexp_one_active", lambda x, y: jnp.logaddexp(x, y),
+         args(uniform(*S), uniform(*S))),
+    Case("custom_jvp_silu", jax.nn.silu, args(uniform(*S))),
+    Case("custom_jvp_logsumexp", lambda x: jax.nn.logsumexp(x, axis=1), args(uniform(*S))),
+    Case("custom_jvp_user_rule", _clipped_square, args(uniform(*S, lo=-2, hi=2)), fd=False),
+    Case("custom_jvp_int_argument", _times_int, args(uniform(*S), const(jnp.int32(3)))),
+    Case("custom_jvp_nondiff_argnums", lambda x: _scaled(x, 3.0), args(uniform(*S))),
+    # custom_vjp
+    Case("custom_vjp_user_bwd", _double_grad, args(uniform(*S), uniform(*S)), argnums=(0, 1),
+         fd=False),
+    Case("custom_vjp_clip_gradient", lambda x: _clip_gradient(x * 3) ** 2, args(uniform(*S)),
+         fd=False),
+    # scan
+    Case("scan_rnn_pytrees_int_counter", _rnn,
+         lambda rng, dt: (jnp.asarray(rng.uniform(-1, 1, (3, 3)), dt),
+                          jnp.asarray(rng.uniform(-1, 1, (2, 3)), dt), _xs(rng, dt)),
+         argnums=(0, 1, 2)),
+    Case("scan_rnn_reverse", functools.partial(_rnn, reverse=True),
+         lambda rng, dt: (jnp.asarray(rng.uniform(-1, 1, (3, 3)), dt),
+                          jnp.asarray(rng.uniform(-1, 1, (2, 3)), dt), _xs(rng, dt)),
+         argnums=(0, 1, 2)),
+    Case("scan_several_carries", _several_carries, args(uniform(3), uniform(3), uniform(4, 3)),
+         argnums=(0, 1, 2)),
+    Case("scan_no_xs_length", lambda c: lax.scan(lambda c, _: (jnp.sin(c) * 1.5, c), c, None,
+                                                 length=4),
+         args(uniform(3))),
+    Case("scan_unrolled", lambda c, xs: lax.scan(lambda c, x: (c * x + 1, c), c, xs, unroll=2),
+         args(uniform(3), uniform(5, 3)), argnums=(0, 1)),
+    Case("scan_nested", _nested_scan, args(uniform(2), uniform(3, 4, 2)), argnums=(0, 1)),
+    Case("fori_loop_static_bounds", _fori, args(uniform(3), uniform(3)), argnums=(0, 1)),
+    Case("fori_loop_unrolled", _fori_unrolled, args(uniform(3, lo=-0.5, hi=0.5))),
+    # cond / switch
+    Case("cond_true", _cond, args(const(True), uniform(*S), uniform(*S)), argnums=(1, 2)),
+    Case("cond_false", _cond, args(const(False), uniform(*S), uniform(*S)), argnums=(1, 2)),
+    Case("switch", _switch, args(const(jnp.int32(1)), uniform(*S), uniform(*S)), argnums=(1, 2)),
+    Case("switch_constant_branch", _switch, args(const(jnp.int32(2)), uniform(*S), uniform(*S)),
+         argnums=(1, 2)),
+]
+
+
+@parametrize(CASES)
+def test_control(case, dtype, jit):
+    run_case(case, dtype, jit)
+
+
+def test_relu_gradient_is_zero_at_zero():
+    g = bpkit.grad(lambda x: jnp.sum(jax.nn.relu(x)))(jnp.array([-1.0, 0.0, 2.0]))
+    np.testing.assert_array_equal(g, [0.0, 0.0, 1.0])
+
+
+def test_custom_vjp_runs_the_users_bwd():
+    x, y = jnp.array([0.3, -1.2]), jnp.array([2.0, 0.5])
+    loss = lambda x, y: jnp.sum(_double_grad(x, y))
+    gx, gy = bpkit.grad(loss, (0, 1))(x, y)
+    np.testing.assert_allclose(gx, 2 * jnp.cos(x) * y, rtol=1e-12)
+    np.testing.assert_allclose(gy, 2 * jnp.sin(x), rtol=1e-12)
+
+
+def test_custom_jvp_runs_the_users_rule():
+    x = jnp.array([-3.0, 0.5, 2.0])
+    g = bpkit.grad(lambda x: jnp.sum(_clipped_square(x)))(x)
+    np.testing.assert_allclose(g, 2 * jnp.clip(x, -1, 1), rtol=1e-12)
+
+
+def test_remat_recomputes_in_the_backward_pass():
+    calls = []
+
+    def f(w, x):
+        jax.debug.callback(lambda: calls.append(1))
+        return jnp.sum(jnp.tanh(x @ w))
+
+    w, x = jnp.ones((3, 3)) * 0.1, jnp.ones((2, 3))
+    jax.block_until_ready(bpkit.grad(jax.checkpoint(f))(w, x))
+    assert len(calls) == 2  # once forward, once recomputed in the backward pass

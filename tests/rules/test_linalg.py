@@ -1,0 +1,35 @@
+"""Parity table for bpkit/rules/linalg.py (dot_general), row for row."""
+import jax.numpy as jnp
+from jax import lax
+
+from tests.rules.harness import Case, args, const, parametrize, run_case, uniform
+
+
+def dot(name, lhs_shape, rhs_shape, dims, **kw):
+    return Case(name, lambda x, y: lax.dot_general(x, y, dims, **kw),
+                args(uniform(*lhs_shape), uniform(*rhs_shape)), argnums=(0, 1))
+
+
+CASES = [
+    dot("matmul", (3, 4), (4, 5), (((1,), (0,)), ((), ()))),
+    dot("matvec", (3, 4), (4,), (((1,), (0,)), ((), ()))),
+    dot("inner", (4,), (4,), (((0,), (0,)), ((), ()))),
+    dot("outer", (3,), (4,), (((), ()), ((), ()))),
+    dot("contract_transposed", (4, 3), (5, 4), (((0,), (1,)), ((), ()))),
+    dot("two_contracting_dims_out_of_order", (2, 3, 4), (4, 5, 3), (((1, 2), (2, 0)), ((), ()))),
+    dot("batch", (2, 3, 4), (2, 4, 5), (((2,), (1,)), ((0,), (0,)))),
+    dot("batch_in_the_middle", (3, 2, 4), (4, 5, 2), (((2,), (0,)), ((1,), (2,)))),
+    dot("two_batch_dims", (2, 3, 4, 5), (3, 2, 5), (((3,), (2,)), ((0, 1), (1, 0)))),
+    dot("preferred_element_type", (3, 4), (4, 2), (((1,), (0,)), ((), ())),
+        preferred_element_type=jnp.float64),
+    Case("int_operand", lambda x, n: lax.dot_general(x, n, (((1,), (0,)), ((), ())),
+                                                     preferred_element_type=x.dtype),
+         args(uniform(3, 4), const(jnp.arange(8, dtype=jnp.int32).reshape(4, 2)))),
+    Case("einsum_attention_like", lambda q, k: jnp.einsum("bhqd,bhkd->bhqk", q, k),
+         args(uniform(2, 2, 3, 4), uniform(2, 2, 5, 4)), argnums=(0, 1)),
+]
+
+
+@parametrize(CASES)
+def test_linalg(case, dtype, jit):
+    run_case(case, dtype, jit)

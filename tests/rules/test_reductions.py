@@ -1,0 +1,37 @@
+"""Parity table for bpkit/rules/reductions.py, row for row."""
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from tests.rules.harness import Case, args, const, parametrize, run_case, uniform
+
+S = (3, 4, 5)
+
+CASES = [
+    Case("reduce_sum", lambda x: lax.reduce_sum(x, (0, 2)), args(uniform(*S))),
+    Case("reduce_sum_all", jnp.sum, args(uniform(*S))),
+    Case("reduce_max", lambda x: jnp.max(x, axis=1), args(uniform(*S))),
+    Case("reduce_max_ties_split_evenly", lambda x: jnp.max(x, axis=1),
+         args(const(np.array([[1.0, 3.0, 3.0], [2.0, 2.0, 2.0]]))), fd=False),
+    Case("reduce_min", lambda x: jnp.min(x, axis=(0, 2)), args(uniform(*S))),
+    Case("reduce_min_ties_split_evenly", lambda x: jnp.min(x),
+         args(const(np.array([[0.5, 3.0], [0.5, 1.0]]))), fd=False),
+    Case("reduce_prod", lambda x: jnp.prod(x, axis=1), args(uniform(*S, lo=0.5, hi=1.5))),
+    Case("reduce_prod_with_zeros", lambda x: jnp.prod(x, axis=1),
+         args(const(np.array([[0.0, 2.0, 3.0], [0.0, 0.0, 2.0], [1.0, 2.0, 3.0]]))), fd=False),
+    Case("reduce_prod_two_axes", lambda x: jnp.prod(x, axis=(0, 2)),
+         args(uniform(2, 3, 2, lo=0.5, hi=1.5))),
+    Case("cumsum", lambda x: lax.cumsum(x, axis=1), args(uniform(*S))),
+    Case("cumsum_reverse", lambda x: lax.cumsum(x, axis=0, reverse=True), args(uniform(*S))),
+    Case("cumprod", lambda x: lax.cumprod(x, axis=1), args(uniform(3, 4, lo=0.5, hi=1.5))),
+    Case("cumprod_reverse", lambda x: lax.cumprod(x, axis=0, reverse=True),
+         args(uniform(3, 4, lo=0.5, hi=1.5))),
+    Case("cummax", lambda x: lax.cummax(x, axis=1), args(uniform(3, 5))),
+    Case("cummin_reverse", lambda x: lax.cummin(x, axis=1, reverse=True), args(uniform(3, 5))),
+    Case("cumlogsumexp", lambda x: lax.cumlogsumexp(x, axis=0), args(uniform(4, 3))),
+]
+
+
+@parametrize(CASES)
+def test_reductions(case, dtype, jit):
+    run_case(case, dtype, jit)

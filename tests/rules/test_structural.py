@@ -1,0 +1,49 @@
+"""Parity table for bpkit/rules/structural.py, row for row."""
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from tests.rules.harness import Case, args, const, parametrize, run_case, uniform
+
+CASES = [
+    Case("broadcast_in_dim_new_axes", lambda x: lax.broadcast_in_dim(x, (2, 3, 4), (1,)),
+         args(uniform(3))),
+    Case("broadcast_in_dim_stretch_size1", lambda x: lax.broadcast_in_dim(x, (3, 4, 5), (0, 2)),
+         args(uniform(1, 5))),
+    Case("broadcast_in_dim_scalar", lambda x: lax.broadcast_in_dim(x, (2, 3), ()), args(uniform())),
+    Case("expand_dims", lambda x: lax.expand_dims(x, (0, 2)), args(uniform(3, 4))),
+    Case("reshape", lambda x: lax.reshape(x, (4, 3)), args(uniform(3, 4))),
+    Case("reshape_with_dimensions", lambda x: lax.reshape(x, (12,), dimensions=(1, 0)),
+         args(uniform(3, 4))),
+    Case("squeeze", lambda x: lax.squeeze(x, (0, 2)), args(uniform(1, 3, 1, 4))),
+    Case("transpose", lambda x: lax.transpose(x, (2, 0, 1)), args(uniform(2, 3, 4))),
+    Case("rev", lambda x: lax.rev(x, (0, 2)), args(uniform(2, 3, 4))),
+    Case("copy", lambda x: lax.copy_p.bind(x) * 2, args(uniform(3, 4))),
+    Case("reduce_precision", lambda x: lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7),
+         args(uniform(3, 4)), fd=False, rtol=1e-2),
+    Case("convert_element_type_up_down",
+         lambda x: lax.convert_element_type(lax.convert_element_type(x, jnp.float64), x.dtype) * 3,
+         args(uniform(3, 4))),
+    Case("convert_element_type_to_int_and_back",
+         lambda x: x * lax.convert_element_type(lax.convert_element_type(x * 4, jnp.int32), x.dtype),
+         args(uniform(3, 4, lo=0.1, hi=2.0)), fd=False),
+    Case("concatenate", lambda x, y, z: lax.concatenate([x, y, z], 1),
+         args(uniform(2, 3), uniform(2, 1), uniform(2, 4)), argnums=(0, 1, 2)),
+    Case("pad_edges_and_interior", lambda x, v: lax.pad(x, v, [(1, 2, 1), (0, 0, 0)]),
+         args(uniform(3, 4), uniform()), argnums=(0, 1)),
+    Case("pad_negative", lambda x, v: lax.pad(x, v, [(-1, 2, 0), (2, -1, 1)]),
+         args(uniform(4, 5), uniform()), argnums=(0, 1)),
+    Case("split", lambda x: [p * (i + 1) for i, p in enumerate(jnp.split(x, [1, 3], axis=1))],
+         args(uniform(2, 5))),
+    Case("split_unused_piece", lambda x: jnp.split(x, [2], axis=0)[1], args(uniform(4, 3))),
+    Case("device_put", lambda x: jax.device_put(x) * 2, args(uniform(3, 4))),
+    Case("sharding_constraint",
+         lambda x: lax.with_sharding_constraint(
+             x * 2, jax.sharding.SingleDeviceSharding(jax.devices()[0])),
+         args(uniform(3, 4))),
+]
+
+
+@parametrize(CASES)
+def test_structural(case, dtype, jit):
+    run_case(case, dtype, jit)
