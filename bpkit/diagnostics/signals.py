@@ -125,6 +125,7 @@ def backward_signals(fun: Callable, argnums: int = 0) -> Callable:
     """
     def wrapped(*args, **kwargs):
         flat_args, in_tree = jax.tree_util.tree_flatten((args, kwargs))
+        flat_args = [compat.as_array(x) for x in flat_args]
         spans = api._leaf_spans(args)
         lo, hi = spans[argnums]
         traced = core.trace(fun, flat_args, in_tree)

@@ -24,6 +24,7 @@ def vjp(fun: Callable, *primals, has_aux: bool = False):
     cotangent per primal, each with the structure of that primal.
     """
     flat_args, in_tree = jax.tree_util.tree_flatten((primals, {}))
+    flat_args = [compat.as_array(x) for x in flat_args]
     traced = core.trace(fun, flat_args, in_tree)
     active_in = [compat.is_inexact(compat.typeof(x)) for x in flat_args]
     outs, backward, _ = core.vjp_jaxpr(traced.jaxpr, traced.consts, flat_args, active_in)
@@ -64,6 +65,7 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
                 f"{max(argnums_tuple) + 1} positional arguments to be passed by the caller, "
                 f"but got only {len(args)} positional arguments.")
         flat_args, in_tree = jax.tree_util.tree_flatten((args, kwargs))
+        flat_args = [compat.as_array(x) for x in flat_args]
         spans = _leaf_spans(args)
         wrt = set()
         for i in argnums_tuple:

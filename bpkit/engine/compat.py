@@ -168,3 +168,15 @@ def float0_zeros(aval):
 
 def is_tracer(x) -> bool:
     return isinstance(x, _core.Tracer)
+
+
+def internal_primitive(name: str):
+    """A lax primitive that ``jax.extend`` does not export (e.g. ``unstack_p``, new in 0.11),
+    or ``None`` on releases that do not have it."""
+    from jax._src.lax import lax as _lax_internal
+    return getattr(_lax_internal, name, None)
+
+
+def as_array(x):
+    """Python scalars become (weakly typed) JAX arrays so rules can rely on ``.dtype``."""
+    return jax.numpy.asarray(x) if isinstance(x, (bool, int, float, complex)) else x

@@ -102,6 +102,9 @@ defunary(P.asinh_p, lambda ct, x, z: ct * lax.rsqrt(x * x + 1))
 defunary(P.acosh_p, lambda ct, x, z: ct * lax.rsqrt((x - 1) * (x + 1)))
 defunary(P.atanh_p, lambda ct, x, z: ct / (1 + x) / (1 - x))
 
+# nextafter(x, y) moves x by one ulp towards y: slope 1 in x (JAX >= 0.11 agrees).
+defbinary(P.nextafter_p, lambda ct, x, y, z: ct, lambda ct, x, y, z: jnp.zeros_like(ct))
+
 # --- sign-dependent -------------------------------------------------------------------------
 defunary(P.abs_p, lambda ct, x, z: lax.select(x >= 0, ct, -ct))  # +ct at 0, as in JAX
 

@@ -83,6 +83,15 @@ if hasattr(P, "split_p"):
         return [lax.concatenate([instantiate_zeros(c, o) for c, o in zip(cts, out)], axis)]
 
 
+_unstack_p = compat.internal_primitive("unstack_p")  # JAX >= 0.11: `a, b = x` unstacks
+if _unstack_p is not None:
+    @register_vjp(_unstack_p)
+    def _unstack_vjp(cts, x, *, out, axis):
+        """Stack the pieces' cotangents back along ``axis`` (zeros for pieces that got none)."""
+        pieces = [lax.expand_dims(instantiate_zeros(c, o), (axis,)) for c, o in zip(cts, out)]
+        return [lax.concatenate(pieces, axis)]
+
+
 @register_vjp(P.device_put_p)
 def _device_put_vjp(cts, *xs, out, **params):
     return [instantiate_zeros(c, x) if compat.is_inexact(compat.typeof(x)) else None

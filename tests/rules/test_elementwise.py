@@ -1,7 +1,9 @@
 """Parity table for bpkit/rules/elementwise.py, row for row."""
 import jax.numpy as jnp
+import pytest
 from jax import lax
 
+from bpkit.engine import compat
 from tests.rules.harness import Case, args, const, parametrize, run_case, uniform
 
 S = (3, 4)
@@ -72,6 +74,10 @@ CASES = [
     unary("asinh", lax.asinh),
     unary("acosh", lax.acosh, lo=1.5, hi=3.0),
     unary("atanh", lax.atanh, **unit),
+    Case("nextafter", lambda x, y: lax.nextafter(x, y), args(uniform(*S), uniform(*S)),
+         argnums=(0, 1), fd=False,  # a one-ulp step: finite differences cannot see it
+         marks=(pytest.mark.skipif(compat.JAX_VERSION < (0, 11), reason="jax.grad has no "
+                                   "nextafter rule before JAX 0.11 to compare with"),)),
     # sign-dependent
     unary("abs", lax.abs),
     Case("abs_at_zero", lax.abs, args(const(jnp.array([-1.0, 0.0, 1.0]))), fd=False),

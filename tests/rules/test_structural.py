@@ -3,6 +3,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from bpkit.engine import compat
 from tests.rules.harness import Case, args, const, parametrize, run_case, uniform
 
 CASES = [
@@ -36,6 +37,11 @@ CASES = [
     Case("split", lambda x: [p * (i + 1) for i, p in enumerate(jnp.split(x, [1, 3], axis=1))],
          args(uniform(2, 5))),
     Case("split_unused_piece", lambda x: jnp.split(x, [2], axis=0)[1], args(uniform(4, 3))),
+    Case("unstack", lambda x: (lambda a, b, c: a * jnp.sin(b) + c)(*x), args(uniform(3, 4))),
+    Case("unstack_unused_piece", lambda x: (lambda a, b, c: jnp.sin(b))(*x), args(uniform(3, 4))),
+    # JAX 0.10 has the primitive but `a, b = x` does not emit it there: bind it directly.
+    Case("unstack_axis1", lambda x: [p * (i + 1) for i, p in enumerate(
+        compat.internal_primitive("unstack_p").bind(x, axis=1))], args(uniform(3, 4))),
     Case("device_put", lambda x: jax.device_put(x) * 2, args(uniform(3, 4))),
     Case("sharding_constraint",
          lambda x: lax.with_sharding_constraint(
