@@ -4,7 +4,6 @@ With JAX's JVP tracing, linearization, transpose rules, backward pass and the pu
 jax.grad/vjp/jvp/linearize/linear_transpose all made to raise, bpkit still differentiates a set
 of realistic programs, and its gradients equal jax.grad's (computed before patching).
 """
-import functools
 
 import jax
 import jax.numpy as jnp

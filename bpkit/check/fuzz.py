@@ -14,7 +14,6 @@ program as a jaxpr. ``python scripts/fuzz.py --n 2000 --seed 0`` runs it by hand
 """
 from __future__ import annotations
 
-import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -24,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from bpkit.check.parity import float64_enabled
 from bpkit.engine import api
 
 
@@ -282,16 +282,6 @@ class FuzzReport:
         return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def _x64():
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    try:
-        yield
-    finally:
-        jax.config.update("jax_enable_x64", previous)
-
-
 def check_program(prog: Program, jit: bool = False, rtol: float = 1e-8) -> FuzzResult:
     """Compare bpkit.grad and jax.grad on every input of ``prog``."""
     argnums = tuple(range(len(prog.inputs)))
@@ -324,7 +314,7 @@ def fuzz(n: int, seed: int = 0, jit: bool | None = None, progress: Callable | No
     """Run ``n`` random programs; ``jit=None`` alternates eager (even) and jitted (odd)."""
     start = time.perf_counter()
     results = []
-    with _x64():
+    with float64_enabled():
         for i in range(n):
             prog = random_program(np.random.default_rng([seed, i]), max_steps)
             r = check_program(prog, jit=(i % 2 == 1) if jit is None else jit)

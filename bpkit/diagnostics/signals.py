@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from bpkit.engine import api, compat, core
+from bpkit.nn.core import path_str
 
 
 class LayerSignal(NamedTuple):
@@ -51,16 +52,6 @@ def layer_outputs(jaxpr) -> dict[str, object]:
     return best
 
 
-def _path_name(path) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-    return "/".join(parts)
-
-
 def _scope_starts(jaxpr) -> dict[str, int]:
     """Each name-scope path -> index of the first equation inside it (forward order)."""
     starts: dict[str, int] = {}
@@ -93,7 +84,7 @@ def _layers(jaxpr, param_tree) -> list[tuple[str, str]]:
     scope (if any, see ``_model_root``) removed so that it matches the parameter paths."""
     taps = layer_outputs(jaxpr)
     scopes = _depth_order(taps, _scope_starts(jaxpr))
-    param_names = [_path_name(p) for p, _ in jax.tree_util.tree_flatten_with_path(param_tree)[0]]
+    param_names = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(param_tree)[0]]
     root = _model_root(scopes, param_names)
     if root is None:
         return [(s, s) for s in scopes]
@@ -148,7 +139,7 @@ def backward_signals(fun: Callable, argnums: int = 0) -> Callable:
                        observe=observe)
         leaves = [api._instantiate(cts[j], flat_args[j]) for j in range(lo, hi)]
         grads = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(args[argnums]), leaves)
-        named = [(_path_name(p), g) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]]
+        named = [(path_str(p), g) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]]
         signals = {}
         for name, scope in layers:
             sq = [jnp.sum(jnp.square(g.astype(jnp.float32))) for n, g in named
@@ -163,7 +154,7 @@ def backward_signals(fun: Callable, argnums: int = 0) -> Callable:
 
 def param_grad_norms(grads, layer_names: Sequence[str]) -> dict[str, jax.Array]:
     """Per-layer parameter-gradient norms from any gradient pytree (works for engine="jax")."""
-    named = [(_path_name(p), g) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]]
+    named = [(path_str(p), g) for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]]
     out = {}
     for name in layer_names:
         sq = [jnp.sum(jnp.square(g.astype(jnp.float32))) for n, g in named

@@ -221,9 +221,19 @@ def cast(tree, dtype):
     return jax.tree_util.tree_map(f, tree)
 
 
+def path_str(path) -> str:
+    """A pytree key path as a readable ``a/b/c`` name (dict keys, sequence indices, attributes)."""
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
 def param_paths(params) -> list[str]:
     """Readable ``a/b/c`` paths of every leaf, e.g. ``block_0/attn/qkv/w``."""
-    out = []
-    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
-        out.append("/".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path))
-    return out
+    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]

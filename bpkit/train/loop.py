@@ -293,7 +293,7 @@ def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
         else:
             out(str(report))
             raise ParityError(
-                f"bpkit's gradient disagrees with jax.grad on the first batch (table above); "
+                "bpkit's gradient disagrees with jax.grad on the first batch (table above); "
                 "train with run.engine=jax and report the mismatch")
 
     state = place_state(state, mesh)

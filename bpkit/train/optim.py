@@ -20,26 +20,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bpkit.nn.core import param_paths, path_str  # noqa: F401  (param_paths re-exported)
+
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad", "lion",
               "lamb")
 SCHEDULES = ("constant", "linear", "cosine", "exponential", "piecewise")
 _NO_DECAY_NAMES = ("b", "bias", "beta", "scale", "gamma", "ln", "norm")
-
-
-def path_str(path) -> str:
-    parts = []
-    for k in path:
-        for attr in ("key", "idx", "name"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
-def param_paths(params) -> list[str]:
-    return [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
 
 
 def _map_paths(fn: Callable[[str, Any], Any], params):
