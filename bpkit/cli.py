@@ -113,6 +113,15 @@ def cmd_rules(argv: list[str]) -> int:
     return rules_command(argv)
 
 
+def cmd_bench(argv: list[str]) -> int:
+    from bpkit.bench import main as bench_main
+    return bench_main(argv)
+
+
+# Subcommands that parse their own arguments.
+PASS_THROUGH = {"rules": cmd_rules, "bench": cmd_bench}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bpkit", description="Backpropagation you can read.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -132,13 +141,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("run_dir")
     g.set_defaults(fn=cmd_plot)
     sub.add_parser("rules", help="the VJP rule coverage table", add_help=False)
+    sub.add_parser("bench", help="bpkit vs jax.grad train-step benchmark (docs/benchmarks.md)",
+                   add_help=False)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "rules":
-        return cmd_rules(argv[1:])
+    if argv and argv[0] in PASS_THROUGH:
+        return PASS_THROUGH[argv[0]](argv[1:])
     args = _parser().parse_args(argv)
     from bpkit.config import ConfigError
     from bpkit.data import DataError
