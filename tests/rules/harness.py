@@ -74,7 +74,8 @@ def scalarize(fun, example_args, seed=0):
     return loss
 
 
-def run_case(case: Case, dtype: str, jit: bool) -> None:
+def assert_case_parity(case: Case, dtype: str, jit: bool) -> None:
+    """Assert bpkit == jax.grad for ``case`` (and == float64 finite differences when eager)."""
     rng = np.random.default_rng(zlib.crc32(case.name.encode()))
     a = case.make_args(rng, jnp.dtype(dtype))
     loss = scalarize(case.fun, a)

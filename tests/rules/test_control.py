@@ -8,7 +8,7 @@ from jax import lax
 from jax._src import core as jax_core
 
 import bpkit
-from tests.rules.harness import Case, args, const, parametrize, run_case, uniform
+from tests.rules.harness import Case, args, const, parametrize, assert_case_parity, uniform
 
 
 # --- jit and calls ----------------------------------------------------------------------------
@@ -211,7 +211,7 @@ CASES = [
 
 @parametrize(CASES)
 def test_control(case, dtype, jit):
-    run_case(case, dtype, jit)
+    assert_case_parity(case, dtype, jit)
 
 
 def test_relu_gradient_is_zero_at_zero():

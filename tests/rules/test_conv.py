@@ -5,7 +5,7 @@ import numpy as np
 from jax import lax
 
 import bpkit
-from tests.rules.harness import Case, args, parametrize, run_case, uniform
+from tests.rules.harness import Case, args, parametrize, assert_case_parity, uniform
 
 
 def conv(x_shape, w_shape, name, **kw):
@@ -78,7 +78,7 @@ CASES = [
 
 @parametrize(CASES)
 def test_conv(case, dtype, jit):
-    run_case(case, dtype, jit)
+    assert_case_parity(case, dtype, jit)
 
 
 def test_conv_second_order():

@@ -4,7 +4,7 @@ import pytest
 from jax import lax
 
 from bpkit.engine import compat
-from tests.rules.harness import Case, args, const, parametrize, run_case, uniform
+from tests.rules.harness import Case, args, const, parametrize, assert_case_parity, uniform
 
 S = (3, 4)
 pos = dict(lo=0.5, hi=2.0)  # domain of log, sqrt, pow bases...
@@ -100,4 +100,4 @@ CASES = [
 
 @parametrize(CASES)
 def test_elementwise(case, dtype, jit):
-    run_case(case, dtype, jit)
+    assert_case_parity(case, dtype, jit)

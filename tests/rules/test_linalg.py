@@ -2,7 +2,7 @@
 import jax.numpy as jnp
 from jax import lax
 
-from tests.rules.harness import Case, args, const, parametrize, run_case, uniform
+from tests.rules.harness import Case, args, const, parametrize, assert_case_parity, uniform
 
 
 def dot(name, lhs_shape, rhs_shape, dims, **kw):
@@ -32,4 +32,4 @@ CASES = [
 
 @parametrize(CASES)
 def test_linalg(case, dtype, jit):
-    run_case(case, dtype, jit)
+    assert_case_parity(case, dtype, jit)

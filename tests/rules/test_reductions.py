@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from tests.rules.harness import Case, args, const, parametrize, run_case, uniform
+from tests.rules.harness import Case, args, const, parametrize, assert_case_parity, uniform
 
 S = (3, 4, 5)
 
@@ -34,4 +34,4 @@ CASES = [
 
 @parametrize(CASES)
 def test_reductions(case, dtype, jit):
-    run_case(case, dtype, jit)
+    assert_case_parity(case, dtype, jit)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from tests.rules.harness import Case, args, const, parametrize, run_case, uniform
+from tests.rules.harness import Case, args, const, parametrize, assert_case_parity, uniform
 
 
 def ints(values):
@@ -120,4 +120,4 @@ CASES = [
 
 @parametrize(CASES)
 def test_slicing(case, dtype, jit):
-    run_case(case, dtype, jit)
+    assert_case_parity(case, dtype, jit)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bpkit.engine import compat
-from tests.rules.harness import Case, args, parametrize, run_case, uniform
+from tests.rules.harness import Case, args, parametrize, assert_case_parity, uniform
 
 CASES = [
     Case("broadcast_in_dim_new_axes", lambda x: lax.broadcast_in_dim(x, (2, 3, 4), (1,)),
@@ -52,4 +52,4 @@ CASES = [
 
 @parametrize(CASES)
 def test_structural(case, dtype, jit):
-    run_case(case, dtype, jit)
+    assert_case_parity(case, dtype, jit)

@@ -6,7 +6,7 @@ import pytest
 from jax import lax
 
 import bpkit
-from tests.rules.harness import Case, args, const, parametrize, run_case, uniform
+from tests.rules.harness import Case, args, const, parametrize, assert_case_parity, uniform
 
 NCHW = lambda h, w: (1, 1, h, w)  # noqa: E731  window/stride tuples over NCHW
 NHWC = lambda h, w: (1, h, w, 1)  # noqa: E731
@@ -71,7 +71,7 @@ CASES = [
 
 @parametrize(CASES)
 def test_windows(case, dtype, jit):
-    run_case(case, dtype, jit)
+    assert_case_parity(case, dtype, jit)
 
 
 def _weighted(fun, x):
