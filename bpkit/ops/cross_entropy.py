@@ -11,9 +11,13 @@ Backward. With ``p = softmax(z) = exp(z - lse)`` and ``d lse / d z = p``::
     d loss / d z = p - q
     dz = g * (p - q)                               (g: the cotangent of the row's loss)
 
-The forward saves ``logits`` (already alive: it is the input) and ``lse`` (one number per
-row), and the backward recomputes ``p = exp(logits - lse)``; no ``(..., C)`` intermediate is
-saved. Labels are integers and get no cotangent.
+The forward saves ``p`` (``(..., C)``, computed anyway as ``exp(z - m) / sum exp(z - m)``) and
+the labels; the logits are not saved, so memory is the same as keeping the logits alive. The
+backward is then one elementwise pass. Recomputing ``p = exp(z - lse)`` from a saved per-row
+``lse`` instead (as ``bpkit.ops.attention`` does, where ``p`` is ``T x T``) costs a second
+``exp`` over ``(..., C)``, which on XLA's CPU backend made the fused op 1.1x slower than the
+unfused reference; saving ``p`` makes it 0.85-0.9x (docs/benchmarks.md). Labels are integers
+and get no cotangent.
 """
 from __future__ import annotations
 
@@ -29,24 +33,26 @@ def _softmax_cross_entropy(logits, labels, label_smoothing):
 
 
 def softmax_cross_entropy_forward(logits, labels, label_smoothing):
-    """Losses ``(...)`` and the saved values ``(logits, labels, lse)``."""
+    """Losses ``(...)`` and the saved values ``(probs, labels)``."""
     m = jnp.max(logits, axis=-1, keepdims=True)
-    lse = (m + jnp.log(jnp.sum(jnp.exp(logits - m), axis=-1, keepdims=True)))[..., 0]  # (...)
+    e = jnp.exp(logits - m)
+    denom = jnp.sum(e, axis=-1, keepdims=True)
+    lse = (m + jnp.log(denom))[..., 0]  # (...)
+    probs = e / denom  # p, saved for the backward: (..., C)
     picked = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]  # z_y, (...)
     if label_smoothing:
         target_dot_z = ((1.0 - label_smoothing) * picked
                         + label_smoothing * jnp.mean(logits, axis=-1))
     else:
         target_dot_z = picked
-    return lse - target_dot_z, (logits, labels, lse)
+    return lse - target_dot_z, (probs, labels)
 
 
 def softmax_cross_entropy_backward(label_smoothing, saved, g):
-    """``dz = g * (softmax(z) - q)`` from the saved ``(logits, labels, lse)``."""
-    logits, labels, lse = saved
-    num_classes = logits.shape[-1]
-    probs = jnp.exp(logits - lse[..., None])  # p, recomputed: (..., C)
-    target = jax.nn.one_hot(labels, num_classes, dtype=logits.dtype)
+    """``dz = g * (softmax(z) - q)`` from the saved ``(probs, labels)``."""
+    probs, labels = saved
+    num_classes = probs.shape[-1]
+    target = jax.nn.one_hot(labels, num_classes, dtype=probs.dtype)
     if label_smoothing:
         target = (1.0 - label_smoothing) * target + label_smoothing / num_classes
     return g[..., None] * (probs - target), None

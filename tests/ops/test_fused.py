@@ -116,6 +116,16 @@ def test_layer_norm_saves_mean_and_rstd():
     assert mean.shape == rstd.shape == (3, 1)
 
 
+def test_cross_entropy_saves_probabilities_not_logits():
+    """The backward reads softmax(z) back instead of recomputing exp; the logits are not kept."""
+    from bpkit.ops.cross_entropy import softmax_cross_entropy_forward
+    z = _normal(0, (3, 5), "float64")
+    labels = jnp.asarray([0, 4, 2], jnp.int32)
+    _, (probs, saved_labels) = softmax_cross_entropy_forward(z, labels, 0.0)
+    np.testing.assert_allclose(probs, jax.nn.softmax(z), rtol=1e-12)
+    np.testing.assert_array_equal(saved_labels, labels)
+
+
 @pytest.mark.parametrize("bad", [
     lambda: ops.softmax_cross_entropy(jnp.zeros((3, 4)), jnp.zeros((4,), jnp.int32)),
     lambda: ops.softmax_cross_entropy(jnp.zeros((3, 4)), jnp.zeros((3,))),
