@@ -6,6 +6,11 @@ engine (``engine="jax"``: with ``jax.value_and_grad``, the reference), applies t
 key)`` returns the scalar loss, or ``(loss, metrics)`` with ``has_aux=True`` where ``metrics``
 is a dict of scalars (accuracy, say).
 
+Models with state that is updated by the forward pass but not by gradients (BatchNorm running
+statistics) use ``has_state=True``: ``loss_fn(params, batch, key, model_state)`` returns
+``(loss, (metrics, new_model_state))``, and the step writes ``new_model_state`` into
+``state.model_state`` (not differentiated; kept unchanged on a skipped non-finite step).
+
 Metrics of every step: ``loss``, ``grad_norm`` (global norm of the gradient), ``update_norm``
 (of the optimizer's update), ``learning_rate`` (when a schedule is given), ``skipped`` (1 when a
 non-finite loss or gradient left the state unchanged, with ``skip_nonfinite=True``), plus the
@@ -51,8 +56,8 @@ def with_compute_dtype(loss_fn: Callable, dtype, has_aux: bool) -> Callable:
     if dtype is None or jnp.dtype(dtype) == jnp.float32:
         return loss_fn
 
-    def cast_loss(params, batch, key):
-        out = loss_fn(_cast_floats(params, dtype), _cast_floats(batch, dtype), key)
+    def cast_loss(params, batch, key, *model_state):
+        out = loss_fn(_cast_floats(params, dtype), _cast_floats(batch, dtype), key, *model_state)
         if has_aux:
             loss, aux = out
             return loss.astype(jnp.float32), _cast_floats(aux, jnp.float32)
@@ -64,23 +69,46 @@ def _select(ok, new, old):
     return jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), new, old)
 
 
+def _stateful_aux(aux, old_model_state):
+    """``(metrics, new_model_state)`` from a ``has_state`` loss function's aux output, checked
+    against the old state's structure (a mismatch would silently retrace or fail under jit)."""
+    if not (isinstance(aux, (tuple, list)) and len(aux) == 2):
+        raise TypeError("make_train_step(has_state=True): loss_fn must return (loss, (metrics, "
+                        f"new_model_state)); its second output was a {type(aux).__name__}. "
+                        "Return ({}, new_model_state) when there are no metrics.")
+    metrics, new_model_state = aux
+    old, new = (jax.tree_util.tree_structure(t) for t in (old_model_state, new_model_state))
+    if old != new:
+        raise ValueError("make_train_step(has_state=True): the new model state has a different "
+                         f"structure from state.model_state ({new} vs {old}); return the "
+                         "updated state with the same keys (TrainState.create(model_state=...)).")
+    return metrics, new_model_state
+
+
 def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *,
-                    engine: str = "bpkit", has_aux: bool = False,
+                    engine: str = "bpkit", has_aux: bool = False, has_state: bool = False,
                     schedule: Callable | None = None, accumulate_steps: int = 1,
                     compute_dtype=None, skip_nonfinite: bool = False, jit: bool = True,
                     donate: bool = True) -> Callable:
     """A pure ``step(state, batch) -> (state, metrics)`` for ``loss_fn`` and ``optimizer``.
 
+    ``has_state=True``: ``loss_fn(params, batch, key, model_state) -> (loss, (metrics,
+    new_model_state))`` (see the module docstring; ``has_aux`` is then implied).
     ``schedule`` (step -> learning rate) is only reported, as ``metrics["learning_rate"]``;
     with gradient accumulation (``optax.MultiSteps``) pass ``accumulate_steps`` so the reported
     rate follows the optimizer's own count.
     """
+    has_aux = has_aux or has_state
     vg = value_and_grad_for(engine)(with_compute_dtype(loss_fn, compute_dtype, has_aux),
                                     has_aux=has_aux)
 
     def step(state: TrainState, batch) -> tuple[TrainState, dict[str, Any]]:
-        out, grads = vg(state.params, batch, state.step_key())
+        model_state = (state.model_state,) if has_state else ()
+        out, grads = vg(state.params, batch, state.step_key(), *model_state)
         loss, aux = out if has_aux else (out, {})
+        new_model_state = state.model_state
+        if has_state:
+            aux, new_model_state = _stateful_aux(aux, state.model_state)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {"loss": loss, "grad_norm": _norm(grads),
@@ -92,8 +120,10 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
             ok = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
             params = _select(ok, params, state.params)
             opt_state = _select(ok, opt_state, state.opt_state)
+            new_model_state = _select(ok, new_model_state, state.model_state)
             metrics["skipped"] = (~ok).astype(jnp.int32)
-        new = state._replace(step=state.step + 1, params=params, opt_state=opt_state)
+        new = state._replace(step=state.step + 1, params=params, opt_state=opt_state,
+                             model_state=new_model_state)
         return new, metrics
 
     if not jit:

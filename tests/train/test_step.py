@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from bpkit import models
+from bpkit import models, nn
 from bpkit.config import OptimizerConfig
 from bpkit.data import load_mnist1d, train_batch
 from bpkit.nn import losses
@@ -216,3 +216,64 @@ def test_eval_step_masks_padding(data):
                          "mask": np.array([1] * 6 + [0] * 2, np.float32)})
     assert float(padded["count"]) == 6
     np.testing.assert_allclose(float(padded["loss"]), float(full["loss"]), rtol=1e-6)
+
+
+BN_NET = nn.sequential(nn.dense(16), nn.batch_norm(momentum=0.5), nn.relu(), nn.dense(10))
+
+
+def bn_loss_fn(params, batch, key, model_state):
+    logits, new_state = BN_NET.apply(params, batch["x"], key=key, train=True, state=model_state)
+    return jnp.mean(losses.softmax_cross_entropy(logits, batch["y"])), ({}, new_state)
+
+
+@pytest.mark.parametrize("engine", ["bpkit", "jax"])
+def test_stateful_model_updates_its_running_statistics(engine, data):
+    """has_state=True threads BatchNorm statistics through the step; engines agree."""
+    tx = optax.sgd(0.1)
+    params, _ = BN_NET.init(jax.random.PRNGKey(0), (40,))
+    state = TrainState.create(params, tx, model_state=BN_NET.init_state((40,)))
+    step = make_train_step(bn_loss_fn, tx, engine=engine, has_state=True, donate=False)
+    batch = train_batch(data, 0, 32, 0)
+    new, m = step(state, batch)
+    # the running mean moved halfway (momentum 0.5) to the batch mean of the first dense layer
+    h = BN_NET.apply(params, batch["x"], state=state.model_state, train=True)[1]
+    np.testing.assert_allclose(new.model_state["batch_norm"]["mean"], h["batch_norm"]["mean"],
+                               rtol=1e-5, atol=1e-6)
+    assert not np.allclose(new.model_state["batch_norm"]["mean"], 0.0)
+    ref_loss, ref_grads = jax.value_and_grad(
+        lambda p: bn_loss_fn(p, batch, None, state.model_state)[0])(params)
+    np.testing.assert_allclose(float(m["loss"]), float(ref_loss), rtol=1e-6)
+    expected = jax.tree_util.tree_map(lambda p, g: p - 0.1 * g, params, ref_grads)
+    leaves = jax.tree_util.tree_leaves
+    for got, want in zip(leaves(new.params), leaves(expected)):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_stateful_step_keeps_state_on_a_skipped_step(data):
+    def nan_loss(params, batch, key, model_state):
+        loss, aux = bn_loss_fn(params, batch, key, model_state)
+        return loss * jnp.nan, aux
+
+    tx = optax.sgd(0.1)
+    params, _ = BN_NET.init(jax.random.PRNGKey(0), (40,))
+    state = TrainState.create(params, tx, model_state=BN_NET.init_state((40,)))
+    new, m = make_train_step(nan_loss, tx, has_state=True, skip_nonfinite=True)(
+        state, train_batch(data, 0, 32, 0))
+    assert int(m["skipped"]) == 1
+    np.testing.assert_array_equal(new.model_state["batch_norm"]["mean"], 0.0)
+
+
+@pytest.mark.parametrize("bad_aux, message", [
+    (lambda s: s, "must return \\(loss, \\(metrics, new_model_state\\)\\)"),
+    (lambda s: ({}, {"other": s}), "different structure"),
+])
+def test_stateful_loss_with_wrong_outputs_is_explained(bad_aux, message, data):
+    def bad(params, batch, key, model_state):
+        loss, (_, new_state) = bn_loss_fn(params, batch, key, model_state)
+        return loss, bad_aux(new_state)
+
+    tx = optax.sgd(0.1)
+    params, _ = BN_NET.init(jax.random.PRNGKey(0), (40,))
+    state = TrainState.create(params, tx, model_state=BN_NET.init_state((40,)))
+    with pytest.raises((TypeError, ValueError), match=message):
+        make_train_step(bad, tx, has_state=True)(state, train_batch(data, 0, 32, 0))
