@@ -66,14 +66,13 @@ def cmd_eval(args) -> int:
                                          warn=lambda m: print(m, file=sys.stderr))
     if restored is None:
         raise ConfigError(f"no usable checkpoint in {args.run_dir}/checkpoints")
-    if task.kind == "gan":
-        print(json.dumps({"step": step, "note": "GANs have no held-out loss"}))
-        return 0
     _, eval_step = loop.make_steps(cfg, task, tx, schedule)
     res = evaluate(eval_step, jax.device_put(restored.params),
                    eval_batches(ds, cfg.data.eval_batch_size, cfg.run.eval_batches or None))
     result = {"step": step, "eval_loss": res.get("loss"),
               "eval_accuracy": res.get("accuracy") if task.kind == "classifier" else None}
+    if task.kind == "gan":  # held-out d_loss + g_loss, and how close the samples are
+        result["eval_chamfer"] = res.get("chamfer")
     print(json.dumps(result))
     return 0
 

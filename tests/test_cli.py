@@ -48,6 +48,24 @@ def test_train_eval_plot_end_to_end(tmp_path, capsys):
         assert summary(run)["train_loss"] == s["train_loss"]
 
 
+def test_gan_run_is_evaluated_on_held_out_points(tmp_path, capsys):
+    """GAN runs get a held-out loss and a sample-distance metric that falls as they train."""
+    run = tmp_path / "gan"
+    p = bpkit("train", os.path.join(CONFIGS, "gan_2d.yaml"), "run.steps=1000", "run.eval_every=250",
+              "run.log_every=250", "run.checkpoint_every=0", "run.progress=log",
+              f"run.out_dir={run}")
+    assert p.returncode == 0, p.stderr
+    with open(run / "metrics.jsonl") as f:
+        evals = [r for r in map(json.loads, f) if r.get("split") == "eval"]
+    assert [r["step"] for r in evals] == [250, 500, 750, 1000]
+    assert evals[-1]["eval_chamfer"] < 0.5 * evals[0]["eval_chamfer"]
+    assert summary(run)["eval_loss"] == pytest.approx(evals[-1]["eval_loss"])
+    with training_numerics():
+        assert cli.main(["eval", str(run)]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["eval_chamfer"] == pytest.approx(evals[-1]["eval_chamfer"], rel=1e-5)
+
+
 def test_plot_and_eval_need_a_run_dir(tmp_path, capsys):
     assert cli.main(["plot", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err

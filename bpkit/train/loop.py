@@ -150,7 +150,7 @@ def make_steps(cfg: Config, task: Task, tx, schedule) -> tuple[Callable, Callabl
         g_sched, d_sched = schedule
         step = make_gan_step(task.d_loss_fn, task.g_loss_fn, d_tx, g_tx, engine=cfg.run.engine,
                              d_schedule=d_sched, g_schedule=g_sched)
-        return step, None
+        return step, make_eval_step(task.metric_fn)
     compute = jnp.bfloat16 if cfg.model.compute_dtype == "bfloat16" else None
     step = make_train_step(task.loss_fn, tx, engine=cfg.run.engine, has_aux=True,
                            schedule=schedule, accumulate_steps=cfg.optimizer.accumulate_steps,
@@ -387,8 +387,8 @@ def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
         rec = {"step": step, "split": "eval", **{f"eval_{k}": v for k, v in res.items()}}
         mfile.write(json.dumps(rec) + "\n")
         mfile.flush()
-        msg = f"eval  {step:>6}/{cfg.run.steps}  loss {res.get('loss', float('nan')):.4f}" + (
-            f"  accuracy {res['accuracy']:.4f}" if "accuracy" in res else "")
+        msg = f"eval  {step:>6}/{cfg.run.steps}  loss {res.get('loss', float('nan')):.4f}" + "".join(
+            f"  {k} {res[k]:.4f}" for k in ("accuracy", "chamfer") if k in res)
         (bar.write if bar is not None else out)(msg)
 
     def save(step: int) -> None:

@@ -220,9 +220,24 @@ def _gan_task(cfg, name, fn, args, ds) -> Task:
         gen = discriminator.apply(d, fake(g, key, batch["x"].shape[0]))
         return jnp.mean(bce(gen, jnp.ones_like(gen)))                         # non-saturating
 
+    def metric_fn(params, batch):
+        """Per held-out real point ``x_i`` and one generated point ``f_i`` (fixed latent
+        draws): the two losses, and the symmetric nearest-neighbour ("chamfer") distance
+        ``(min_j |f_i - x_j| + min_j |x_i - f_j|) / 2``, whose mean falls towards the noise
+        scale as the generator covers the data and only the data."""
+        g, d, x = params["generator"], params["discriminator"], batch["x"]      # x (B, 2)
+        x_fake = fake(g, jax.random.PRNGKey(0), x.shape[0])                     # (B, 2)
+        real, gen = discriminator.apply(d, x), discriminator.apply(d, x_fake)   # (B,)
+        d_loss = bce(real, jnp.ones_like(real)) + bce(gen, jnp.zeros_like(gen))
+        g_loss = bce(gen, jnp.ones_like(gen))
+        dist = jnp.sqrt(jnp.sum(jnp.square(x_fake[:, None, :] - x[None, :, :]), -1))  # (B, B)
+        chamfer = 0.5 * (jnp.min(dist, axis=1) + jnp.min(dist, axis=0))
+        return {"loss": d_loss + g_loss, "d_loss": d_loss, "g_loss": g_loss,
+                "chamfer": chamfer}
+
     def init(key):
         kg, kd = jax.random.split(key)
         return {"generator": generator.init(kg), "discriminator": discriminator.init(kd)}
 
-    return Task("gan", (generator, discriminator), init, d_loss_fn=d_loss_fn,
-                g_loss_fn=g_loss_fn, latent_dim=latent, model_args=args)
+    return Task("gan", (generator, discriminator), init, metric_fn=metric_fn,
+                d_loss_fn=d_loss_fn, g_loss_fn=g_loss_fn, latent_dim=latent, model_args=args)
