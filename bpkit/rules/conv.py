@@ -79,15 +79,19 @@ def _regroup_kernel(w, spec, groups):
     return _merge_axis(w, spec[0], spec[1])  # G joins the in-feature axis: (G, I)
 
 
+def _spatial_sizes(ct, x, w, dimension_numbers):
+    """The spatial sizes ``(N, K, Q)`` of the input, the kernel and the output."""
+    lhs_spec, rhs_spec, out_spec = dimension_numbers
+    return ([np.shape(x)[d] for d in lhs_spec[2:]], [np.shape(w)[d] for d in rhs_spec[2:]],
+            [np.shape(ct)[d] for d in out_spec[2:]])
+
+
 def _ct_lhs(ct, x, w, *, window_strides, padding, lhs_dilation, rhs_dilation,
             dimension_numbers, feature_group_count, batch_group_count, precision):
     lhs_spec, rhs_spec, out_spec = dimension_numbers
-    n_sp = len(window_strides)
-    N = [np.shape(x)[d] for d in lhs_spec[2:]]
-    K = [np.shape(w)[d] for d in rhs_spec[2:]]
-    Q = [np.shape(ct)[d] for d in out_spec[2:]]
+    N, K, Q = _spatial_sizes(ct, x, w, dimension_numbers)
     pads = []
-    for i in range(n_sp):
+    for i in range(len(window_strides)):
         ke = (K[i] - 1) * rhs_dilation[i] + 1
         lo = ke - 1 - padding[i][0]
         hi = (N[i] - 1) * lhs_dilation[i] + ke - lo - ((Q[i] - 1) * window_strides[i] + 1)
@@ -114,12 +118,9 @@ def _ct_lhs(ct, x, w, *, window_strides, padding, lhs_dilation, rhs_dilation,
 def _ct_rhs(ct, x, w, *, window_strides, padding, lhs_dilation, rhs_dilation,
             dimension_numbers, feature_group_count, batch_group_count, precision):
     lhs_spec, rhs_spec, out_spec = dimension_numbers
-    n_sp = len(window_strides)
-    N = [np.shape(x)[d] for d in lhs_spec[2:]]
-    K = [np.shape(w)[d] for d in rhs_spec[2:]]
-    Q = [np.shape(ct)[d] for d in out_spec[2:]]
+    N, K, Q = _spatial_sizes(ct, x, w, dimension_numbers)
     pads = []
-    for i in range(n_sp):
+    for i in range(len(window_strides)):
         lo, hi = padding[i]
         L = (N[i] - 1) * lhs_dilation[i] + 1 + lo + hi
         unused = (L - (Q[i] - 1) * window_strides[i] - 1) - (K[i] - 1) * rhs_dilation[i]

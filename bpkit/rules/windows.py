@@ -51,16 +51,23 @@ def _window_params(window_dimensions, window_strides, padding, base_dilation, wi
             tuple(base_dilation), tuple(window_dilation))
 
 
-@register_vjp(P.reduce_window_sum_p)
-def _reduce_window_sum_vjp(ct, x, *, out, window_dimensions, window_strides, padding,
-                           base_dilation, window_dilation, **params):
-    """Dilate and shift ``ct``, then sum it over the same windows (module docstring)."""
-    W, S, pads, BD, WD = _window_params(window_dimensions, window_strides, padding,
-                                        base_dilation, window_dilation)
+def _trivial_cotangent(ct, x):
+    """``[None]`` for a non-float input, zeros for an empty output; ``None``: work to do."""
     if not compat.is_inexact(compat.typeof(x)):
         return [None]
     if np.size(ct) == 0:
         return [lax.full(np.shape(x), 0, x.dtype)]
+    return None
+
+
+@register_vjp(P.reduce_window_sum_p)
+def _reduce_window_sum_vjp(ct, x, *, out, window_dimensions, window_strides, padding,
+                           base_dilation, window_dilation, **params):
+    """Dilate and shift ``ct``, then sum it over the same windows (module docstring)."""
+    if (trivial := _trivial_cotangent(ct, x)) is not None:
+        return trivial
+    W, S, pads, BD, WD = _window_params(window_dimensions, window_strides, padding,
+                                        base_dilation, window_dilation)
     config = []
     for n, o, w, s, (lo, _), bd, wd in zip(np.shape(x), np.shape(ct), W, S, pads, BD, WD):
         we = (w - 1) * wd + 1
@@ -77,12 +84,10 @@ def _reduce_window_sum_vjp(ct, x, *, out, window_dimensions, window_strides, pad
 def _chooser_vjp(select_prim, identity):
     def rule(ct, x, *, out, window_dimensions, window_strides, padding, base_dilation,
              window_dilation, **params):
+        if (trivial := _trivial_cotangent(ct, x)) is not None:
+            return trivial
         W, S, pads, BD, WD = _window_params(window_dimensions, window_strides, padding,
                                             base_dilation, window_dilation)
-        if not compat.is_inexact(compat.typeof(x)):
-            return [None]
-        if np.size(ct) == 0:
-            return [lax.full(np.shape(x), 0, x.dtype)]
         x_shape, o_shape = np.shape(x), np.shape(ct)
         ident = lax.full((), identity, x.dtype)
         xp = lax.pad(x, ident, [(lo, hi, bd - 1) for (lo, hi), bd in zip(pads, BD)])
