@@ -49,9 +49,10 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float = 1e-
     return xhat * scale.reshape(lead + scale.shape) + bias.reshape(lead + bias.shape)
 
 
-def causal_mask(q_len: int, k_len: int) -> jax.Array:
-    """Boolean ``(1, 1, q_len, k_len)``: query ``i`` may attend to key ``j`` iff ``j <= i``."""
-    rows = lax.broadcasted_iota(jnp.int32, (q_len, k_len), 0)
+def causal_mask(q_len: int, k_len: int, query_offset: int = 0) -> jax.Array:
+    """Boolean ``(1, 1, q_len, k_len)``: query ``i`` (at position ``query_offset + i``) may
+    attend to key ``j`` iff ``j <= query_offset + i``."""
+    rows = lax.broadcasted_iota(jnp.int32, (q_len, k_len), 0) + query_offset
     cols = lax.broadcasted_iota(jnp.int32, (q_len, k_len), 1)
     return (cols <= rows)[None, None]
 
