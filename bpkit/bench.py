@@ -11,7 +11,9 @@ twice — ``engine="bpkit"`` and ``engine="jax"`` — and measures
   fraction of the machine's measured matmul peak (a large float32 matmul, same run).
 
 With ``--torch`` (PyTorch installed), ``bpkit.bench_torch`` also times the same models in
-PyTorch eager in a separate process, and a second table shows bpkit / torch.
+PyTorch eager, in a separate process that this one drives: chunks of PyTorch steps alternate
+with chunks of JAX steps (``TorchServer``), so all three see the same machine; a second table
+shows bpkit / torch.
 
 Ratios are bpkit / jax: below 1 means bpkit is faster or smaller. Absolute times depend on the
 machine; only the ratios are comparable across machines.
@@ -26,7 +28,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -111,10 +112,46 @@ def _flops(compiled) -> float | None:
         return None
 
 
-def bench_model(bm: BenchModel, repeats: int = 10, warmup: int = 3, seed: int = 0
-                ) -> tuple[dict, float | None]:
-    """``(row, flops_per_step)``: the JSON row for ``bm`` (exactly ``ROW_KEYS``) and XLA's
-    FLOP count of one step (``None`` where the backend gives no cost analysis)."""
+class TorchServer:
+    """A ``python -m bpkit.bench_torch --serve`` process that times PyTorch steps on request
+    (see ``bpkit.bench_torch.serve``). Start it with ``start()``; ``None`` if it fails."""
+
+    def __init__(self, proc: subprocess.Popen, machine: dict):
+        self.proc, self.machine = proc, machine
+
+    @classmethod
+    def start(cls) -> "TorchServer | None":
+        root = str(Path(__file__).resolve().parent.parent)  # so that the child finds this bpkit
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        proc = subprocess.Popen([sys.executable, "-m", "bpkit.bench_torch", "--serve"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait()
+            print(f"bpkit bench: the PyTorch process failed (exit status {proc.returncode}).",
+                  file=sys.stderr)
+            return None
+        return cls(proc, json.loads(line)["machine"])
+
+    def time_steps(self, model: str, steps: int) -> list[float]:
+        self.proc.stdin.write(json.dumps({"model": model, "steps": steps}) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the PyTorch process stopped while timing {model}")
+        return json.loads(line)["times"]
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def bench_model(bm: BenchModel, repeats: int = 10, warmup: int = 3, seed: int = 0,
+                torch: TorchServer | None = None) -> tuple[dict, float | None, float | None]:
+    """``(row, flops_per_step, torch_ms)``: the JSON row for ``bm`` (exactly ``ROW_KEYS``),
+    XLA's FLOP count of one step (``None`` where the backend gives no cost analysis) and, with
+    a ``torch`` server, PyTorch eager's median step time (else ``None``)."""
     rng = np.random.default_rng(seed)
     batch = tuple(jnp.asarray(a) for a in bm.batch(rng))
     tx = optax.adam(1e-3)
@@ -136,20 +173,34 @@ def bench_model(bm: BenchModel, repeats: int = 10, warmup: int = 3, seed: int = 
     for _ in range(warmup):
         for engine in steps:
             states[engine] = steps[engine](states[engine], batch)[0]
-    times = {"bpkit": [], "jax": []}
-    for _ in range(repeats):
-        for engine in steps:  # interleaved: both engines see the same machine noise
-            t = time.perf_counter()
-            states[engine], metrics = steps[engine](states[engine], batch)
-            jax.block_until_ready(metrics["loss"])
-            times[engine].append(time.perf_counter() - t)
+    times: dict[str, list[float]] = {"bpkit": [], "jax": [], "torch": []}
+    # With PyTorch: 5 rounds, each a chunk of PyTorch steps then a chunk of JAX steps. Each
+    # chunk starts with untimed steps (caches and worker threads warm again after the other
+    # side ran). No pause between chunks: after ~0.1 s idle, worker threads park and the next
+    # steps run up to 1.8x slower (measured on the MLP).
+    rounds = 5 if torch is not None else 1
+    per_round = -(-repeats // rounds)
+    for _ in range(rounds):
+        if torch is not None:
+            times["torch"] += torch.time_steps(bm.name, per_round)
+            for _ in range(2):
+                for engine in steps:
+                    states[engine] = steps[engine](states[engine], batch)[0]
+            jax.block_until_ready(states)
+        for _ in range(per_round):
+            for engine in steps:  # interleaved: both engines see the same machine noise
+                t = time.perf_counter()
+                states[engine], metrics = steps[engine](states[engine], batch)
+                jax.block_until_ready(metrics["loss"])
+                times[engine].append(time.perf_counter() - t)
     for engine in steps:
         row[f"{engine}_step_ms"] = 1e3 * statistics.median(times[engine])
     row["step_ratio"] = row["bpkit_step_ms"] / row["jax_step_ms"]
     row["compile_ratio"] = row["bpkit_compile_s"] / row["jax_compile_s"]
     row["memory_ratio"] = (row["bpkit_temp_bytes"] / row["jax_temp_bytes"]
                            if row["jax_temp_bytes"] else float("nan"))
-    return {k: row[k] for k in ROW_KEYS}, flops
+    torch_ms = 1e3 * statistics.median(times["torch"]) if times["torch"] else None
+    return {k: row[k] for k in ROW_KEYS}, flops, torch_ms
 
 
 def format_table(rows: list[dict]) -> str:
@@ -169,28 +220,6 @@ def format_table(rows: list[dict]) -> str:
 
 
 TORCH_ROW_KEYS = ("model", "torch_eager_step_ms", "bpkit_step_ms", "bpkit_over_torch")
-
-
-def run_torch_pass(names: list[str], repeats: int = 10) -> tuple[list[dict] | None, dict]:
-    """Times ``names`` in PyTorch eager in a separate process (``python -m bpkit.bench_torch``,
-    same interpreter) and returns ``(rows, machine)``; ``(None, {})`` (with a message on
-    stderr) when that process fails."""
-    root = str(Path(__file__).resolve().parent.parent)  # so that the child finds this bpkit
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "torch.json")
-        cmd = [sys.executable, "-m", "bpkit.bench_torch", "--json", path, "--repeats",
-               str(repeats), "--models", *names]
-        print("PyTorch eager pass: " + " ".join(cmd[1:3] + cmd[5:]), flush=True)
-        proc = subprocess.run(cmd, env=env)
-        if proc.returncode != 0 or not os.path.exists(path):
-            print(f"bpkit bench: the PyTorch pass failed (exit status {proc.returncode}).",
-                  file=sys.stderr)
-            return None, {}
-        with open(path) as f:
-            data = json.load(f)
-    return data["rows"], data.get("machine", {})
 
 
 def compare_torch(rows: list[dict], torch_rows: list[dict]) -> list[dict]:
@@ -229,23 +258,33 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 10:
         p.error("--repeats must be at least 10")
-    torch_rows = None
+    torch = None
     if args.torch:
         if importlib.util.find_spec("torch") is None:  # not imported here: torch runs apart
             print("bpkit bench: --torch needs PyTorch; install the CPU build with "
                   "`pip install torch==2.13.0`.", file=sys.stderr)
             return 2
-        torch_rows, torch_machine = run_torch_pass(args.models, args.repeats)
-        if torch_rows is None:
+        torch = TorchServer.start()
+        if torch is None:
             return 1
+    try:
+        return _run(args, all_models, torch)
+    finally:
+        if torch is not None:
+            torch.close()
+
+
+def _run(args, all_models: dict, torch: TorchServer | None) -> int:
     peak = matmul_peak_flops()
     print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} "
           f"{jax.devices()[0].platform} device(s), jax {jax.__version__}; float32 matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s", flush=True)
-    rows, step_flops = [], {}
+    rows, step_flops, torch_rows = [], {}, []
     for name in args.models:
-        row, flops = bench_model(all_models[name], repeats=args.repeats)
+        row, flops, torch_ms = bench_model(all_models[name], repeats=args.repeats, torch=torch)
         rows.append(row)
+        if torch_ms is not None:
+            torch_rows.append({"model": name, "torch_eager_step_ms": torch_ms})
         if flops and name in ("mlp", "gpt"):
             step_flops[name] = flops
         print(f"{name}: step ratio {row['step_ratio']:.2f} "
@@ -265,12 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     machine = {"platform": jax.devices()[0].platform, "device_count": jax.device_count(),
                "jax": jax.__version__, "matmul_peak_flops": peak}
     out = {"machine": machine, "rows": rows, "peak_fraction": achieved}
-    if torch_rows is not None:
+    if torch is not None:
         out["torch"] = compare_torch(rows, torch_rows)
-        machine["torch"] = torch_machine.get("torch")
-        machine["torch_threads"] = torch_machine.get("threads")
-        print(f"\nPyTorch {torch_machine.get('torch')} eager ({torch_machine.get('threads')} "
-              f"threads, separate process) vs bpkit:")
+        machine["torch"] = torch.machine.get("torch")
+        machine["torch_threads"] = torch.machine.get("threads")
+        print(f"\nPyTorch {torch.machine.get('torch')} eager ({torch.machine.get('threads')} "
+              f"threads, separate process, timed in chunks alternating with JAX's) vs bpkit:")
         print(format_torch_table(out["torch"]))
     if args.json:
         with open(args.json, "w") as f:

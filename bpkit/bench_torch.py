@@ -1,10 +1,10 @@
 """The PyTorch eager pass of the benchmark: bpkit's reference models (``bench_models()`` in
 ``bpkit/bench.py``) rebuilt in PyTorch with the same shapes, timed as full train steps.
 
-Run as its own process (``bpkit bench --torch`` starts it), so that PyTorch and JAX never share
-threads or memory::
+Run as its own process, so that PyTorch and JAX never share threads or memory::
 
-    python -m bpkit.bench_torch --json PATH [--models mlp gpt ...]
+    python -m bpkit.bench_torch --json PATH [--models mlp gpt ...]   # PyTorch alone
+    python -m bpkit.bench_torch --serve      # started by `bpkit bench --torch` (see ``serve``)
 
 Each step is ``zero_grad -> forward -> mean softmax cross-entropy (integer labels) -> backward
 -> Adam(lr=1e-3) step`` in float32 eager mode; the reported time is the median of ``repeats``
@@ -149,9 +149,9 @@ def _build(name: str, torch, nn, F):
     raise ValueError(f"unknown model {name!r}; choose from {MODEL_NAMES}.")
 
 
-def bench_model(name: str, repeats: int = 10, warmup: int = 3, seed: int = 0,
-                device: str = "cpu") -> dict:
-    """``{"model", "torch_eager_step_ms"}``: the median full train step of ``name``."""
+def make_step(name: str, seed: int = 0, device: str = "cpu"):
+    """``(step, sync)``: one full train step of ``name`` (returns the loss) and the device
+    synchronisation to call before reading a clock."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -171,16 +171,55 @@ def bench_model(name: str, repeats: int = 10, warmup: int = 3, seed: int = 0,
         opt.step()
         return loss
 
-    for _ in range(warmup):
-        step()
-    sync()
+    return step, sync
+
+
+def time_steps(step, sync, n: int) -> list[float]:
+    """Seconds of each of ``n`` steps."""
     times = []
-    for _ in range(repeats):
+    for _ in range(n):
         t = time.perf_counter()
         step()
         sync()
         times.append(time.perf_counter() - t)
+    return times
+
+
+def bench_model(name: str, repeats: int = 10, warmup: int = 3, seed: int = 0,
+                device: str = "cpu") -> dict:
+    """``{"model", "torch_eager_step_ms"}``: the median full train step of ``name``."""
+    step, sync = make_step(name, seed, device)
+    time_steps(step, sync, warmup)
+    times = time_steps(step, sync, repeats)
     return {"model": name, "torch_eager_step_ms": 1e3 * statistics.median(times)}
+
+
+def serve(device: str = "cpu", warmup: int = 3) -> int:
+    """Time steps on request, for ``bpkit bench --torch``, which alternates chunks of PyTorch
+    steps with chunks of JAX steps so that both see the same machine (a shared VM's speed
+    drifts by tens of percent over minutes). Protocol, one JSON object per line: first this
+    process writes ``{"machine": {...}}``; then for each request ``{"model": NAME, "steps":
+    N}`` read from stdin it runs 2 untimed steps, then answers ``{"times": [seconds, ...]}``
+    of N timed ones (a model is built and warmed up on its first request). Ends at end of
+    input."""
+    import torch
+    print(json.dumps({"machine": _machine(torch, device)}), flush=True)
+    steps = {}
+    for line in sys.stdin:
+        request = json.loads(line)
+        name = request["model"]
+        if name not in steps:
+            steps[name] = make_step(name, device=device)
+            time_steps(*steps[name], warmup)
+        time_steps(*steps[name], 2)  # untimed: warm the caches again after the JAX chunk
+        print(json.dumps({"times": time_steps(*steps[name], int(request["steps"]))}),
+              flush=True)
+    return 0
+
+
+def _machine(torch, device: str) -> dict:
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
+            "processor": platform.processor() or platform.machine()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -191,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
                    metavar="MODEL", help=f"models to run (default all: {' '.join(MODEL_NAMES)})")
     p.add_argument("--repeats", type=int, default=10, help="timed steps per model (>= 10)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--serve", action="store_true",
+                   help="answer timing requests on stdin (used by `bpkit bench --torch`)")
     args = p.parse_args(argv)
     if args.repeats < 10:
         p.error("--repeats must be at least 10")
@@ -200,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         print("bpkit.bench_torch: needs PyTorch; install the CPU build with "
               "`pip install torch==2.13.0`.", file=sys.stderr)
         return 2
-    machine = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-               "device": args.device, "processor": platform.processor() or platform.machine()}
+    if args.serve:
+        return serve(args.device)
+    machine = _machine(torch, args.device)
     print(f"torch {machine['torch']}, {machine['threads']} threads, device {args.device}",
           flush=True)
     rows = []

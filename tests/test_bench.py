@@ -79,3 +79,20 @@ def test_torch_flag_without_torch(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "--torch needs PyTorch" in err and "pip install torch==2.13.0" in err
     assert not out.exists()  # fails before any timing
+
+
+def test_torch_chunks_alternate_with_jax_steps(user_numerics):
+    """With a PyTorch server, 5 chunks of its steps alternate with the JAX steps, and the
+    median of its reported times becomes the torch column."""
+    calls = []
+
+    class FakeServer:
+        def time_steps(self, model, steps):
+            calls.append((model, steps))
+            return [0.010 * (len(calls))] * steps  # 10 ms, 20 ms, ... per chunk
+
+    row, _, torch_ms = bench.bench_model(bench.bench_models()["mlp"], repeats=10,
+                                         torch=FakeServer())
+    assert calls == [("mlp", 2)] * 5
+    assert torch_ms == pytest.approx(30.0)  # the median of 10, 10, 20, ..., 50 ms
+    assert tuple(row) == bench.ROW_KEYS
