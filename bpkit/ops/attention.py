@@ -45,11 +45,11 @@ from bpkit.ops.reference import causal_mask
 def query_blocks(t: int, causal: bool) -> list[tuple[int, int]]:
     """Query row ranges ``[lo, hi)``; causal: up to 4 equal blocks of >= 64 rows (query block
     ``[lo, hi)`` reads keys ``[0, hi)``), else the one block ``[0, t)``."""
-    n = min(4, t // 64) if causal else 1
-    while n > 1 and t % n:
+    n = max(1, min(4, t // 64)) if causal else 1
+    while t % n:
         n -= 1
-    size = t // max(n, 1)
-    return [(i * size, (i + 1) * size) for i in range(max(n, 1))]
+    size = t // n
+    return [(i * size, (i + 1) * size) for i in range(n)]
 
 
 def _scores(q, k, causal, query_offset=0):
@@ -101,8 +101,8 @@ def attention_backward(causal, saved, d_out):
         tail = [(0, 0), (0, k.shape[1] - keys), (0, 0), (0, 0)]  # zero rows for unseen keys
         dk_parts.append(jnp.pad(dk_b, tail))
         dv_parts.append(jnp.pad(dv_b, tail))
-    return jnp.concatenate(dq_blocks, axis=1), sum(dk_parts[1:], dk_parts[0]), sum(
-        dv_parts[1:], dv_parts[0])
+    dk, dv = (functools.reduce(jnp.add, parts) for parts in (dk_parts, dv_parts))
+    return jnp.concatenate(dq_blocks, axis=1), dk, dv
 
 
 _attention.defvjp(attention_forward, attention_backward)

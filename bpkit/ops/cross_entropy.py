@@ -16,7 +16,7 @@ the labels; the logits are not saved, so memory is the same as keeping the logit
 backward is then one elementwise pass. Recomputing ``p = exp(z - lse)`` from a saved per-row
 ``lse`` instead (as ``bpkit.ops.attention`` does, where ``p`` is ``T x T``) costs a second
 ``exp`` over ``(..., C)``, which on XLA's CPU backend made the fused op 1.1x slower than the
-unfused reference; saving ``p`` makes it 0.85-0.9x (docs/benchmarks.md). Labels are integers
+unfused reference; saving ``p`` makes it 0.64-1.05x (docs/benchmarks.md). Labels are integers
 and get no cotangent.
 """
 from __future__ import annotations

@@ -20,7 +20,7 @@ forms ``xhat``: with ``xc = x - mean`` (so ``xhat = xc * rstd``) it computes (2)
 ``sum g * xc * rstd`` and (4) as ``rstd * (dxhat - mean_i(dxhat) - xc * rstd^2 mean_i(dxhat *
 xc))``, the per-row factors folded into ``(..., 1)`` columns. Same math; on XLA's CPU backend
 it avoids materialising one ``(..., d)`` array, which made the fused op 1.26x slower than the
-unfused reference at (16384, 768) (now 0.98x; see docs/benchmarks.md).
+unfused reference at (16384, 768) (now 0.98-1.06x, parity within noise; docs/benchmarks.md).
 """
 from __future__ import annotations
 
