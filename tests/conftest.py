@@ -15,3 +15,11 @@ jax.config.update("jax_enable_x64", True)
 import bpkit.engine.core as _core  # noqa: E402
 
 _core.CHECK_RULE_OUTPUTS = True
+
+from hypothesis import settings  # noqa: E402
+
+# Property tests draw the same examples on every run, so a CI result can be reproduced;
+# HYPOTHESIS_PROFILE=explore draws new ones each run (how new counterexamples are found).
+settings.register_profile("deterministic", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "deterministic"))
