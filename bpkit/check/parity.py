@@ -109,8 +109,8 @@ def check_parity(fun: Callable, *args, argnums: int | Sequence[int] = 0, fd: boo
     ``fd=False`` skips finite differences (use it exactly at kinks, where they are undefined).
     """
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-    g_bpkit = api.grad(fun, nums)(*args, **kwargs)
-    g_jax = jax.grad(fun, nums)(*args, **kwargs)
+    g_bpkit = _jitted_grad(api.grad, fun, nums, kwargs)(*args)
+    g_jax = _jitted_grad(jax.grad, fun, nums, kwargs)(*args)
     fd_errors = (_finite_difference_errors(fun, args, kwargs, nums, directions, eps, seed)
                  if fd else {})
     report = ParityReport()
@@ -132,6 +132,12 @@ def check_parity(fun: Callable, *args, argnums: int | Sequence[int] = 0, fd: boo
                                             jax_abs / max(scale, 1e-30), fd_abs, fd_rel,
                                             bool(jax_ok), bool(fd_ok)))
     return report
+
+
+def _jitted_grad(grad, fun, nums, kwargs):
+    """``grad(fun, nums)`` under ``jax.jit`` (one compile instead of one per primitive, as
+    eager execution would do), with ``kwargs`` closed over: they may be Python values."""
+    return jax.jit(lambda *a: grad(fun, nums)(*a, **kwargs))
 
 
 @contextlib.contextmanager
@@ -163,7 +169,7 @@ def _finite_difference_errors(fun, args, kwargs, nums, directions, eps, seed) ->
     with float64_enabled():
         args64 = _to_float64(args)
         kwargs64 = _to_float64(kwargs)
-        grads64 = api.grad(fun, nums)(*args64, **kwargs64)
+        grads64 = _jitted_grad(api.grad, fun, nums, kwargs64)(*args64)
         fun64 = jax.jit(lambda a, kw: fun(*a, **kw))
         rng = np.random.default_rng(seed)
         for k, i in enumerate(nums):
