@@ -19,17 +19,22 @@ Backward, with ``dO = dL/dO``::
     (5) dS  = P * (dP - Dl)          (the softmax VJP: dS_ij = P_ij (dP_ij - sum_k P_ik dP_ik))
     (6) dq  = c dS k,   dk = c dS^T q
 
-The forward saves ``q, k, v`` (inputs), ``out`` and the per-row ``lse`` ``(B, H, Tq)`` --
-O(T) memory instead of the O(T^2) probabilities that reverse mode through the unfused
-reference keeps. This is the FlashAttention backward.
+The forward saves ``q, k, v``, ``out`` and the per-row ``lse`` ``(B, H, Tq, 1)`` -- O(T)
+memory instead of the O(T^2) probabilities that reverse mode through the unfused reference
+keeps. This is the FlashAttention backward.
+
+Layout. The products run heads-major, ``(B, H, T, D)``: q (already scaled by ``c``), k and v
+are transposed once in the forward and saved that way, so every product is a batched matrix
+product whose batch dimensions lead, and ``dk``, ``dv`` are formed transposed, as the
+``(D, Tk)`` products ``q^T dS`` and ``dO^T P``, so that no ``(Tq, Tk)`` matrix is transposed.
+(Written on the ``[B, T, H, D]`` layout, XLA transposed operands for every product.)
 
 Causal tiling. With the causal mask, the queries of rows ``[lo, hi)`` see only keys ``[0, hi)``.
-Both passes therefore run over up to 4 query blocks of at least 64 rows (``query_blocks``),
+Both passes therefore run over up to 4 query blocks of at least 32 rows (``query_blocks``),
 each against its key prefix only: the masked upper triangle is not computed (4 blocks: 10/16
 of the ``T x T`` work), and each key's ``dk, dv`` sums its blocks' contributions. Every row is
-still normalised over all its keys, so the result equals the untiled formulas above. On a
-2-core CPU this took the causal op's forward + backward to 0.68x of its untiled time at
-(16, 128, 4, 32) and 0.90x at (8, 512, 8, 64) (docs/benchmarks.md).
+still normalised over all its keys, so the result equals the untiled formulas above.
+Measured speed: docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -43,21 +48,26 @@ from bpkit.ops.reference import causal_mask
 
 
 def query_blocks(t: int, causal: bool) -> list[tuple[int, int]]:
-    """Query row ranges ``[lo, hi)``; causal: up to 4 equal blocks of >= 64 rows (query block
+    """Query row ranges ``[lo, hi)``; causal: up to 4 equal blocks of >= 32 rows (query block
     ``[lo, hi)`` reads keys ``[0, hi)``), else the one block ``[0, t)``."""
-    n = max(1, min(4, t // 64)) if causal else 1
+    n = max(1, min(4, t // 32)) if causal else 1
     while t % n:
         n -= 1
     size = t // n
     return [(i * size, (i + 1) * size) for i in range(n)]
 
 
-def _scores(q, k, causal, query_offset=0):
-    """``S = (q / sqrt(D)) k^T`` (scaled on the small side), -inf where key ``j`` comes after
-    query ``query_offset + i`` when causal: (B, H, Tq, Tk)."""
-    s = jnp.einsum("bqhd,bkhd->bhqk", q * (1.0 / math.sqrt(q.shape[-1])), k)
+def _heads_major(x):
+    """``(B, T, H, D) -> (B, H, T, D)`` (and back: the permutation is its own inverse)."""
+    return jnp.transpose(x, (0, 2, 1, 3))
+
+
+def _scores(q_t, k_t, causal, query_offset=0):
+    """``S = q_t k_t^T`` for heads-major, pre-scaled ``q_t``, with -inf where key ``j`` comes
+    after query ``query_offset + i`` when causal: (B, H, Tq, Tk)."""
+    s = jnp.einsum("bhqd,bhkd->bhqk", q_t, k_t)
     if causal:
-        s = jnp.where(causal_mask(q.shape[1], k.shape[1], query_offset), s, -jnp.inf)
+        s = jnp.where(causal_mask(q_t.shape[2], k_t.shape[2], query_offset), s, -jnp.inf)
     return s
 
 
@@ -67,42 +77,50 @@ def _attention(q, k, v, causal):
 
 
 def attention_forward(q, k, v, causal):
-    """``out`` and the saved values ``(q, k, v, out, lse)``."""
+    """``out`` and the saved values ``(q_t, k_t, v_t, out, lse)``: the inputs heads-major
+    ``(B, H, T, D)``, q scaled by ``c``; ``lse`` ``(B, H, Tq, 1)``."""
+    q_t, k_t, v_t = _heads_major(q * (1.0 / math.sqrt(q.shape[-1]))), _heads_major(k), \
+        _heads_major(v)
     outs, lses = [], []
     for lo, hi in query_blocks(q.shape[1], causal):
         keys = hi if causal else k.shape[1]  # the keys this block can see
-        s = _scores(q[:, lo:hi], k[:, :keys], causal, lo)  # (B, H, hi - lo, keys)
+        s = _scores(q_t[:, :, lo:hi], k_t[:, :, :keys], causal, lo)  # (B, H, hi - lo, keys)
         m = jnp.max(s, axis=-1, keepdims=True)  # finite: the diagonal is unmasked
         e = jnp.exp(s - m)
         denom = jnp.sum(e, axis=-1, keepdims=True)  # (B, H, hi - lo, 1)
         lses.append(m + jnp.log(denom))
-        # Normalise after the product: (B, Tq, H, D) divisions instead of (B, H, Tq, Tk).
-        outs.append(jnp.einsum("bhqk,bkhd->bqhd", e, v[:, :keys]) / jnp.swapaxes(denom, 1, 2))
-    out = jnp.concatenate(outs, axis=1)  # (B, Tq, H, D)
-    lse = jnp.concatenate(lses, axis=2)  # (B, H, Tq, 1)
-    return out, (q, k, v, out, lse)
+        # Normalise after the product: (Tq, D) divisions instead of (Tq, Tk).
+        outs.append(jnp.einsum("bhqk,bhkd->bhqd", e, v_t[:, :, :keys]) / denom)
+    out = _heads_major(jnp.concatenate(outs, axis=2))  # (B, Tq, H, D)
+    return out, (q_t, k_t, v_t, out, jnp.concatenate(lses, axis=2))
 
 
 def attention_backward(causal, saved, d_out):
     """``(dq, dk, dv)`` by steps (1)-(6) of the module docstring, block by block."""
-    q, k, v, out, lse = saved
-    c = 1.0 / math.sqrt(q.shape[-1])
+    q_t, k_t, v_t, out, lse = saved
+    c = 1.0 / math.sqrt(q_t.shape[-1])
+    row_all = jnp.einsum("bqhd,bqhd->bhq", d_out, out)[..., None]  # (4) (B, H, Tq, 1)
+    d_out_t = _heads_major(d_out)
+    # (B, H, D, T) copies of q and dO (small), so dk^T and dv^T are plain (D, Tq) (Tq, Tk)
+    # products too.
+    q_dt, d_out_dt = jnp.swapaxes(q_t, 2, 3), jnp.swapaxes(d_out_t, 2, 3)
     dq_blocks, dk_parts, dv_parts = [], [], []
-    for lo, hi in query_blocks(q.shape[1], causal):
-        keys = hi if causal else k.shape[1]
-        q_b, k_b, v_b, d_out_b = q[:, lo:hi], k[:, :keys], v[:, :keys], d_out[:, lo:hi]
+    for lo, hi in query_blocks(q_t.shape[2], causal):
+        keys = hi if causal else k_t.shape[2]
+        q_b, k_b, v_b = q_t[:, :, lo:hi], k_t[:, :, :keys], v_t[:, :, :keys]
+        d_out_b, row = d_out_t[:, :, lo:hi], row_all[:, :, lo:hi]
+        q_db, d_out_db = q_dt[..., lo:hi], d_out_dt[..., lo:hi]
         p = jnp.exp(_scores(q_b, k_b, causal, lo) - lse[:, :, lo:hi])  # (1) (B, H, rows, keys)
-        dv_b = jnp.einsum("bhqk,bqhd->bkhd", p, d_out_b)  # (2) (B, keys, H, D)
-        dp = jnp.einsum("bqhd,bkhd->bhqk", d_out_b, v_b)  # (3)
-        row = jnp.einsum("bqhd,bqhd->bhq", d_out_b, out[:, lo:hi])[..., None]  # (4)
+        # dv^T and dk^T as (D, keys) products: their operands need no (rows, keys) transpose.
+        dv_parts.append(jnp.einsum("bhdq,bhqk->bhdk", d_out_db, p))  # (2)
+        dp = jnp.einsum("bhqd,bhkd->bhqk", d_out_b, v_b)  # (3)
         ds = p * (dp - row)  # (5)
-        dq_blocks.append(jnp.einsum("bhqk,bkhd->bqhd", ds, k_b) * c)  # (6) (B, rows, H, D)
-        dk_b = jnp.einsum("bhqk,bqhd->bkhd", ds, q_b) * c  # (6) (B, keys, H, D)
-        tail = [(0, 0), (0, k.shape[1] - keys), (0, 0), (0, 0)]  # zero rows for unseen keys
-        dk_parts.append(jnp.pad(dk_b, tail))
-        dv_parts.append(jnp.pad(dv_b, tail))
-    dk, dv = (functools.reduce(jnp.add, parts) for parts in (dk_parts, dv_parts))
-    return jnp.concatenate(dq_blocks, axis=1), dk, dv
+        dq_blocks.append(jnp.einsum("bhqk,bhkd->bhqd", ds, k_b))  # (6) without its c
+        dk_parts.append(jnp.einsum("bhdq,bhqk->bhdk", q_db, ds))  # (6) q_b carries the c
+    tail = lambda part: jnp.pad(part, [(0, 0)] * 3 + [(0, k_t.shape[2] - part.shape[3])])
+    dk_t, dv_t = (functools.reduce(jnp.add, map(tail, parts)) for parts in (dk_parts, dv_parts))
+    dq = _heads_major(jnp.concatenate(dq_blocks, axis=2) * c)
+    return dq, jnp.transpose(dk_t, (0, 3, 1, 2)), jnp.transpose(dv_t, (0, 3, 1, 2))
 
 
 _attention.defvjp(attention_forward, attention_backward)

@@ -48,8 +48,9 @@ OPS = [
      [(2, 5, 3, 4), (1, 1, 1, 8)], (0, 1, 2)),
     ("attention_causal", lambda q, k, v: ops.attention(q, k, v, causal=True),
      lambda q, k, v: reference.attention(q, k, v, causal=True), _attn_args,
-     # 128, 256 rows: 2, 4 query blocks (causal tiling); 131: one block
-     [(2, 5, 3, 4), (1, 1, 1, 8), (1, 128, 2, 4), (1, 256, 1, 2), (1, 131, 1, 2)], (0, 1, 2)),
+     # 64, 96, 128 rows: 2, 3, 4 query blocks (causal tiling); 131: one block
+     [(2, 5, 3, 4), (1, 1, 1, 8), (1, 64, 2, 4), (1, 96, 1, 2), (1, 128, 2, 4),
+      (1, 131, 1, 2)], (0, 1, 2)),
 ]
 PARAMS = [pytest.param(fused, ref, make, shape, argnums, dtype, id=f"{name}-{shape}-{dtype}")
           for name, fused, ref, make, shapes, argnums in OPS for shape in shapes
@@ -84,19 +85,20 @@ def test_parity_float64(name, fused, ref, make, shapes, argnums):
 
 
 def test_causal_attention_query_blocks():
-    """Up to 4 equal query blocks of >= 64 rows when causal; one block otherwise."""
+    """Up to 4 equal query blocks of >= 32 rows when causal; one block otherwise."""
     from bpkit.ops.attention import query_blocks
-    assert query_blocks(128, True) == [(0, 64), (64, 128)]
-    assert query_blocks(256, True) == [(0, 64), (64, 128), (128, 192), (192, 256)]
-    assert query_blocks(192, True) == [(0, 64), (64, 128), (128, 192)]
+    assert query_blocks(64, True) == [(0, 32), (32, 64)]
+    assert query_blocks(96, True) == [(0, 32), (32, 64), (64, 96)]
+    assert query_blocks(128, True) == [(0, 32), (32, 64), (64, 96), (96, 128)]
     assert query_blocks(1024, True) == [(0, 256), (256, 512), (512, 768), (768, 1024)]
     assert query_blocks(131, True) == [(0, 131)]  # 131 is prime: no equal blocks
-    assert query_blocks(100, True) == [(0, 100)]
+    assert query_blocks(100, True) == [(0, 50), (50, 100)]  # 3 does not divide 100
+    assert query_blocks(31, True) == [(0, 31)]
     assert query_blocks(256, False) == [(0, 256)]
 
 
 def test_tiled_causal_attention_parity_float64():
-    """The tiled path (2 query blocks) against jax.grad and float64 finite differences."""
+    """The tiled path (4 query blocks) against jax.grad and float64 finite differences."""
     args = _attn_args((1, 128, 2, 4), "float64")
     assert_parity(_loss(lambda q, k, v: ops.attention(q, k, v, causal=True), (1, 128, 2, 4),
                         "float64"), *args, argnums=(0, 1, 2))
@@ -122,7 +124,7 @@ def test_attention_cross_lengths():
 def test_attention_saves_no_probability_matrix():
     """The residuals of the fused forward are O(T) per head; none is a (T, T) matrix."""
     from bpkit.ops.attention import attention_forward
-    for t in (16, 128):  # one query block, two
+    for t in (16, 128):  # one query block, four
         q, k, v = _attn_args((1, t, 2, 4), "float32")
         _, saved = attention_forward(q, k, v, True)
         assert not any(s.shape[-2:] == (t, t) for s in saved)
