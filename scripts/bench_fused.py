@@ -1,12 +1,16 @@
 """Fused ops vs their unfused references: jitted forward + backward, median of interleaved runs.
 
-    python scripts/bench_fused.py [--reps 30] [--engine jax|bpkit] [--small] [--json out.json]
+    python scripts/bench_fused.py [--reps 30] [--engine jax|bpkit] [--small] [--loss linear|sin]
+                                  [--json out.json]
 
 For each op, ``loss = sum(op(*args) * w)`` is differentiated w.r.t. its floating inputs under
 ``jax.jit`` (by ``jax.grad`` or ``bpkit.grad``: both run the fused op's hand-written backward
-and differentiate the reference by the chain rule). The fused and reference steps run
-alternately, so machine noise hits both alike; the ratio is median(fused) / median(reference)
-(< 1: the fused op is faster).
+and differentiate the reference by the chain rule). ``w``, the cotangent reaching the op, is an
+argument of the jitted step: were it a constant, XLA would fold it into the backward at compile
+time, which no model's step allows. ``--loss sin`` takes ``sum(sin(op(*args)) * w)``, so the
+cotangent depends on the op's output (the sine's cost then dilutes the ratios). The fused and
+reference steps run alternately, so machine noise hits both alike; the ratio is
+median(fused) / median(reference) (< 1: the fused op is faster).
 """
 from __future__ import annotations
 
@@ -46,11 +50,12 @@ def cases(small: bool):
     ]
 
 
-def step_fn(op, args, engine):
-    w = _normal(9, jax.eval_shape(op, *args).shape)
+def step_fn(op, args, engine, loss):
+    """``jit(grad(loss))`` as a function of ``(*args, w)``."""
     grad = jax.grad if engine == "jax" else bpkit.grad
+    head = jnp.sin if loss == "sin" else (lambda y: y)
     argnums = tuple(range(len(args)))
-    return jax.jit(grad(lambda *a: jnp.sum(op(*a) * w), argnums))
+    return jax.jit(grad(lambda *a: jnp.sum(head(op(*a[:-1])) * a[-1]), argnums))
 
 
 def time_once(fn, args) -> float:
@@ -64,13 +69,17 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--engine", choices=["jax", "bpkit"], default="jax")
     p.add_argument("--small", action="store_true", help="small shapes (for slow CPUs)")
+    p.add_argument("--loss", choices=["linear", "sin"], default="linear",
+                   help="the head on the op's output (see above)")
     p.add_argument("--json", help="also write the results to this file")
     a = p.parse_args(argv)
-    print(f"device: {jax.devices()[0].device_kind}, engine: {a.engine}.grad, reps: {a.reps}")
+    print(f"device: {jax.devices()[0].device_kind}, engine: {a.engine}.grad, loss: {a.loss}, "
+          f"reps: {a.reps}")
     print(f"{'op':44s} {'fused ms':>10s} {'ref ms':>10s} {'fused/ref':>10s}")
     results = []
     for name, fused, ref, args in cases(a.small):
-        f, r = step_fn(fused, args, a.engine), step_fn(ref, args, a.engine)
+        args = (*args, _normal(9, jax.eval_shape(fused, *args).shape))  # the loss's weights w
+        f, r = step_fn(fused, args, a.engine, a.loss), step_fn(ref, args, a.engine, a.loss)
         for fn in (f, r):  # compile and warm up
             time_once(fn, args)
             time_once(fn, args)
@@ -84,7 +93,7 @@ def main(argv=None) -> int:
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"device": jax.devices()[0].device_kind, "engine": a.engine,
-                       "results": results}, fh, indent=2)
+                       "loss": a.loss, "results": results}, fh, indent=2)
     return 0
 
 

@@ -16,11 +16,16 @@ Backward (as llm.c's ``layernorm_backward``), with ``g = dL/dy``::
 
 Term (4) follows from ``d xhat_j / d x_i = rstd (delta_ij - 1/d - xhat_i xhat_j / d)``. The
 forward saves ``x`` and ``scale`` (inputs) and the per-row ``mean, rstd``. The backward never
-forms ``xhat``: with ``xc = x - mean`` (so ``xhat = xc * rstd``) it computes (2) as
-``sum g * xc * rstd`` and (4) as ``rstd * (dxhat - mean_i(dxhat) - xc * rstd^2 mean_i(dxhat *
-xc))``, the per-row factors folded into ``(..., 1)`` columns. Same math; on XLA's CPU backend
-it avoids materialising one ``(..., d)`` array, which made the fused op 1.26x slower than the
-unfused reference at (16384, 768) (now 0.98-1.06x, parity within noise; docs/benchmarks.md).
+forms ``xhat``. With ``xc = x - mean`` (so ``xhat = xc * rstd``) and ``gxc = g * xc``, both
+reductions that involve ``xhat`` become matrix-vector products over one shared ``(..., d)``
+array::
+
+    (2) dscale = sum over rows of rstd * gxc          = rstd^T gxc      (rows contracted)
+    (4) dx     = rstd * (dxhat - mean_i(dxhat) - xc * rstd^2 (gxc . scale) / d)
+
+since ``mean_i(dxhat * xhat) = rstd (1/d) sum_i g_i scale_i xc_i``. Same math; on XLA's CPU
+backend it reads and writes fewer ``(..., d)`` arrays than the formulas above (speed:
+docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -29,6 +34,8 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+HIGHEST = lax.Precision.HIGHEST
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -52,11 +59,14 @@ def layer_norm_backward(eps, saved, g):
     lead = (1,) * (x.ndim - 1)
     rows = tuple(range(x.ndim - 1))
     xc = x - mean  # xhat = xc * rstd, never materialised
+    gxc = g * xc
     dbias = jnp.sum(g, axis=rows)  # (1)
-    dscale = jnp.sum(g * xc * rstd, axis=rows)  # (2)
+    # HIGHEST: these sums stay float32-exact where matrix units would round to bf16/tf32.
+    dscale = jnp.einsum("...d,...->d", gxc, rstd[..., 0], precision=HIGHEST)  # (2)
     dxhat = g * scale.reshape(lead + scale.shape)  # (3)
     row_mean = jnp.mean(dxhat, axis=-1, keepdims=True)  # (..., 1)
-    row_proj = jnp.mean(dxhat * xc, axis=-1, keepdims=True) * (rstd * rstd)  # (..., 1)
+    proj = jnp.matmul(gxc, scale, precision=HIGHEST)[..., None]  # (..., 1): sum_i g_i s_i xc_i
+    row_proj = proj * (rstd * rstd / x.shape[-1])
     dx = rstd * (dxhat - row_mean - xc * row_proj)  # (4)
     return dx, dscale, dbias
 
