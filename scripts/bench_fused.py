@@ -10,7 +10,8 @@ argument of the jitted step: were it a constant, XLA would fold it into the back
 time, which no model's step allows. ``--loss sin`` takes ``sum(sin(op(*args)) * w)``, so the
 cotangent depends on the op's output (the sine's cost then dilutes the ratios). The fused and
 reference steps run alternately, so machine noise hits both alike; the ratio is
-median(fused) / median(reference) (< 1: the fused op is faster).
+median(fused) / median(reference) (< 1: the fused op is faster). The MiB columns are XLA's
+scratch memory for each compiled step (``memory_analysis().temp_size_in_bytes``).
 """
 from __future__ import annotations
 
@@ -58,6 +59,12 @@ def step_fn(op, args, engine, loss):
     return jax.jit(grad(lambda *a: jnp.sum(head(op(*a[:-1])) * a[-1]), argnums))
 
 
+def temp_mib(fn, args) -> float:
+    """XLA's scratch memory for the compiled step (MiB; NaN where the backend reports none)."""
+    stats = fn.lower(*args).compile().memory_analysis()
+    return stats.temp_size_in_bytes / 2**20 if stats is not None else float("nan")
+
+
 def time_once(fn, args) -> float:
     t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
@@ -75,7 +82,8 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     print(f"device: {jax.devices()[0].device_kind}, engine: {a.engine}.grad, loss: {a.loss}, "
           f"reps: {a.reps}")
-    print(f"{'op':44s} {'fused ms':>10s} {'ref ms':>10s} {'fused/ref':>10s}")
+    print(f"{'op':44s} {'fused ms':>10s} {'ref ms':>10s} {'fused/ref':>10s} "
+          f"{'fused MiB':>10s} {'ref MiB':>10s}")
     results = []
     for name, fused, ref, args in cases(a.small):
         args = (*args, _normal(9, jax.eval_shape(fused, *args).shape))  # the loss's weights w
@@ -88,8 +96,10 @@ def main(argv=None) -> int:
             tf.append(time_once(f, args))
             tr.append(time_once(r, args))
         mf, mr = statistics.median(tf) * 1e3, statistics.median(tr) * 1e3
-        results.append({"op": name, "fused_ms": mf, "reference_ms": mr, "ratio": mf / mr})
-        print(f"{name:44s} {mf:10.3f} {mr:10.3f} {mf / mr:10.2f}")
+        memf, memr = temp_mib(f, args), temp_mib(r, args)
+        results.append({"op": name, "fused_ms": mf, "reference_ms": mr, "ratio": mf / mr,
+                        "fused_temp_mib": memf, "reference_temp_mib": memr})
+        print(f"{name:44s} {mf:10.3f} {mr:10.3f} {mf / mr:10.2f} {memf:10.1f} {memr:10.1f}")
     if a.json:
         with open(a.json, "w") as fh:
             json.dump({"device": jax.devices()[0].device_kind, "engine": a.engine,
