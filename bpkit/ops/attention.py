@@ -26,7 +26,8 @@ keeps. This is the FlashAttention backward.
 Layout. The products run heads-major, ``(B, H, T, D)``: q (already scaled by ``c``), k and v
 are transposed once in the forward and saved that way, so every product is a batched matrix
 product whose batch dimensions lead, and ``dk``, ``dv`` are formed transposed, as the
-``(D, Tk)`` products ``q^T dS`` and ``dO^T P``, so that no ``(Tq, Tk)`` matrix is transposed.
+``(D, Tk)`` products ``q^T dS`` and ``dO^T P`` (from ``(B, H, D, T)`` copies of q and dO), so
+that no ``(Tq, Tk)`` matrix is transposed.
 (Written on the ``[B, T, H, D]`` layout, XLA transposed operands for every product.)
 
 Causal tiling. With the causal mask, the queries of rows ``[lo, hi)`` see only keys ``[0, hi)``.
@@ -116,9 +117,13 @@ def attention_backward(causal, saved, d_out):
         dp = jnp.einsum("bhqd,bhkd->bhqk", d_out_b, v_b)  # (3)
         ds = p * (dp - row)  # (5)
         dq_blocks.append(jnp.einsum("bhqk,bhkd->bhqd", ds, k_b))  # (6) without its c
-        dk_parts.append(jnp.einsum("bhdq,bhqk->bhdk", q_db, ds))  # (6) q_b carries the c
-    tail = lambda part: jnp.pad(part, [(0, 0)] * 3 + [(0, k_t.shape[2] - part.shape[3])])
-    dk_t, dv_t = (functools.reduce(jnp.add, map(tail, parts)) for parts in (dk_parts, dv_parts))
+        dk_parts.append(jnp.einsum("bhdq,bhqk->bhdk", q_db, ds))  # (6) q_db carries the c
+
+    def all_keys(part):  # (B, H, D, keys) -> (B, H, D, Tk): zeros for keys the block never saw
+        return jnp.pad(part, [(0, 0)] * 3 + [(0, k_t.shape[2] - part.shape[3])])
+
+    dk_t, dv_t = (functools.reduce(jnp.add, map(all_keys, parts))
+                  for parts in (dk_parts, dv_parts))
     dq = _heads_major(jnp.concatenate(dq_blocks, axis=2) * c)
     return dq, jnp.transpose(dk_t, (0, 3, 1, 2)), jnp.transpose(dv_t, (0, 3, 1, 2))
 
