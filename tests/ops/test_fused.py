@@ -138,6 +138,18 @@ def test_layer_norm_saves_mean_and_rstd():
     assert mean.shape == rstd.shape == (3, 1)
 
 
+def test_layer_norm_backward_products_use_highest_precision():
+    """dscale and the row projection are matrix-vector products; on GPU/TPU a default-precision
+    float32 product rounds its inputs (tf32/bf16), which the CPU tests cannot see."""
+    from bpkit.ops.layer_norm import layer_norm_backward, layer_norm_forward
+    x, s, b = _ln_args((3, 5), "float32")
+    jaxpr = jax.make_jaxpr(lambda x, s, b, g: layer_norm_backward(
+        1e-5, layer_norm_forward(x, s, b, 1e-5)[1], g))(x, s, b, x)
+    precisions = [e.params["precision"] for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(precisions) == 2
+    assert all(p == (jax.lax.Precision.HIGHEST,) * 2 for p in precisions)
+
+
 def test_cross_entropy_saves_probabilities_not_logits():
     """The backward reads softmax(z) back instead of recomputing exp; the logits are not kept."""
     from bpkit.ops.cross_entropy import softmax_cross_entropy_forward
