@@ -67,7 +67,7 @@ def cmd_eval(args) -> int:
     if restored is None:
         raise ConfigError(f"no usable checkpoint in {args.run_dir}/checkpoints")
     _, eval_step = loop.make_steps(cfg, task, tx, schedule)
-    res = evaluate(eval_step, jax.device_put(restored.params),
+    res = evaluate(eval_step, jax.device_put(loop.eval_inputs(task, restored)),
                    eval_batches(ds, cfg.data.eval_batch_size, cfg.run.eval_batches or None))
     result = {"step": step, "eval_loss": res.get("loss"),
               "eval_accuracy": res.get("accuracy") if task.kind == "classifier" else None}
@@ -88,7 +88,8 @@ def cmd_parity(args) -> int:
     state = loop.init_state(cfg, task, tx)
     batch = train_batch(ds, 0, cfg.data.batch_size, cfg.run.seed)
     key = jax.random.fold_in(state.key, 0)
-    report = loop.check_step_parity(task, state.params, batch, key, fd=not args.no_fd)
+    report = loop.check_step_parity(task, state.params, batch, key,
+                                    model_state=state.model_state, fd=not args.no_fd)
     print(f"parity of the train-step loss of {args.config} on one batch of "
           f"{cfg.data.batch_size}:")
     print(report)

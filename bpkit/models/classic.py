@@ -37,13 +37,20 @@ def mlp(in_features: int = 40, hidden=(256, 256), num_classes: int = 10,
 
 
 def cnn1d(in_length: int = 40, channels=(32, 32, 32), kernel_size: int = 5,
-          num_classes: int = 10) -> Model:
+          num_classes: int = 10, batch_norm: bool = False) -> Model:
     """1-D CNN for MNIST-1D-sized signals: input ``(B, L)`` viewed as ``(B, L, 1)``; each stage is
-    ``conv1d(stride 2, SAME) -> relu`` (L halves), then flatten and a linear head."""
+    ``conv1d(stride 2, SAME) -> relu`` (L halves), then flatten and a linear head.
+
+    ``batch_norm=True`` puts a ``batch_norm`` between each convolution and its relu (the
+    convolutions then have no bias: the normalisation would cancel it, leaving it a zero
+    gradient); the model is then stateful (running statistics ``bn_{i}/{mean, var}``; see
+    ``Model``)."""
     layers = []
     for i, c in enumerate(channels):
-        layers += [nn.conv1d(c, kernel_size, stride=2, name=f"conv_{i}"),
-                   nn.relu(name=f"relu_{i}")]
+        layers += [nn.conv1d(c, kernel_size, stride=2, use_bias=not batch_norm,
+                             name=f"conv_{i}")]
+        layers += [nn.batch_norm(name=f"bn_{i}")] if batch_norm else []
+        layers += [nn.relu(name=f"relu_{i}")]
     layers += [nn.flatten(), nn.dense(num_classes, name="head")]
 
     def prepare(x):

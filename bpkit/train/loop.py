@@ -117,7 +117,8 @@ def init_state(cfg: Config, task: Task, tx) -> TrainState:
         opt_state = {"generator": g_tx.init(params["generator"]),
                      "discriminator": d_tx.init(params["discriminator"])}
         return TrainState(jnp.zeros((), jnp.int32), params, opt_state, {}, run_key)
-    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), {}, run_key)
+    model_state = task.init_state() if task.stateful else {}
+    return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), model_state, run_key)
 
 
 def load_params(run_dir: str, like):
@@ -153,32 +154,60 @@ def make_steps(cfg: Config, task: Task, tx, schedule) -> tuple[Callable, Callabl
         return step, make_eval_step(task.metric_fn)
     compute = jnp.bfloat16 if cfg.model.compute_dtype == "bfloat16" else None
     step = make_train_step(task.loss_fn, tx, engine=cfg.run.engine, has_aux=True,
-                           schedule=schedule, accumulate_steps=cfg.optimizer.accumulate_steps,
+                           has_state=task.stateful, schedule=schedule,
+                           accumulate_steps=cfg.optimizer.accumulate_steps,
                            compute_dtype=compute,
                            skip_nonfinite=cfg.run.on_nonfinite == "skip")
+    if task.stateful:  # eval_step((params, model_state), batch): see eval_inputs
+        return step, make_eval_step(lambda inputs, b: task.metric_fn(inputs[0], b, inputs[1]))
     return step, make_eval_step(task.metric_fn)
 
 
+def eval_inputs(task: Task, state: TrainState):
+    """What ``make_steps``' eval step takes first: the parameters, and for a stateful task
+    the model state (BatchNorm's running statistics) with them."""
+    return (state.params, state.model_state) if task.stateful else state.params
+
+
 def make_signals(cfg: Config, task: Task) -> Callable:
-    """The jitted backward-signals function of ``cfg``'s train loss (see train/signals.py)."""
+    """The jitted backward-signals function of ``cfg``'s train loss (see train/signals.py):
+    ``signals(params, signal_batch(task, batch, state), key)``."""
     compute = jnp.bfloat16 if cfg.model.compute_dtype == "bfloat16" else None
-    return make_signals_fn(task.loss_fn, engine=cfg.run.engine, has_aux=True,
-                           compute_dtype=compute)
+    def bundled_loss(params, bundle, key):  # the model state travels with the batch
+        batch, model_state = bundle
+        return task.loss_fn(params, batch, key, model_state)
+
+    return make_signals_fn(bundled_loss if task.stateful else task.loss_fn,
+                           engine=cfg.run.engine, has_aux=True, compute_dtype=compute)
+
+
+def signal_batch(task: Task, batch, state: TrainState):
+    """The batch argument of ``make_signals``' function for ``batch`` at ``state``."""
+    return (batch, state.model_state) if task.stateful else batch
 
 
 def parity_loss(task: Task, key):
-    """The scalar the train step differentiates, as ``f(params, batch)`` (not for GANs)."""
+    """The scalar the train step differentiates, as ``f(params, batch)``, or for a stateful
+    task ``f(params, batch, model_state)`` (not for GANs)."""
+    if task.stateful:
+        return lambda params, batch, model_state: task.loss_fn(params, batch, key,
+                                                               model_state)[0]
     return lambda params, batch: task.loss_fn(params, batch, key)[0]
 
 
-def check_step_parity(task: Task, params, batch, key, *, fd: bool = True,
+def check_step_parity(task: Task, params, batch, key, *, model_state=None, fd: bool = True,
                       max_examples: int | None = None):
     """bpkit vs jax.grad (vs float64 finite differences with ``fd``) on the gradient the train
-    step takes for ``batch``. A GAN step takes two: the discriminator's loss w.r.t. its
-    parameters and the generator's loss w.r.t. its own; both are checked."""
+    step takes for ``batch`` (at ``model_state``, for a stateful task). A GAN step takes two:
+    the discriminator's loss w.r.t. its parameters and the generator's loss w.r.t. its own;
+    both are checked."""
     from bpkit.check import ParityReport, check_parity
     if max_examples is not None:
         batch = jax.tree_util.tree_map(lambda x: x[:max_examples], batch)
+    if task.stateful:
+        if model_state is None:
+            model_state = task.init_state()
+        return check_parity(parity_loss(task, key), params, batch, model_state, fd=fd)
     if task.kind != "gan":
         return check_parity(parity_loss(task, key), params, batch, fd=fd)
     kd, kg = jax.random.split(key)
@@ -285,8 +314,8 @@ def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
     first = train_batch(ds, start, cfg.data.batch_size, cfg.run.seed)
     if cfg.run.check_parity and start < cfg.run.steps:
         report = check_step_parity(task, state.params, first,
-                                   jax.random.fold_in(state.key, start), fd=False,
-                                   max_examples=16)
+                                   jax.random.fold_in(state.key, start),
+                                   model_state=state.model_state, fd=False, max_examples=16)
         if report.ok:
             out(f"  parity  first batch: max |bpkit - jax.grad| = {report.max_jax_abs:.2e} "
                 f"over {len(report.leaves)} parameter arrays: OK")
@@ -381,8 +410,8 @@ def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
         nonlocal last_eval
         if eval_step is None:
             return
-        res = evaluate(eval_step, state.params, eval_batches(ds, cfg.data.eval_batch_size,
-                                                             cfg.run.eval_batches or None))
+        res = evaluate(eval_step, eval_inputs(task, state),
+                       eval_batches(ds, cfg.data.eval_batch_size, cfg.run.eval_batches or None))
         last_eval = res
         rec = {"step": step, "split": "eval", **{f"eval_{k}": v for k, v in res.items()}}
         mfile.write(json.dumps(rec) + "\n")
@@ -404,8 +433,8 @@ def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
                 raise Interrupted(stop_signal[0])
             if signals_fn is not None and (step == 0 or (step + 1) % every == 0):
                 # Before the step: it donates the state. Same params, batch and key.
-                pending_signals.append(
-                    (step + 1, signals_fn(state.params, batch, state.step_key())))
+                pending_signals.append((step + 1, signals_fn(
+                    state.params, signal_batch(task, batch, state), state.step_key())))
             state, metrics = step_fn(state, batch)
             step += 1
             steps_run += 1

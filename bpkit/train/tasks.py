@@ -7,6 +7,10 @@ are filled in from the dataset when not given.
 
 Task kinds: ``classifier`` (softmax cross-entropy + accuracy), ``lm`` (next-token
 cross-entropy), ``regression`` (MSE or Huber), ``gan`` (non-saturating GAN: two losses).
+
+A stateful model (BatchNorm: ``Model.init_state``) makes a stateful task: its ``loss_fn`` takes
+and returns the running statistics, as ``make_train_step(has_state=True)`` expects, and its
+``metric_fn`` evaluates with them.
 """
 from __future__ import annotations
 
@@ -38,6 +42,36 @@ class Task:
     g_loss_fn: Callable | None = None           # GAN
     latent_dim: int | None = None               # GAN
     model_args: dict | None = None
+    # Stateful tasks: () -> model_state; loss_fn(params, batch, key, model_state) -> (loss,
+    # (metrics, new_model_state)); metric_fn(params, batch, model_state).
+    init_state: Callable | None = None
+
+    @property
+    def stateful(self) -> bool:
+        return self.init_state is not None
+
+
+def _run(model, params, x, *, key=None, train=False, state=None):
+    """``(output, new_state)`` of ``model`` on ``x`` (``state`` passes through a stateless
+    model unchanged)."""
+    if model.stateful:
+        return model.apply(params, x, key=key, train=train, state=state)
+    return model.apply(params, x, key=key, train=train), state
+
+
+def _task(kind: str, model, loss_core: Callable, metric_core: Callable, args: dict) -> Task:
+    """A task from ``loss_core(params, batch, key, state) -> (loss, metrics, new_state)`` and
+    ``metric_core(params, batch, state)``: stateful when ``model`` is, else the state-free
+    signatures of ``Task``."""
+    if model.stateful:
+        def loss_fn(params, batch, key, model_state):
+            loss, metrics, new_state = loss_core(params, batch, key, model_state)
+            return loss, (metrics, new_state)
+
+        return Task(kind, model, model.init, loss_fn, metric_core, model_args=args,
+                    init_state=model.init_state)
+    return Task(kind, model, model.init, lambda p, b, k: loss_core(p, b, k, None)[:2],
+                lambda p, b: metric_core(p, b, None), model_args=args)
 
 
 def _factory(name: str):
@@ -135,8 +169,10 @@ def _check_fit(cfg, model, ds, args):
     """Run the model on two examples: a clear error if features or classes do not fit."""
     from bpkit.data import DataError
     params = model.init(jax.random.PRNGKey(0))
+    state = model.init_state() if model.stateful else None
     try:
-        out = jax.eval_shape(lambda p, x: model.apply(p, x), params, ds.x_train[:2])
+        out = jax.eval_shape(lambda p, x: _run(model, p, x, state=state)[0], params,
+                             ds.x_train[:2])
     except Exception as e:
         raise DataError(f"data does not fit model {cfg.model.name}: examples of shape "
                         f"{tuple(ds.x_train.shape[1:])} fail in the model "
@@ -152,48 +188,49 @@ def _check_fit(cfg, model, ds, args):
 def _classifier_task(cfg, model, args) -> Task:
     ce = _labels_loss(cfg)
 
-    def loss_fn(params, batch, key):
-        logits = model.apply(params, batch["x"], key=key, train=True)        # (B, C)
-        loss = jnp.mean(ce(logits, batch["y"]))
+    def loss_core(params, batch, key, state):
+        logits, state = _run(model, params, batch["x"], key=key, train=True, state=state)
+        loss = jnp.mean(ce(logits, batch["y"]))                                # logits (B, C)
         acc = jnp.mean((jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32))
-        return loss, {"accuracy": jax.lax.stop_gradient(acc)}
+        return loss, {"accuracy": jax.lax.stop_gradient(acc)}, state
 
-    def metric_fn(params, batch):
-        logits = model.apply(params, batch["x"])
+    def metric_core(params, batch, state):
+        logits, _ = _run(model, params, batch["x"], state=state)
         return {"loss": ce(logits, batch["y"]),
                 "accuracy": (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)}
 
-    return Task("classifier", model, model.init, loss_fn, metric_fn, model_args=args)
+    return _task("classifier", model, loss_core, metric_core, args)
 
 
 def _lm_task(cfg, model, args) -> Task:
     ce = _labels_loss(cfg)
 
-    def loss_fn(params, batch, key):
-        logits = model.apply(params, batch["x"], key=key, train=True)        # (B, T, V)
-        return jnp.mean(ce(logits, batch["y"])), {}
+    def loss_core(params, batch, key, state):
+        logits, state = _run(model, params, batch["x"], key=key, train=True, state=state)
+        return jnp.mean(ce(logits, batch["y"])), {}, state                   # logits (B, T, V)
 
-    def metric_fn(params, batch):
-        logits = model.apply(params, batch["x"])
+    def metric_core(params, batch, state):
+        logits, _ = _run(model, params, batch["x"], state=state)
         per_token = ce(logits, batch["y"])                                    # (B, T)
         acc = (jnp.argmax(logits, -1) == batch["y"]).astype(jnp.float32)
         return {"loss": jnp.mean(per_token, -1), "accuracy": jnp.mean(acc, -1)}
 
-    return Task("lm", model, model.init, loss_fn, metric_fn, model_args=args)
+    return _task("lm", model, loss_core, metric_core, args)
 
 
 def _regression_task(cfg, model, args) -> Task:
     from bpkit.nn import losses
     per_example = losses.mse if cfg.model.loss == "mse" else losses.huber    # (B, ...) -> (B,)
 
-    def loss_fn(params, batch, key):
-        return jnp.mean(per_example(model.apply(params, batch["x"], key=key, train=True),
-                                    batch["y"])), {}
+    def loss_core(params, batch, key, state):
+        pred, state = _run(model, params, batch["x"], key=key, train=True, state=state)
+        return jnp.mean(per_example(pred, batch["y"])), {}, state
 
-    def metric_fn(params, batch):
-        return {"loss": per_example(model.apply(params, batch["x"]), batch["y"])}
+    def metric_core(params, batch, state):
+        return {"loss": per_example(_run(model, params, batch["x"], state=state)[0],
+                                    batch["y"])}
 
-    return Task("regression", model, model.init, loss_fn, metric_fn, model_args=args)
+    return _task("regression", model, loss_core, metric_core, args)
 
 
 def _gan_task(cfg, name, fn, args, ds) -> Task:

@@ -162,3 +162,30 @@ def test_sigmoid_mlp_gradients_vanish_with_depth_residual_do_not():
 def test_mlp_rejects_unknown_activation():
     with pytest.raises(ValueError, match="choose one of"):
         models.mlp(activation="swish!")
+
+
+def test_stateful_cnn1d_with_batch_norm():
+    """``cnn1d(batch_norm=True)``: a stateful Model (init_state; apply takes and returns the
+    running statistics), bias-free convolutions, parity in train and eval mode, jit == eager."""
+    model = models.cnn1d(in_length=12, channels=(3, 4), kernel_size=3, num_classes=3,
+                         batch_norm=True)
+    assert model.stateful and not models.cnn1d(in_length=12).stateful
+    params, state = model.init(jax.random.key(0)), model.init_state()
+    assert {"conv_0/w", "bn_0/scale", "bn_1/bias", "head/w"} <= set(nn.param_paths(params))
+    assert "conv_0/b" not in nn.param_paths(params)  # the normalisation would cancel it
+    assert set(nn.param_paths(state)) == {"bn_0/mean", "bn_0/var", "bn_1/mean", "bn_1/var"}
+    x = _x((5, 12))
+    y, new_state = model.apply(params, x, train=True, state=state)
+    assert y.shape == (5, 3) and y.dtype == jnp.float32
+    assert not np.allclose(new_state["bn_0"]["mean"], state["bn_0"]["mean"])
+    y_eval, same_state = model.apply(params, x, state=new_state)  # eval: running statistics
+    for a, b in zip(jax.tree_util.tree_leaves(same_state), jax.tree_util.tree_leaves(new_state)):
+        np.testing.assert_array_equal(a, b)
+    assert not np.allclose(y_eval, y)  # batch statistics in training, running ones in eval
+    jitted = jax.jit(lambda p, x, s: model.apply(p, x, train=True, state=s))(params, x, state)
+    np.testing.assert_allclose(jitted[0], y, rtol=1e-5, atol=1e-5)
+    params64, state64 = nn.cast(params, jnp.float64), nn.cast(new_state, jnp.float64)
+    x64, w = _x((5, 12), jnp.float64), _x((5, 3), jnp.float64, seed=1)
+    for train in (True, False):
+        assert_parity(lambda p: jnp.sum(model.apply(p, x64, train=train, state=state64)[0] * w),
+                      params64, directions=1)

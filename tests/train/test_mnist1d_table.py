@@ -5,7 +5,8 @@ import pytest
 
 from tests.train.helpers import CONFIGS, bpkit, summary
 
-PAPER = {"mnist1d_logreg": 0.32, "mnist1d_mlp": 0.68, "mnist1d_cnn": 0.94, "mnist1d_gru": 0.91}
+PAPER = {"mnist1d_logreg": 0.32, "mnist1d_mlp": 0.68, "mnist1d_cnn": 0.94, "mnist1d_cnn_bn": 0.94,
+         "mnist1d_gru": 0.91}
 
 
 @pytest.mark.slow

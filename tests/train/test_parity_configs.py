@@ -10,6 +10,7 @@ SMALL = {
     "mnist1d_logreg": [],
     "mnist1d_mlp": ["model.args.hidden=[16,16]"],
     "mnist1d_cnn": ["model.args.channels=[4,4,4]"],
+    "mnist1d_cnn_bn": ["model.args.channels=[4,4,4]"],
     "mnist1d_gru": ["model.args.hidden=8"],
     "charlm_gpt": ["data.context=4", "data.max_chars=5000", "model.args.d_model=8",
                    "model.args.n_layers=1", "model.args.n_heads=2"],
