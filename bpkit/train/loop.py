@@ -110,19 +110,41 @@ def build(cfg: Config):
 def init_state(cfg: Config, task: Task, tx) -> TrainState:
     init_key, run_key = jax.random.split(jax.random.PRNGKey(cfg.run.seed))
     params = task.init(init_key)
+    model_state = task.init_state() if task.stateful else {}
     if cfg.model.init_from:
-        params = load_params(cfg.model.init_from, params)
+        params, loaded_state = load_params(cfg.model.init_from, params,
+                                           model_state if task.stateful else None)
+        model_state = model_state if loaded_state is None else loaded_state
     if task.kind == "gan":
         g_tx, d_tx = tx
         opt_state = {"generator": g_tx.init(params["generator"]),
                      "discriminator": d_tx.init(params["discriminator"])}
         return TrainState(jnp.zeros((), jnp.int32), params, opt_state, {}, run_key)
-    model_state = task.init_state() if task.stateful else {}
     return TrainState(jnp.zeros((), jnp.int32), params, tx.init(params), model_state, run_key)
 
 
-def load_params(run_dir: str, like):
-    """The parameters of ``run_dir``'s latest good checkpoint (for fine-tuning)."""
+def leaf_ranges(state: TrainState) -> dict[str, list[int]]:
+    """``{field: [lo, hi]}``: where each ``TrainState`` field's leaves lie among the state's
+    flattened leaves (recorded in checkpoint metadata as ``<field>_leaves``)."""
+    ranges, lo = {}, 0
+    for name in state._fields:
+        n = len(jax.tree_util.tree_leaves(getattr(state, name)))
+        ranges[f"{name}_leaves"] = [lo, lo + n]
+        lo += n
+    return ranges
+
+
+def _matches(meta: dict, field: str, like_leaves) -> bool:
+    lo, hi = meta[field]
+    return hi - lo == len(like_leaves) and all(
+        list(np.shape(x)) == meta["shapes"][lo + i] for i, x in enumerate(like_leaves))
+
+
+def load_params(run_dir: str, like, like_model_state=None):
+    """``(params, model_state)`` of ``run_dir``'s latest good checkpoint (for fine-tuning).
+
+    ``model_state`` (BatchNorm's running statistics) is read when ``like_model_state`` is
+    given and the checkpoint has one of that structure; else it is ``None`` (start fresh)."""
     ckpt_dir = os.path.join(run_dir, "checkpoints")
     leaves_like, treedef = jax.tree_util.tree_flatten(like)
     for step in reversed(ckpt.checkpoint_steps(ckpt_dir)):
@@ -130,14 +152,19 @@ def load_params(run_dir: str, like):
         try:
             with open(os.path.join(path, ckpt.META)) as f:
                 meta = json.load(f)
-            lo, hi = meta["params_leaves"]
-            if hi - lo != len(leaves_like) or any(
-                    list(np.shape(x)) != meta["shapes"][lo + i]
-                    for i, x in enumerate(leaves_like)):
+            if not _matches(meta, "params_leaves", leaves_like):
                 raise ConfigError(f"model.init_from: the parameters in {path} do not match "
                                   "this model (use the same model.name and model.args)")
             full = ckpt.restore_leaves(path)
-            return jax.tree_util.tree_unflatten(treedef, full[lo:hi])
+            lo, hi = meta["params_leaves"]
+            params = jax.tree_util.tree_unflatten(treedef, full[lo:hi])
+            model_state = None
+            if like_model_state is not None and "model_state_leaves" in meta:
+                state_leaves, state_def = jax.tree_util.tree_flatten(like_model_state)
+                if _matches(meta, "model_state_leaves", state_leaves):
+                    lo, hi = meta["model_state_leaves"]
+                    model_state = jax.tree_util.tree_unflatten(state_def, full[lo:hi])
+            return params, model_state
         except (OSError, ValueError, KeyError) as e:
             if isinstance(e, ConfigError):
                 raise
@@ -281,7 +308,7 @@ def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
                           "(two losses); set diagnostics.every=0")
     state = init_state(cfg, task, tx)
     n_params = _param_count(state.params)
-    params_leaves = (1, 1 + len(jax.tree_util.tree_leaves(state.params)))
+    ranges = leaf_ranges(state)  # checkpoint metadata: where params / model state lie
     start, restored = ckpt.restore_latest(ckpt_dir, state,
                                           warn=lambda m: out(m))
     if restored is not None:
@@ -422,7 +449,7 @@ def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
 
     def save(step: int) -> None:
         ckpt.save(ckpt_dir, step, state, keep=cfg.run.keep_checkpoints,
-                  extra={"params_leaves": list(params_leaves)})
+                  extra={k: ranges[k] for k in ("params_leaves", "model_state_leaves")})
 
     step = start
     steps_run = 0

@@ -1,7 +1,7 @@
 """Config-driven training of a stateful model (BatchNorm, configs/mnist1d_cnn_bn.yaml): the
 train step updates the running statistics, checkpoints carry them (a resumed run equals an
-uninterrupted one), and evaluation uses them (``bpkit eval`` reproduces the run's eval loss;
-the initial statistics give another)."""
+uninterrupted one), evaluation uses them (``bpkit eval`` reproduces the run's eval loss;
+the initial statistics give another), and fine-tuning starts from them."""
 import json
 import os
 
@@ -82,3 +82,15 @@ def test_evaluation_uses_the_saved_running_statistics(straight, capsys):
         model_state=initial.model_state)), batches())["loss"]
     assert saved == pytest.approx(reported["eval_loss"], rel=1e-6)
     assert abs(fresh - saved) > 1e-3  # the statistics matter to the evaluation
+
+
+def test_fine_tuning_starts_from_the_saved_running_statistics(straight):
+    """``model.init_from`` loads the parameters and, for a stateful model, the statistics."""
+    _, _, initial, final = _final_state(straight)
+    cfg = load_config(CFG, SMALL + [f"model.init_from={straight}"])
+    _, task, tx, _ = loop.build(cfg)
+    start = loop.init_state(cfg, task, tx)
+    for got, want in ((start.params, final.params), (start.model_state, final.model_state)):
+        for x, y in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+            np.testing.assert_array_equal(x, y)
+    assert int(start.step) == 0  # a new run: only the model is carried over
