@@ -28,8 +28,8 @@ import numpy as np
 from bpkit.engine import compat, registry
 
 # The rule family modules, in the order ``bpkit rules`` prints them.
-FAMILIES = ("elementwise", "structural", "slicing", "reductions", "linalg", "conv", "windows",
-            "control", "nondiff")
+FAMILIES = ("elementwise", "structural", "slicing", "reductions", "linalg", "linalg_decomp",
+            "conv", "windows", "control", "nondiff")
 
 
 def supported_primitives() -> dict[str, str]:

@@ -177,6 +177,12 @@ def internal_primitive(name: str):
     return getattr(_lax_internal, name, None)
 
 
+# The Cholesky derivative of JAX 0.10.2 uses the whole tangent dΣ; JAX 0.12 first builds the
+# Hermitian tangent from dΣ's lower triangle (the only part the primitive reads). 0.11 is assumed
+# to behave like 0.12 (not installed here to check).
+CHOLESKY_TANGENT_FROM_LOWER = JAX_VERSION >= (0, 11, 0)
+
+
 def as_array(x):
     """Python scalars become (weakly typed) JAX arrays so rules can rely on ``.dtype``."""
     return jax.numpy.asarray(x) if isinstance(x, (bool, int, float, complex)) else x

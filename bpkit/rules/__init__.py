@@ -13,6 +13,8 @@ slicing            slice dynamic_slice dynamic_update_slice gather scatter scatt
                    mul/max/min sort top_k
 reductions         reduce_sum/max/min/prod, argmax, cumsum/prod/max/min, cumlogsumexp
 linalg             dot_general
+linalg_decomp      cholesky triangular_solve lu qr householder_product eigh svd
+                   custom_linear_solve (lu_pivots_to_permutation: nondiff)
 conv               conv_general_dilated
 windows            reduce_window_sum / reduce_window_max (pooling)
 control            jit, closed_call, remat, custom_jvp_call, custom_vjp_call, scan, cond
@@ -24,6 +26,7 @@ from bpkit.rules import (  # noqa: F401  (imported for their registrations)
     conv,
     elementwise,
     linalg,
+    linalg_decomp,
     nondiff,
     reductions,
     slicing,
