@@ -138,6 +138,20 @@ def embedding(table, ids, w):
 
 EMB_ARGS = (_normal(K[10], (10, 4)), jnp.array([[1, 3, 3], [0, 1, 9]]), _normal(K[11], (4, 2)))
 
+def linalg_program(a, b):
+    """Factorizations and solves: Cholesky + cho_solve (triangular solves), eigh, QR, LU, SVD,
+    and conjugate gradients (a symmetric custom_linear_solve). ``jnp.linalg.solve`` is not here:
+    JAX builds its transposed operator with ``jax.linear_transpose`` while tracing the primal."""
+    k = a @ a.T + 3 * jnp.eye(3)
+    alpha = jax.scipy.linalg.cho_solve((jnp.linalg.cholesky(k), True), b)
+    w, v = jnp.linalg.eigh(k)
+    q, r = jnp.linalg.qr(a)
+    x, _ = jax.scipy.sparse.linalg.cg(lambda u: k @ u, b, tol=1e-12)
+    return (jnp.sum(alpha * b) + jnp.sum(w ** 2) + jnp.sum(v ** 4) + jnp.sum(jnp.sin(q) * r)
+            + jnp.sum(lax.linalg.lu(a)[0] ** 2) + jnp.sum(jnp.linalg.svd(a, compute_uv=False))
+            + jnp.sum(x ** 2))
+
+
 PROGRAMS = {
     "mlp_relu_gelu_softmax_ce": (mlp, MLP_ARGS, 0, None),
     "gru_scan": (gru, GRU_ARGS, 0, None),
@@ -147,6 +161,8 @@ PROGRAMS = {
     "cnn_conv_pooling": (cnn, CNN_ARGS, (0, 1), (lax.conv_general_dilated_p,
                                                   lax.reduce_window_max_p)),
     "embedding_gather": (embedding, EMB_ARGS, (0, 2), (lax.gather_p,)),
+    "linalg_decompositions": (linalg_program, (_normal(K[0], (3, 3), 1.0), _normal(K[1], (3,))),
+                              (0, 1), (lax.linalg.cholesky_p, lax.linalg.eigh_p, lax.linalg.svd_p)),
 }
 
 # References, computed now, before anything is patched.

@@ -10,6 +10,7 @@ The rest of bpkit reads jaxprs only through these helpers:
   way ``jax.core.eval_jaxpr`` does it.
 * ``custom_vjp_parts`` / ``custom_jvp_jaxpr``: reading the user's rules out of the
   ``custom_vjp_call`` / ``custom_jvp_call`` equations (their shapes changed between releases).
+* ``CHOLESKY_TANGENT_FROM_LOWER``: which part of its input JAX's Cholesky derivative reads.
 
 None of these touch JAX's differentiation machinery: they read jaxprs and call the user's own
 custom rules.

@@ -256,10 +256,10 @@ def _householder_product_fwd_bwd(primals, active, **params):
     raises); the result is checked against finite differences instead."""
     a, taus = primals
     outs = [prims.householder_product_p.bind(a, taus, **params)]
-    traced = compat.make_jaxpr(_householder_product, a, taus)
 
     def pullback(ct):
-        _, backward, _ = vjp_jaxpr(traced[0], traced[1], [a, taus], active)
+        jaxpr, consts, _ = compat.make_jaxpr(_householder_product, a, taus)
+        _, backward, _ = vjp_jaxpr(jaxpr, consts, [a, taus], active)
         return backward([ct])
 
     return outs, pullback
@@ -389,11 +389,6 @@ def _linear_solve_fwd_bwd(primals, active, *, const_lengths, jaxprs):
     outs = prims.linear_solve_p.bind(*primals, const_lengths=const_lengths, jaxprs=jaxprs)
     n_consts = sum(const_lengths)
     b = primals[n_consts:]
-    if jaxprs.transpose_solve is None:
-        raise TypeError(
-            "custom_linear_solve needs transpose_solve to be reverse-differentiated (JAX needs it "
-            "too). Pass transpose_solve= to lax.custom_linear_solve, or symmetric=True if the "
-            "operator is symmetric.")
     x = outs[:len(b)]
     matvec_consts = primals[:const_lengths.matvec]
     matvec_active = active[:const_lengths.matvec]
@@ -405,6 +400,11 @@ def _linear_solve_fwd_bwd(primals, active, *, const_lengths, jaxprs):
     transposed_consts = [c for g in type(const_lengths)(*groups).transpose() for c in g]
 
     def pullback(cts):
+        if jaxprs.transpose_solve is None:
+            raise TypeError(
+                "custom_linear_solve needs transpose_solve to be reverse-differentiated (JAX "
+                "needs it too). Pass transpose_solve= to lax.custom_linear_solve, or "
+                "symmetric=True if the operator is symmetric.")
         ct_x = [instantiate_zeros(ct, xi) for ct, xi in zip(cts[:len(b)], x)]
         ct_b = prims.linear_solve_p.bind(*transposed_consts, *ct_x,
                                          const_lengths=transposed_lengths,

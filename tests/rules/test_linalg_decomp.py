@@ -439,7 +439,7 @@ PROGRAMS = [
     Case("expm", _expm_loss, args(normal(3, 3)), dtypes=("float64",)),
     Case("multivariate_normal_logpdf",
          lambda x, mean, cov: jsp.stats.multivariate_normal.logpdf(x, mean, cov),
-         args(normal(5, 3), normal(3), spd(3, 3)), argnums=(0, 1, 2), dtypes=("float64",),
+         args(normal(3), normal(3), spd(3, 3)), argnums=(0, 1, 2), dtypes=("float64",),
          marks=SLOW),
     Case("gp_negative_log_marginal_likelihood", gp_negative_log_marginal_likelihood, _gp_args,
          dtypes=("float64",)),
