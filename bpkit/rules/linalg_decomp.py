@@ -1,7 +1,9 @@
 """VJP rules of the matrix factorizations and solves: what ``jnp.linalg``/``jax.scipy.linalg`` bind.
 
 Every rule is the transpose of JAX's own forward-mode derivative (same formulas, same
-conventions at undefined points), written out by hand. Matrices are the last two axes of
+conventions at undefined points), written out by hand; two go further than JAX:
+``householder_product`` (JAX has no derivative) and pivoted QR of wide matrices (JAX's is
+wrong) and of batches (JAX raises). Matrices are the last two axes of
 ``[..., m, n]`` arrays (leading batch axes are carried through). Complex inputs follow JAX's
 convention: a rule returns the *transpose* of the linear map ``dA -> dOut`` with respect to the
 real pairing ``<x, y> = Re sum(x * y)`` (so a ``conj`` in the derivative becomes a ``conj`` of the
@@ -15,7 +17,7 @@ cholesky                       Murray (2016): ``L^-T Φ(L^T Ḡ) conj(L)^-1``
 triangular_solve               ``ct_b`` = the solve with ``op(A)^T``; ``ct_a`` = ``-ct_b X^T``
 lu (+ pivots_to_permutation)   De Hoog, Anderssen & Lukas: two triangular solves
 qr                             Towns' thin-QR derivative (+ wide and full-matrices cases)
-householder_product            the product of reflectors, differentiated term by term
+householder_product            the explicit product of reflectors, through bpkit's engine
 eigh                           Giles (2008) / Seeger: ``conj(V) (F∘(V^T Ḡv) + diag(Ḡw)) V^T``
 svd                            Giles / Seeger (Townsend's formulas, as JAX)
 custom_linear_solve            implicit differentiation with the user's ``transpose_solve``
