@@ -257,3 +257,12 @@ def match_varying(x, like):
     inside a ``check_vma`` shard_map are invariant until cast; outside one this is ``x``)."""
     missing = varying_axes(typeof(like)) - varying_axes(typeof(x))
     return jax.lax.pcast(x, tuple(sorted(missing, key=str)), to="varying") if missing else x
+
+
+def trace_context() -> tuple:
+    """What a trace depends on besides its input types: the named axes in scope (inside a
+    shard_map body, with their sizes) and whether replication is type-checked there."""
+    from jax._src import config as _config
+    sizes = getattr(_core.get_axis_env(), "axis_sizes", {})
+    check = getattr(getattr(_config, "_check_vma", None), "value", None)
+    return tuple(sorted(sizes.items(), key=lambda kv: str(kv[0]))), check

@@ -126,10 +126,13 @@ def _ppermute_vjp(ct, x, *, out, axis_name, perm):
 @register_vjp(_prim("all_to_all_p"))
 def _all_to_all_vjp(ct, x, *, out, axis_name, split_axis, concat_axis, axis_index_groups,
                     tiled):
-    """``all_to_all`` permutes blocks between shards; the inverse permutation is the
-    ``all_to_all`` that splits along ``concat_axis`` and concatenates along ``split_axis``."""
-    return [lax.all_to_all(ct, axis_name, split_axis=concat_axis, concat_axis=split_axis,
-                           axis_index_groups=axis_index_groups, tiled=tiled)]
+    """``all_to_all`` splits ``split_axis`` into one block per shard, sends block j to shard j
+    and concatenates the received blocks along ``concat_axis``; the inverse permutation of
+    blocks is the ``all_to_all`` with the two axes swapped. (The primitive itself keeps the
+    rank; ``lax.all_to_all`` adds and removes the unit axis of the untiled form around it.)"""
+    return [_prim("all_to_all_p").bind(ct, axis_name=axis_name, split_axis=concat_axis,
+                                       concat_axis=split_axis,
+                                       axis_index_groups=axis_index_groups, tiled=tiled)]
 
 
 @register_vjp(_prim("pbroadcast_p"))
