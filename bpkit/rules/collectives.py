@@ -320,7 +320,7 @@ _cache: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 def _shard_map_fwd_bwd(primals, active, **params):
     body, consts, check_vma, manual = compat.shard_map_params(params)
     key = (tuple(active), tuple(compat.typeof(x) for x in primals), params["mesh"],
-           params["in_specs"], params["out_specs"], check_vma, manual)
+           params["in_specs"], params["out_specs"], check_vma, manual, compat.trace_context())
     try:
         per_body = _cache.setdefault(body, {})
     except TypeError:  # not weak-referenceable: build every time
