@@ -2,26 +2,28 @@
 
 Inside a ``shard_map`` body every value is one shard; a collective combines the shards of the
 mesh axes it names. Every collective is linear in its input, so its VJP is its transpose, and
-each transpose is another collective (``x`` is a shard, ``n`` the size of the named axes):
+each transpose is another collective (``x`` is this shard's input, ``ct`` its output's
+cotangent):
 
-=====================  =====================================  ================================
-primitive              forward (per shard)                    cotangent of x
-=====================  =====================================  ================================
-psum (unchecked)       s = sum over shards of x               psum(ct) (psum = psum + broadcast)
-psum_invariant         s = sum over shards of x (varying ->   pvary(ct): every shard gets ct
+=====================  ======================================  ===============================
+primitive              forward (per shard)                     cotangent of x
+=====================  ======================================  ===============================
+psum (unchecked)       sum over shards of x                    psum(ct): JAX reads psum as a
+                                                               sum then a broadcast
+psum_invariant         sum over shards of x (varying ->        pvary(ct): every shard gets ct
                        invariant, ``check_vma=True``)
-pvary                  x, now typed as varying                psum_invariant(ct)
-all_gather             concatenation/stack of all shards      psum_scatter(ct): the sum of the
-                                                              cotangents of this shard's block
-reduce_scatter         block k of the sum, on shard k         all_gather(ct)
-(psum_scatter)
-ppermute               shard perm(i) receives shard i         ppermute(ct, inverse perm)
-all_to_all             split ``split_axis`` in n, send piece  all_to_all(ct) with split and
-                       j to shard j, concat on ``concat_axis``  concat axes swapped
-pbroadcast             every shard receives shard ``source``  psum(ct) on ``source``, 0 else
-axis_index             this shard's index (an integer)        none (non-differentiable)
+pvary                  x, now typed as varying                 psum_invariant(ct)
+all_gather             all shards' x, concatenated/stacked     psum_scatter(ct): shard k sums
+                                                               block k of every shard's ct
+all_gather_invariant   the same, typed invariant               block k of ct on shard k
+reduce_scatter         block k of the sum, on shard k          all_gather(ct)
+ppermute               shard dst gets x of shard src           ppermute(ct, inverse perm)
+all_to_all             block j of ``split_axis`` to shard j,   all_to_all(ct), split and
+                       received blocks on ``concat_axis``      concat axes swapped
+pbroadcast             every shard gets x of ``source``        psum(ct) on ``source``, else 0
+axis_index             this shard's index (an integer)         none (non-differentiable)
 pmax, pmin             refused: JAX defines no derivative either (see the message)
-=====================  =====================================  ================================
+=====================  ======================================  ===============================
 
 ``pmean`` is ``psum`` followed by a division, so it needs no rule of its own.
 
@@ -57,7 +59,7 @@ from bpkit.engine.core import vjp_jaxpr
 from bpkit.engine.registry import register_fwd_bwd, register_nondiff, register_refused, \
     register_vjp
 from bpkit.rules.control import _active_outputs, _eval_eqns, _split_by_cotangent
-from bpkit.rules.helpers import deflinear, instantiate_zeros
+from bpkit.rules.helpers import deflinear, instantiate_zeros, zeros_like
 
 _prim = compat.parallel_primitive
 
@@ -77,11 +79,22 @@ def _psum_transpose(ct, x, *, axes, axis_index_groups):
 
 deflinear(_prim("psum_p"), _psum_transpose)
 
+
+def _psum_invariant_transpose(ct, x, *, axes):
+    """Checked ``psum`` (varying -> invariant): every shard's ``x`` feeds the one sum, so each
+    gets the sum's cotangent, cast back to varying: ``ct_x = pvary(ct)``."""
+    return [compat.pvary_p.bind(ct, axes=axes)]
+
+
+def _pvary_transpose(ct, x, *, axes):
+    """``pvary`` (invariant -> varying) uses one replicated ``x`` on every shard, so its
+    cotangent is the sum of the shards' cotangents: ``ct_x = psum_invariant(ct)``."""
+    return [_prim("psum_invariant_p").bind(ct, axes=axes)]
+
+
 if _prim("psum_invariant_p") is not None:  # the check_vma forms (both supported releases)
-    deflinear(_prim("psum_invariant_p"),
-              lambda ct, x, *, axes: [compat.pvary_p.bind(ct, axes=axes)])
-    deflinear(compat.pvary_p,
-              lambda ct, x, *, axes: [_prim("psum_invariant_p").bind(ct, axes=axes)])
+    deflinear(_prim("psum_invariant_p"), _psum_invariant_transpose)
+    deflinear(compat.pvary_p, _pvary_transpose)
 
 
 # --- gathers and scatters -----------------------------------------------------------------------
@@ -94,15 +107,6 @@ def _all_gather_vjp(ct, x, *, out, all_gather_dimension, axis_name, axis_index_g
                              axis_index_groups=axis_index_groups, tiled=tiled)]
 
 
-@register_vjp(_prim("reduce_scatter_p"))
-def _reduce_scatter_vjp(ct, x, *, out, scatter_dimension, axis_name, axis_index_groups,
-                        axis_size, tiled):
-    """``out_k = block k of sum_j x_j``; every shard's ``x`` feeds every block, so ``ct_x`` is
-    the gather of all shards' cotangents: ``all_gather`` along the scattered dimension."""
-    return [lax.all_gather(ct, axis_name, axis_index_groups=axis_index_groups,
-                           axis=scatter_dimension, tiled=tiled)]
-
-
 if _prim("all_gather_invariant_p") is not None:
     @register_vjp(_prim("all_gather_invariant_p"))
     def _all_gather_invariant_vjp(ct, x, *, out, all_gather_dimension, axis_name, axis_size,
@@ -113,6 +117,15 @@ if _prim("all_gather_invariant_p") is not None:
         start = lax.axis_index(axis_name) * block
         piece = lax.dynamic_slice_in_dim(ct, start, block, axis=all_gather_dimension)
         return [piece if tiled else lax.squeeze(piece, (all_gather_dimension,))]
+
+
+@register_vjp(_prim("reduce_scatter_p"))
+def _reduce_scatter_vjp(ct, x, *, out, scatter_dimension, axis_name, axis_index_groups,
+                        axis_size, tiled):
+    """``out_k = block k of sum_j x_j``; every shard's ``x`` feeds every block, so ``ct_x`` is
+    the gather of all shards' cotangents: ``all_gather`` along the scattered dimension."""
+    return [lax.all_gather(ct, axis_name, axis_index_groups=axis_index_groups,
+                           axis=scatter_dimension, tiled=tiled)]
 
 
 # --- permutations -------------------------------------------------------------------------------
@@ -141,7 +154,7 @@ def _pbroadcast_vjp(ct, x, *, out, axis_name, source):
     by every shard: ``ct_x = psum(ct)`` on ``source``, zero elsewhere. (XLA lowers the
     collective broadcast on GPU only.)"""
     total = lax.psum(ct, axis_name)
-    return [lax.select(lax.axis_index(axis_name) == source, total, lax.full_like(ct, 0))]
+    return [lax.select(lax.axis_index(axis_name) == source, total, zeros_like(total))]
 
 
 # --- not differentiable -------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
 import bpkit
+from bpkit.check.coverage import primitives_in_jaxpr
 from bpkit.engine.registry import UnsupportedPrimitiveError
 from tests.rules.harness import Case, args, assert_case_parity, normal, parametrize, uniform
 
@@ -87,8 +88,8 @@ all_to_all_stacked = smap(  # untiled with split_axis == concat_axis (see the te
     (P("i"), P()), P("i"), check=False)
 
 
-def _pbroadcast_body(x):
-    return lax.pbroadcast(jnp.sin(x), "i", 0) * x
+def _pbroadcast_body(x):  # a scalar: JAX's own transpose (lax.full_like) needs one
+    return lax.pbroadcast(jnp.sum(jnp.sin(x)), "i", 0) * x
 
 
 pbroadcast_one_device = smap(_pbroadcast_body, P("i"), P("i"), mesh=Mesh(DEVICES[:1], ("i",)))
@@ -204,6 +205,19 @@ def test_pmax_behind_stop_gradient_is_fine():
     x = jnp.linspace(-2.0, 3.0, 8)
     loss = lambda x: jnp.sum(f(x) * jnp.arange(8.0))  # noqa: E731
     _close(bpkit.grad(loss)(x), jax.jit(jax.grad(loss))(x))
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_pbroadcast_backward_traces_on_cpu(check):
+    """XLA lowers pbroadcast on GPU only, so on CPU its rule is checked by tracing: the
+    gradient has the input's type, and is a psum selected on the source shard. (jax.grad
+    cannot trace this one: its transpose calls lax.full_like with a non-scalar fill value.)"""
+    f = smap(lambda x: lax.pbroadcast(jnp.sin(x), "i", 1) * x, P("i"), P("i"), check=check)
+    x = jnp.linspace(-1.0, 1.0, 8)
+    grad_jaxpr = jax.make_jaxpr(bpkit.grad(lambda x: jnp.sum(f(x) ** 2)))(x)
+    assert grad_jaxpr.out_avals[0].shape == x.shape
+    used = primitives_in_jaxpr(grad_jaxpr)
+    assert {"axis_index", "select_n", "psum_invariant" if check else "psum"} <= used
 
 
 def test_untiled_all_to_all_between_different_axes():
