@@ -10,6 +10,9 @@ The rest of bpkit reads jaxprs only through these helpers:
   way ``jax.core.eval_jaxpr`` does it.
 * ``custom_vjp_parts`` / ``custom_jvp_jaxpr``: reading the user's rules out of the
   ``custom_vjp_call`` / ``custom_jvp_call`` equations (their shapes changed between releases).
+* ``shard_map_params`` / ``shard_map`` / ``parallel_primitive`` / ``varying_axes``: explicit SPMD
+  (``check_rep`` became ``check_vma``; the collectives are not exported by ``jax.extend``; the
+  replication types of values inside a ``shard_map`` body), see the section at the end.
 
 None of these touch JAX's differentiation machinery: they read jaxprs and call the user's own
 custom rules.
@@ -191,6 +194,7 @@ def as_array(x):
 # shard_map rule differentiates pmap too. The collectives live in ``jax._src.lax.parallel``
 # (``jax.extend`` does not export them); ``pvary`` (invariant -> varying over mesh axes, the
 # type cast that ``check_vma`` inserts) lives in ``jax._src.core``.
+from jax._src import config as _config  # noqa: E402
 from jax._src import shard_map as _shard_map_module  # noqa: E402
 from jax._src.lax import parallel as _parallel  # noqa: E402
 
@@ -262,7 +266,6 @@ def match_varying(x, like):
 def trace_context() -> tuple:
     """What a trace depends on besides its input types: the named axes in scope (inside a
     shard_map body, with their sizes) and whether replication is type-checked there."""
-    from jax._src import config as _config
     sizes = getattr(_core.get_axis_env(), "axis_sizes", {})
     check = getattr(getattr(_config, "_check_vma", None), "value", None)
     return tuple(sorted(sizes.items(), key=lambda kv: str(kv[0]))), check
