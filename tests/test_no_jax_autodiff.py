@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 from jax import lax
+from jax.sharding import PartitionSpec as P
 from jax._src.interpreters import ad
 
 import bpkit
@@ -150,6 +151,20 @@ def linalg_program(a, b):
     return (jnp.sum(alpha * b) + jnp.sum(w ** 2) + jnp.sum(v ** 4) + jnp.sum(jnp.sin(q) * r)
             + jnp.sum(lax.linalg.lu(a)[0] ** 2) + jnp.sum(jnp.linalg.svd(a, compute_uv=False))
             + jnp.sum(x ** 2))
+_MESH = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("i",))
+
+
+def _spmd_body(w, x):
+    h = jnp.tanh(x @ w)  # w replicated (pvary inside), x split over the batch
+    ring = lax.ppermute(h, "i", [(k, (k + 1) % 4) for k in range(4)])
+    gathered = lax.all_gather(ring * h, "i", tiled=True)
+    mine = lax.psum_scatter(gathered ** 2, "i", tiled=True)
+    return lax.pmean(jnp.sum(mine) + jnp.sum(h), "i")
+
+
+# Explicit SPMD: a shard_map whose body calls collectives (psum/pvary, all_gather, psum_scatter,
+# ppermute); jitted, as train steps are (an unjitted shard_map runs op by op).
+spmd = jax.jit(jax.shard_map(_spmd_body, mesh=_MESH, in_specs=(P(), P("i")), out_specs=P()))
 
 
 PROGRAMS = {
@@ -163,6 +178,8 @@ PROGRAMS = {
     "embedding_gather": (embedding, EMB_ARGS, (0, 2), (lax.gather_p,)),
     "linalg_decompositions": (linalg_program, (_normal(K[0], (3, 3), 1.0), _normal(K[1], (3,))),
                               (0, 1), (lax.linalg.cholesky_p, lax.linalg.eigh_p, lax.linalg.svd_p)),
+    "shard_map_collectives": (spmd, (_normal(K[0], (3, 2)), _normal(K[1], (8, 3), 1.0)), (0, 1),
+                              None),
 }
 
 # References, computed now, before anything is patched.
@@ -204,6 +221,15 @@ def test_bpkit_runs_without_jax_autodiff(no_jax_autodiff, name, jit):
     assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
+
+
+def test_shard_map_needs_jax_autodiff_for_jax_but_not_for_bpkit(no_jax_autodiff):
+    from jax._src import api as jax_api
+    w, x = PROGRAMS["shard_map_collectives"][1]
+    with pytest.raises(JaxAutodiffUsed):
+        jax_api.grad(spmd)(w, x)
+    np.testing.assert_allclose(bpkit.grad(spmd)(w, x), REFERENCE["shard_map_collectives"][0],
+                               rtol=1e-9, atol=1e-12)
 
 
 def test_second_order_without_jax_autodiff(no_jax_autodiff):

@@ -29,7 +29,7 @@ from bpkit.engine import compat, registry
 
 # The rule family modules, in the order ``bpkit rules`` prints them.
 FAMILIES = ("elementwise", "structural", "slicing", "reductions", "linalg", "linalg_decomp",
-            "conv", "windows", "control", "nondiff")
+            "conv", "windows", "collectives", "control", "nondiff")
 
 
 def supported_primitives() -> dict[str, str]:
@@ -163,8 +163,8 @@ def primitive_families() -> dict[str, str]:
         if not path.exists():
             continue
         for token in sorted(set(re.findall(r"\b(\w+_p)\b", path.read_text()))):
-            for namespace in (lax, prims):
-                p = getattr(namespace, token, None)
+            candidates = [getattr(namespace, token, None) for namespace in (lax, prims, compat)]
+            for p in candidates + [compat.parallel_primitive(token)]:
                 if p is not None and id(p) in known:
                     family_of.setdefault(known[id(p)], family)
     for p in (*registry.nondiff_primitives, *registry.refused_primitives):

@@ -11,6 +11,9 @@ The rest of bpkit reads jaxprs only through these helpers:
 * ``custom_vjp_parts`` / ``custom_jvp_jaxpr``: reading the user's rules out of the
   ``custom_vjp_call`` / ``custom_jvp_call`` equations (their shapes changed between releases).
 * ``CHOLESKY_TANGENT_FROM_LOWER``: which part of its input JAX's Cholesky derivative reads.
+* ``shard_map_params`` / ``shard_map`` / ``parallel_primitive`` / ``varying_axes``: explicit SPMD
+  (``check_rep`` became ``check_vma``; the collectives are not exported by ``jax.extend``; the
+  replication types of values inside a ``shard_map`` body), see the section at the end.
 
 None of these touch JAX's differentiation machinery: they read jaxprs and call the user's own
 custom rules.
@@ -187,3 +190,89 @@ CHOLESKY_TANGENT_FROM_LOWER = JAX_VERSION >= (0, 11, 0)
 def as_array(x):
     """Python scalars become (weakly typed) JAX arrays so rules can rely on ``.dtype``."""
     return jax.numpy.asarray(x) if isinstance(x, (bool, int, float, complex)) else x
+
+
+# --- explicit SPMD: shard_map and the collectives ------------------------------------------------
+# ``jax.shard_map`` (public from 0.10) stages the primitive ``shard_map`` with parameters ``mesh,
+# in_specs, out_specs, check_vma, newly_manual_axes, jaxpr``; older releases (the
+# ``jax.experimental.shard_map`` module) called ``check_vma`` ``check_rep`` and named the axes
+# left automatic (``auto``) instead of the manual ones. ``jax.pmap`` lowers to ``jit`` of a
+# ``shard_map`` on every supported release (there is no ``xla_pmap`` primitive any more), so the
+# shard_map rule differentiates pmap too. The collectives live in ``jax._src.lax.parallel``
+# (``jax.extend`` does not export them); ``pvary`` (invariant -> varying over mesh axes, the
+# type cast that ``check_vma`` inserts) lives in ``jax._src.core``.
+from jax._src import config as _config  # noqa: E402
+from jax._src import shard_map as _shard_map_module  # noqa: E402
+from jax._src.lax import parallel as _parallel  # noqa: E402
+
+shard_map_p = _shard_map_module.shard_map_p
+pvary_p = getattr(_core, "pvary_p", None)
+
+
+def parallel_primitive(name: str):
+    """A collective's primitive object (``psum_p``, ``all_gather_p``...), ``None`` if absent."""
+    return getattr(_parallel, name, None)
+
+
+def shard_map_params(params: dict):
+    """``(body, consts, check_vma, manual_axes)`` of a ``shard_map`` equation: the per-shard
+    body as an open jaxpr with its constants, whether replication is type-checked, and the mesh
+    axes the body is manual over (the axes its collectives may name)."""
+    body = params["jaxpr"]
+    body, consts = open_jaxpr(body) if hasattr(body, "jaxpr") else (body, [])
+    check_vma = params["check_vma"] if "check_vma" in params else params["check_rep"]
+    if "newly_manual_axes" in params:
+        manual = frozenset(params["newly_manual_axes"])
+    else:
+        manual = frozenset(params["mesh"].axis_names) - frozenset(params.get("auto", ()))
+    return body, list(consts), bool(check_vma), manual
+
+
+def shard_map(fun, *, mesh, in_specs, out_specs, check_vma: bool, manual_axes):
+    """``jax.shard_map`` over ``manual_axes`` of ``mesh`` (with the older spelling on releases
+    that predate it)."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(fun, mesh=mesh, in_specs=tuple(in_specs),
+                             out_specs=tuple(out_specs), check_vma=check_vma,
+                             axis_names=set(manual_axes))
+    from jax.experimental.shard_map import shard_map as _legacy  # pragma: no cover
+    return _legacy(fun, mesh=mesh, in_specs=tuple(in_specs), out_specs=tuple(out_specs),
+                   check_rep=check_vma,
+                   auto=frozenset(mesh.axis_names) - frozenset(manual_axes))
+
+
+def varying_axes(aval) -> frozenset:
+    """The mesh axes over which a value inside a ``check_vma`` shard_map may differ per shard."""
+    mat = getattr(aval, "mat", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def cotangent_spec(spec):
+    """The partition spec of a cotangent of a value laid out by ``spec`` (reduced and unreduced
+    axes swap roles; a plain spec is its own cotangent spec)."""
+    return spec.to_ct_spec() if hasattr(spec, "to_ct_spec") else spec
+
+
+def shape_struct(aval) -> jax.ShapeDtypeStruct:
+    """A ``jax.ShapeDtypeStruct`` for tracing a function on values of type ``aval``, keeping the
+    mesh axes it varies over (inside a ``check_vma`` shard_map the type includes them)."""
+    mat = getattr(aval, "mat", None)
+    if mat is not None and mat.varying:
+        return jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=aval.sharding,
+                                    manual_axis_type=mat)
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype)
+
+
+def match_varying(x, like):
+    """``x`` cast to vary over the mesh axes ``like`` varies over (zeros and constants built
+    inside a ``check_vma`` shard_map are invariant until cast; outside one this is ``x``)."""
+    missing = varying_axes(typeof(like)) - varying_axes(typeof(x))
+    return jax.lax.pcast(x, tuple(sorted(missing, key=str)), to="varying") if missing else x
+
+
+def trace_context() -> tuple:
+    """What a trace depends on besides its input types: the named axes in scope (inside a
+    shard_map body, with their sizes) and whether replication is type-checked there."""
+    sizes = getattr(_core.get_axis_env(), "axis_sizes", {})
+    check = getattr(getattr(_config, "_check_vma", None), "value", None)
+    return tuple(sorted(sizes.items(), key=lambda kv: str(kv[0]))), check

@@ -54,7 +54,7 @@ def trace(fun: Callable, flat_args: Sequence[Any], in_tree) -> Traced:
 
     ``flat_args`` are the leaves of the pytree ``(args, kwargs)`` whose structure is ``in_tree``.
     """
-    key = (in_tree, tuple(_type_key(x) for x in flat_args))
+    key = (in_tree, tuple(_type_key(x) for x in flat_args), compat.trace_context())
     try:
         per_fun = _trace_cache.setdefault(fun, {})
     except TypeError:  # not weak-referenceable (e.g. some builtins): no caching
@@ -76,7 +76,8 @@ def trace(fun: Callable, flat_args: Sequence[Any], in_tree) -> Traced:
 
 def _type_key(x):
     aval = compat.typeof(x)
-    return (aval.shape, aval.dtype, getattr(aval, "weak_type", False))
+    return (aval.shape, aval.dtype, getattr(aval, "weak_type", False),
+            compat.varying_axes(aval))
 
 
 def vjp_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any], active_in: Sequence[bool]):

@@ -18,10 +18,13 @@ linalg_decomp      cholesky triangular_solve lu qr householder_product eigh svd
 conv               conv_general_dilated
 windows            reduce_window_sum / reduce_window_max (pooling)
 control            jit, closed_call, remat, custom_jvp_call, custom_vjp_call, scan, cond
+collectives        shard_map (and so pmap), psum, psum_invariant, pvary, all_gather,
+                   reduce_scatter, ppermute, all_to_all, pbroadcast, axis_index; pmax/pmin refused
 nondiff            comparisons, floor/sign/round, iota, random bits, stop_gradient, while (refused)
 =================  ==========================================================================
 """
 from bpkit.rules import (  # noqa: F401  (imported for their registrations)
+    collectives,
     control,
     conv,
     elementwise,

@@ -32,11 +32,11 @@ from jax import lax
 from bpkit.engine import compat
 from bpkit.engine.core import vjp_jaxpr
 from bpkit.engine.registry import register_fwd_bwd
-from bpkit.rules.helpers import instantiate_zeros
+from bpkit.rules.helpers import instantiate_zeros, zeros_like
 
 
-def _zeros_for(avals_or_values):
-    return [jnp.zeros(compat.typeof(v).shape, compat.typeof(v).dtype) for v in avals_or_values]
+def _zeros_for(values):
+    return [zeros_like(v) for v in values]
 
 
 def _zero_tangent(x):
@@ -198,9 +198,9 @@ def _scan_fwd_bwd(primals, active, *, reverse, length, jaxpr, unroll, **params):
         cts_in = backward(full_cts)
         return outs, [instantiate_zeros(c, x) for c, x, a in zip(cts_in, step_in, in_active) if a]
 
-    struct = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype)
-    ct_avals = [struct(a) for a, act in zip(out_avals, out_active) if act]
-    joint, joint_consts, _ = compat.make_jaxpr(step_fwd_bwd, *map(struct, in_avals), *ct_avals)
+    ct_avals = [compat.shape_struct(a) for a, act in zip(out_avals, out_active) if act]
+    joint, joint_consts, _ = compat.make_jaxpr(step_fwd_bwd, *map(compat.shape_struct, in_avals),
+                                               *ct_avals)
     primal_eqns, tangent_eqns, needed = _split_by_cotangent(joint, n_in)
     joint_in = joint.invars[:n_in]
     const_invars = set(joint_in[:num_consts]) | set(joint.constvars)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from jax import lax
 
+from bpkit.engine import compat
 from bpkit.engine.registry import register_vjp
 
 
@@ -39,7 +40,8 @@ def _dtype(x):
 
 
 def zeros_like(x):
-    return lax.full(np.shape(x), 0, _dtype(x))
+    """Zeros of ``x``'s shape and dtype (varying over the same mesh axes inside shard_map)."""
+    return compat.match_varying(lax.full(np.shape(x), 0, _dtype(x)), x)
 
 
 def instantiate_zeros(ct, like):
