@@ -376,8 +376,8 @@ def _fit_problems(cfg) -> list[str]:
         models = tuple(m for m in MODEL_NAMES if m not in ("gpt", "gan_2d", "regression_mlp"))
     if factory not in models:
         problems.append(f"model.name: {factory} does not fit data.name={cfg.data.name} "
-                        f"({words}); use model.name={' or '.join(models[:3])}"
-                        f"{', ...' if len(models) > 3 else ''}.")
+                        f"({words}); use " + (f"model.name={models[0]}" if len(models) == 1
+                                              else f"one of {', '.join(models)}") + ".")
     if cfg.model.loss not in _KIND_LOSSES[kind]:
         problems.append(f"model.loss: {cfg.model.loss!r} does not fit data.name="
                         f"{cfg.data.name} ({words}); use model.loss="
@@ -424,8 +424,13 @@ def npz_problems(arrays: dict, path: str, role: str) -> list[str]:
         has, lacks = ("x_test", "y_test") if "x_test" in arrays else ("y_test", "x_test")
         problems.append(f"{where} holds '{has}' but not '{lacks}'; save both (or neither, to "
                         "hold out the last 20% of x/y).")
-    ok = {k: a for k, a in arrays.items() if not isinstance(a, Exception)
-          and a.dtype.kind in _NUMERIC_KINDS and a.ndim > 0}
+    ok = {k: a for k, a in arrays.items() if not isinstance(a, Exception) and a.ndim > 0}
+    for ys in ("y", "y_test"):
+        a = ok.get(ys)
+        if a is not None and a.dtype.kind in "biu" and a.ndim != 1:
+            problems.append(f"{where}: '{ys}' has shape {a.shape}; integer labels must be one "
+                            f"class index per example, shape (N,) (use {ys}.reshape(-1), or "
+                            "argmax of one-hot rows).")
     for xs, ys in (("x", "y"), ("x_test", "y_test")):
         if xs in ok and ys in ok and len(ok[xs]) != len(ok[ys]):
             problems.append(f"{where}: '{xs}' has {len(ok[xs]):,} examples but '{ys}' has "

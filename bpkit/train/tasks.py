@@ -149,8 +149,8 @@ def _check_fit(cfg, model, ds, args):
     params = jax.eval_shape(model.init, jax.random.PRNGKey(0))  # shapes only: no memory
     state = jax.eval_shape(model.init_state) if model.stateful else None
     try:
-        out = jax.eval_shape(lambda p, x: _run(model, p, x, state=state)[0], params,
-                             ds.x_train[:2])
+        out = jax.eval_shape(lambda p, x, s: _run(model, p, x, state=s)[0], params,
+                             ds.x_train[:2], state)
     except Exception as e:
         raise DataError(f"data does not fit model {cfg.model.name}: examples of shape "
                         f"{tuple(ds.x_train.shape[1:])} fail in the model "
