@@ -137,7 +137,7 @@ PASS_THROUGH = {"rules": cmd_rules, "bench": cmd_bench}
 
 _OVERRIDES_HELP = ("config overrides, each section.key=value with the value parsed as YAML "
                    "(run.steps=200 optimizer.learning_rate=3e-3 model.args.hidden=[64,64]); "
-                   "they may come before or after the flags")
+                   "CONFIG, the overrides and the flags may come in any order")
 _EPILOG = """\
 Every key of CONFIG, its resolved value and what it means:
   bpkit config show CONFIG [key=value ...]
@@ -230,6 +230,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     if command in sub.choices:
         args = sub.choices[command].parse_intermixed_args(argv[1:])
         args.command = command
+        config, overrides = getattr(args, "config", None), getattr(args, "overrides", [])
+        if config and "=" in config and not os.path.exists(config):  # overrides came first
+            paths = [o for o in overrides if "=" not in o]
+            if len(paths) == 1:
+                args.config = paths[0]
+                args.overrides = [config] + [o for o in overrides if o != paths[0]]
         return args
     if command is not None and not command.startswith("-"):
         close = difflib.get_close_matches(command, list(sub.choices), n=1)

@@ -78,3 +78,18 @@ def test_errors_before_jax_and_version_do_not_import_jax():
     assert p.returncode == 0, p.stderr
     assert p.stdout.strip().endswith("NOJAX"), p.stdout[-500:]
     assert "run.steps: got 0" in p.stderr
+
+
+def test_trainable_and_frozen_counts_follow_the_patterns():
+    from bpkit.data import dataset_from_config
+    from bpkit.train.tasks import build_task
+    import jax
+    cfg = load_config(os.path.join(CONFIGS, "finetune.yaml"), ["model.args.hidden=[4]"])
+    task = build_task(cfg, dataset_from_config(cfg.data))
+    params = jax.eval_shape(task.init, jax.random.PRNGKey(0))
+    head = 4 * 10 + 10                     # trainable: ["head/*"]; w (4, 10) and b (10,)
+    frozen = 40 * 4 + 4                    # dense_0: w (40, 4) and b (4,)
+    assert validate.param_counts(cfg, task, params) == (head, frozen)
+    assert validate.describe_params(cfg, task, params) == (
+        f"{head + frozen:,} parameters ({head:,} trainable, {frozen:,} frozen)")
+    validate.check_task(cfg, dataset_from_config(cfg.data), task)  # the patterns match

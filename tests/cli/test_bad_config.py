@@ -380,3 +380,30 @@ def shared_process_results(work: str) -> dict:
 def test_data_and_model_mistake_is_refused(case: Bad, shared_process_results: dict):
     r = shared_process_results[case.id]
     _check(case, r["code"], r["out"], r["changed"])
+
+
+@pytest.mark.slow
+def test_a_real_run_survives_every_kind_of_refusal(tmp_path):
+    """A run trained at the default relative path, then one refused input of each stage (the
+    config, a data file, the patterns, the YAML): each exits 2 and the run is unchanged."""
+    work = user_dir(tmp_path)
+    _data_files(work)
+    _config_files(work)
+    tiny = ("run.steps=4", "run.log_every=2", "run.checkpoint_every=2", "data.batch_size=32",
+            "model.args.hidden=[8]", "run.progress=log")
+    p = run_cli(work, "train", MLP, *tiny)
+    assert p.returncode == 0, p.stderr[-3000:]
+    run = os.path.join(work, "runs", "mnist1d_mlp")
+    before = tree_digest(run)
+    assert "checkpoints/4/meta.json" in before and "metrics.jsonl" in before
+    refusals = [
+        (("optimizer.learning_rate=.nan",), ("optimizer.learning_rate",)),
+        (("data.name=npz", "data.path=data/huge_label.npz"), ("10,000,000,001 classes",)),
+        (("optimizer.freeze=[dense_9/w]",), ("matches no parameter",)),
+    ]
+    for extra, words in refusals:
+        assert_refused(run_cli(work, "train", MLP, *tiny, *extra), 2, *words)
+        assert tree_digest(run) == before, extra
+    assert_refused(run_cli(work, "train", "bad/duplicate.yaml", f"run.out_dir={run}"), 2,
+                   "duplicate key")
+    assert tree_digest(run) == before
