@@ -85,7 +85,8 @@ class ModelConfig:
     args: dict = field(default_factory=dict)  # keyword arguments of bpkit.models.<name>
     loss: Literal["cross_entropy", "mse", "huber", "gan"] = "cross_entropy"  # the training loss
     label_smoothing: float = 0.0          # cross-entropy: weight of the uniform target, [0, 1)
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: on float32 masters
+    # float32, or bfloat16 compute on float32 master parameters
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
     init_from: str | None = None          # run directory whose latest checkpoint gives params
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import io
 import tokenize
@@ -22,6 +23,7 @@ from bpkit.validate import ALIASES, MODEL_ARGS
 COMMENT_COLUMN = 30  # the column of the comments' "#" (as in configs/*.yaml)
 
 
+@functools.lru_cache(maxsize=None)
 def field_comments(cls) -> dict[str, str]:
     """``{field: comment}`` of a config dataclass: the comment at the end of the field's line,
     or else the comment lines just above it."""

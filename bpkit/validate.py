@@ -527,10 +527,10 @@ def param_counts(cfg, task, params) -> tuple[int, int]:
 
 
 def describe_params(cfg, task, params) -> str:
-    """``"11,274 parameters (1,290 trainable, 9,984 frozen)"``, or ``(all trainable)``."""
+    """``"11,274 parameters, 1,290 trainable and 9,984 frozen"``, or ``..., all trainable``."""
     trainable, frozen = param_counts(cfg, task, params)
-    detail = f"{trainable:,} trainable, {frozen:,} frozen" if frozen else "all trainable"
-    return f"{trainable + frozen:,} parameters ({detail})"
+    detail = f"{trainable:,} trainable and {frozen:,} frozen" if frozen else "all trainable"
+    return f"{trainable + frozen:,} parameters, {detail}"
 
 
 def _memory_bytes() -> tuple[int | None, str]:

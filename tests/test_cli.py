@@ -16,7 +16,7 @@ def test_train_eval_plot_end_to_end(tmp_path, capsys):
     p = bpkit("train", cfg, *TINY, f"run.out_dir={run}")
     assert p.returncode == 0, p.stderr
     out = p.stdout
-    for word in ("parameters (all trainable)", "mnist1d: 4,000 train / 1,000 test", "engine  bpkit",
+    for word in ("parameters, all trainable", "mnist1d: 4,000 train / 1,000 test", "engine  bpkit",
                  "devices", "parity  first batch: max |bpkit - jax.grad|", "OK", "step     30/30",
                  "done: 30 steps"):
         assert word in out, out

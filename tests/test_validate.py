@@ -91,5 +91,5 @@ def test_trainable_and_frozen_counts_follow_the_patterns():
     frozen = 40 * 4 + 4                    # dense_0: w (40, 4) and b (4,)
     assert validate.param_counts(cfg, task, params) == (head, frozen)
     assert validate.describe_params(cfg, task, params) == (
-        f"{head + frozen:,} parameters ({head:,} trainable, {frozen:,} frozen)")
+        f"{head + frozen:,} parameters, {head:,} trainable and {frozen:,} frozen")
     validate.check_task(cfg, dataset_from_config(cfg.data), task)  # the patterns match
