@@ -226,6 +226,9 @@ def _coerce(key: str, value: Any, tp) -> Any:
     elif tp is list:
         if isinstance(value, (list, tuple)):
             return list(value)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected a list "
+                              f"(write [{value}] for a list of one)")
     elif tp is dict:
         if isinstance(value, dict):
             return dict(value)

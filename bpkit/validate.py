@@ -304,6 +304,9 @@ def config_problems(cfg) -> list[str]:
         if problem:
             problems.append(problem)
     o, r, d = cfg.optimizer, cfg.run, cfg.data
+    if not r.name or r.name in (".", "..") or "/" in r.name or "\\" in r.name:
+        problems.append(f"run.name: got {r.name!r}; use a plain name such as mnist1d_mlp (the "
+                        "run directory is runs/<name>; set run.out_dir to put it elsewhere).")
     if o.accumulate_steps > r.steps and DOMAINS["run.steps"].contains(r.steps):
         problems.append(f"optimizer.accumulate_steps: {o.accumulate_steps} micro-steps per "
                         f"update but only run.steps={r.steps}, so no update would ever be "

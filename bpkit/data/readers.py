@@ -85,6 +85,8 @@ def load_npz(path: str, test_path: str | None = None, test_fraction: float = 0.2
     ``y``, ``x_test`` without ``y_test``, lengths or feature shapes that differ, labels that
     are not class indices -- is reported in one ``DataError``."""
     for role, p in (("data.path", path), ("data.test_path", test_path)):
+        if p and os.path.isdir(p):
+            raise DataError(f"{role}: {p} is a directory; give an .npz file")
         if p and not os.path.isfile(p):
             raise DataError(f"{role}: data file not found: {p}")
     arrays, problems = _read_npz(path, "data.path")
