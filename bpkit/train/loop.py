@@ -325,8 +325,8 @@ def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
 
     devices = [str(d) for d in mesh.devices.flat]
     out(f"bpkit train: {cfg.run.name} -> {run_dir}")
-    out(f"  model   {cfg.model.name} {task.model_args or ''}: {validate.describe_params(cfg, task, state.params)} "
-        f"({cfg.model.compute_dtype} compute)")
+    out(f"  model   {cfg.model.name} {task.model_args or ''}: "
+        f"{validate.describe_params(cfg, task, state.params)} ({cfg.model.compute_dtype} compute)")
     out(f"  data    {ds.describe()}; batch {cfg.data.batch_size}")
     out(f"  optim   {cfg.optimizer.name} lr {cfg.optimizer.learning_rate:g} "
         f"({cfg.optimizer.schedule}); {cfg.run.steps} steps")
