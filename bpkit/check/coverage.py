@@ -246,6 +246,25 @@ def _takes_arguments(fun) -> bool:
                for p in params)
 
 
+def _parse_argnums(text: str | None, nargs: int) -> tuple[int, ...] | None:
+    """``--argnums "0,1"`` as indices into the ``nargs`` arguments; ``ValueError`` naming the
+    problem if it is not a list of integers or one is out of range."""
+    if text is None:
+        return None
+    try:
+        nums = tuple(int(i) for i in text.split(","))
+    except ValueError:
+        raise ValueError(f"--argnums {text!r} must be argument indices separated by commas, "
+                         "such as 0 or 0,1") from None
+    bad = [i for i in nums if not 0 <= i < nargs]
+    if bad:
+        valid = f"0 .. {nargs - 1}" if nargs else "none: it is traced with no arguments"
+        raise ValueError(f"--argnums {','.join(map(str, bad))} is out of range: the function "
+                         f"takes {nargs} argument{'s' if nargs != 1 else ''} (valid indices: "
+                         f"{valid})")
+    return nums
+
+
 def rules_command(argv: list[str]) -> int:
     """``bpkit rules [path/to/file.py:function] [--args SPEC]``; returns the exit status.
 
@@ -280,7 +299,7 @@ def rules_command(argv: list[str]) -> int:
             args = tuple(module.example_args())
         else:
             args = ()
-        argnums = None if ns.argnums is None else tuple(int(i) for i in ns.argnums.split(","))
+        argnums = _parse_argnums(ns.argnums, len(args))
         used = primitives_used(fun, *args)
         missing = unsupported_in(fun, *args, argnums=argnums)
     except (FileNotFoundError, AttributeError, ValueError, TypeError, SyntaxError,

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bpkit import sharding
+from bpkit import sharding, validate
 from bpkit.config import Config, ConfigError, dump_config
 from bpkit.data import dataset_from_config, eval_batches, train_batch
 from bpkit.train import checkpoint as ckpt
@@ -98,6 +98,7 @@ def build(cfg: Config):
     """``(dataset, task, optimizer(s), schedule(s))`` for ``cfg``."""
     ds = dataset_from_config(cfg.data, cfg.run.seed)
     task = build_task(cfg, ds)
+    validate.check_task(cfg, ds, task)  # patterns, batch vs data, memory: all problems at once
     tx, schedule = build_optimizer(cfg.optimizer, cfg.run.steps)
     if task.kind == "gan":
         d_tx, d_schedule = build_optimizer(
@@ -293,6 +294,7 @@ def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
         out = lambda msg: None  # noqa: E731 -- only process 0 reports
     mesh = build_mesh(cfg)
     rows = sharding.process_batch_slice(cfg.data.batch_size)
+    ds, task, tx, schedule = build(cfg)  # every check before anything is written
     run_dir = cfg.out_dir
     os.makedirs(run_dir, exist_ok=True)
     ckpt_dir = os.path.join(run_dir, "checkpoints")
@@ -301,7 +303,6 @@ def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
         with open(os.path.join(run_dir, "config.yaml"), "w") as f:
             f.write(dump_config(cfg))
 
-    ds, task, tx, schedule = build(cfg)
     every = cfg.diagnostics.every
     if every and task.kind == "gan":
         raise ConfigError("diagnostics.every: backward signals are not available for GAN runs "
@@ -324,8 +325,8 @@ def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
 
     devices = [str(d) for d in mesh.devices.flat]
     out(f"bpkit train: {cfg.run.name} -> {run_dir}")
-    out(f"  model   {cfg.model.name} {task.model_args or ''}: {n_params:,} parameters "
-        f"({cfg.model.compute_dtype} compute)")
+    out(f"  model   {cfg.model.name} {task.model_args or ''}: "
+        f"{validate.describe_params(cfg, task, state.params)} ({cfg.model.compute_dtype} compute)")
     out(f"  data    {ds.describe()}; batch {cfg.data.batch_size}")
     out(f"  optim   {cfg.optimizer.name} lr {cfg.optimizer.learning_rate:g} "
         f"({cfg.optimizer.schedule}); {cfg.run.steps} steps")
