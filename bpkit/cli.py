@@ -8,14 +8,18 @@
 
 User mistakes (config keys, types, missing files, data that does not fit the model, a mesh
 that does not fit the devices or the batch) exit with
-status 2 and a one-line message; a non-finite loss or a parity mismatch exits 1; SIGINT/SIGTERM
-save a checkpoint and exit 130/143.
+status 2 and a one-line message; so do run-directory and file-system problems (a config that
+would change an existing run's trajectory, a run directory locked by another process, an
+unwritable or full disk). A non-finite loss or gradient, too many skipped steps, or a parity
+mismatch exits 1. SIGINT/SIGTERM/SIGHUP save a checkpoint once training has started and exit
+130/143/129 (before that, nothing is written).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import sys
 
 
@@ -34,8 +38,6 @@ def cmd_train(args) -> int:
     from bpkit.train import loop
     try:
         loop.train(cfg)
-    except loop.Interrupted as e:
-        return 128 + e.signum
     except (loop.NonFiniteLoss, loop.ParityError) as e:
         print(f"bpkit: {e}", file=sys.stderr)
         return 1
@@ -44,7 +46,7 @@ def cmd_train(args) -> int:
 
 def _run_config(run_dir: str):
     from bpkit.config import ConfigError
-    path = os.path.join(run_dir, "config.yaml")
+    path = os.path.join(os.path.abspath(run_dir), "config.yaml")
     if not os.path.isfile(path):
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     return _load(path, [])
@@ -58,11 +60,12 @@ def cmd_eval(args) -> int:
     from bpkit.train import checkpoint as ckpt
     from bpkit.train import loop
     from bpkit.train.step import evaluate
-    cfg = _run_config(args.run_dir)
+    run_dir = os.path.abspath(args.run_dir)  # read only: no lock (a run may be training)
+    cfg = _run_config(run_dir)
     cfg.model.init_from = None
     ds, task, tx, schedule = loop.build(cfg)
     state = loop.init_state(cfg, task, tx)
-    step, restored = ckpt.restore_latest(os.path.join(args.run_dir, "checkpoints"), state,
+    step, restored = ckpt.restore_latest(os.path.join(run_dir, "checkpoints"), state,
                                          warn=lambda m: print(m, file=sys.stderr))
     if restored is None:
         raise ConfigError(f"no usable checkpoint in {args.run_dir}/checkpoints")
@@ -147,6 +150,37 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bpkit.train import stopping
+    old_handlers = stopping.install()  # first: a stop signal is never lost from here on
+    stopping.reset()
+    try:
+        return _main(argv)
+    except stopping.Interrupted as e:
+        if e.saved_step is None:
+            _stderr(f"bpkit: {e.name} received; stopped before training started, nothing new "
+                    "was saved")
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        _stderr("bpkit: interrupted")
+        return 130
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:  # `bpkit ... | head`: the reader is gone
+            from bpkit.train.writers import silence_stdout
+            silence_stdout()
+
+
+def _stderr(msg: str) -> None:
+    try:
+        print(msg, file=sys.stderr, flush=True)
+    except (BrokenPipeError, ValueError):
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASS_THROUGH:
         return PASS_THROUGH[argv[0]](argv[1:])
@@ -158,9 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except (ConfigError, DataError, ShardingError) as e:
         return _user_error(e)
-    except KeyboardInterrupt:
-        print("bpkit: interrupted", file=sys.stderr)
-        return 130
+    except BrokenPipeError:
+        from bpkit.train.writers import silence_stdout
+        silence_stdout()
+        return 0
 
 
 if __name__ == "__main__":

@@ -40,7 +40,9 @@ class RunConfig:
     keep_checkpoints: int = 3
     engine: Literal["bpkit", "jax"] = "bpkit"
     check_parity: bool = True
-    on_nonfinite: Literal["stop", "skip"] = "stop"
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # non-finite loss or gradient norm
+    max_skipped: int = 10                 # skip: stop (exit 1) after this many skips in a row
+    resume: Literal["auto", "never", "must"] = "auto"  # an existing run directory: see docs
     progress: Literal["auto", "bar", "log"] = "auto"
     sample_length: int = 200              # characters printed at the end of a language-model run
     eval_batches: int = 0                 # evaluation batches per evaluation (0: the whole split)
@@ -278,7 +280,8 @@ def config_from_dict(raw: Any, overrides: list[str] = ()) -> Config:
 
 
 def load_config(path: str, overrides: list[str] = ()) -> Config:
-    """Read ``path`` (YAML) and apply ``overrides``; raises ``ConfigError`` on any mistake."""
+    """Read ``path`` (YAML) and apply ``overrides``; raises ``ConfigError`` on any mistake.
+    Every path in it is made absolute against the current directory (``bpkit.paths``)."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -286,12 +289,14 @@ def load_config(path: str, overrides: list[str] = ()) -> Config:
             raw = yaml.safe_load(f)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return config_from_dict(raw, list(overrides))
+    from bpkit.paths import resolve_paths
+    return resolve_paths(config_from_dict(raw, list(overrides)))
 
 
 def validate(cfg: Config) -> None:
     """Cross-field checks: positive sizes, piecewise schedules that line up, a complete ``distributed`` section, sensible diagnostics ratios."""
     positive = {"run.steps": cfg.run.steps, "run.log_every": cfg.run.log_every,
+                "run.max_skipped": cfg.run.max_skipped,
                 "data.batch_size": cfg.data.batch_size,
                 "data.eval_batch_size": cfg.data.eval_batch_size,
                 "optimizer.accumulate_steps": cfg.optimizer.accumulate_steps,
