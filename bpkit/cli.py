@@ -159,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         if e.saved_step is None:
             _stderr(f"bpkit: {e.name} received; stopped before training started, nothing new "
                     "was saved")
+            if argv is None:  # the command itself (not a test calling main): see _hard_exit
+                _hard_exit(128 + e.signum)
         return 128 + e.signum
     except KeyboardInterrupt:
         _stderr("bpkit: interrupted")
@@ -171,6 +173,19 @@ def main(argv: list[str] | None = None) -> int:
         except BrokenPipeError:  # `bpkit ... | head`: the reader is gone
             from bpkit.train.writers import silence_stdout
             silence_stdout()
+
+
+def _hard_exit(status: int) -> None:
+    """Exit now, without the interpreter's finalization: a signal that interrupted JAX in the
+    middle of tracing or compiling can leave native state that crashes at teardown (exit 139
+    instead of 128 + signal). Nothing is pending: no checkpoint was being written, and the
+    kernel releases the run directory's lock."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 def _stderr(msg: str) -> None:

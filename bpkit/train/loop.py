@@ -353,6 +353,7 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float) -> dict
         window_rec = window.take(step)
         if window_rec is None:
             return
+        del window_rec["step"]
         now = time.time()
         rate = (step - step_at_t) * bs / max(now - t_loop, 1e-9)
         t_loop, step_at_t = now, step
@@ -443,6 +444,11 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float) -> dict
             run_eval(step)
             if start < cfg.run.steps or not ckpt.complete_steps(run.ckpt_dir):
                 save(step)
+        except NonFiniteLoss:
+            last = window.record()  # the window up to the step that stopped the run
+            if last is not None:
+                run.metrics.write({"step": last.pop("step"), "split": "train", **last})
+            raise
         except Interrupted as e:
             if e.saved_step is None:
                 flush(step)

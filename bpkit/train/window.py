@@ -57,19 +57,21 @@ class MetricsWindow:
         return self.policy == "skip" and len(self.pending) >= self.max_skipped
 
     def check(self) -> None:
-        for s, m in ((s, to_host(m)) for s, m in self.pending):
+        while self.pending:
+            s, m = self.pending.pop(0)
+            m = to_host(m)
             self.host.append((s, m))
             if self.policy == "skip":
                 self._count_skip(s, m)
             elif not (_finite(m, "loss") and _finite(m, "grad_norm")):
-                what = "loss" if not _finite(m, "loss") else "gradient norm"
+                what, key = (("loss", "loss") if not _finite(m, "loss")
+                             else ("gradient norm", "grad_norm"))
                 raise NonFiniteLoss(
-                    f"non-finite {what} at step {s} (loss {m['loss']}, gradient norm "
-                    f"{m.get('grad_norm')}); stopping without saving anything new. "
+                    f"non-finite {what} ({m[key]}) at step {s}; stopping without saving "
+                    f"anything new (loss {m['loss']}, gradient norm {m.get('grad_norm')}). "
                     f"{self.survivor()} Lower optimizer.learning_rate or set "
                     "optimizer.clip_norm (in a new run.out_dir, or with run.resume=never), "
                     "or set run.on_nonfinite=skip to skip such updates")
-        self.pending.clear()
 
     def _count_skip(self, s: int, m: dict) -> None:
         if not m.get("skipped"):
@@ -88,8 +90,14 @@ class MetricsWindow:
     def take(self, step: int) -> dict | None:
         """The means of the window's metrics over its steps that were not skipped."""
         self.check()
+        return self.record(step)
+
+    def record(self, step: int | None = None) -> dict | None:
+        """The window read so far (after ``check`` raised: up to the step that stopped the
+        run, which is the record's ``step``), or ``None``."""
         if not self.host:
             return None
+        step = self.host[-1][0] if step is None else step
         host, self.host = self.host, []
         good = [m for _, m in host if not m.get("skipped")]
         keys = [k for k in host[-1][1] if k != "skipped"]
@@ -102,4 +110,4 @@ class MetricsWindow:
                 self.warn(f"warning: {len(skipped)} of {len(host)} updates up to step {step} "
                           f"skipped (non-finite loss or gradient norm at step {shown}); "
                           f"{self.streak} in a row now, run.max_skipped={self.max_skipped}")
-        return rec
+        return {"step": step, **rec}
