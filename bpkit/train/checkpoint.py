@@ -19,11 +19,15 @@ creates, prunes and commits (``meta.json``) the directories.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
+import sys
+import threading
 import warnings
 
 import jax
@@ -54,6 +58,56 @@ class CheckpointUnreadable(RunDirError):
 def _quiet_orbax():
     for name in ("absl", "orbax", "orbax.checkpoint"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+class _ThreadQuietStderr:
+    """``sys.stderr`` while orbax runs. When a write or read fails (a full disk, damaged
+    bytes), orbax's worker threads print the error again and again, and tensorstore's
+    callbacks print "RuntimeError: Event loop is closed" tracebacks as its event loops shut
+    down. bpkit reports the failure itself, in one sentence; so output written during the call
+    is held back, replayed if the call succeeds and dropped if it fails, and after a failure
+    only the main thread's output gets through and absl's log stays silent (both for the rest
+    of the process)."""
+
+    def __init__(self, real):
+        self.real, self.held, self.failed = real, [], False
+        self._lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        main = threading.current_thread() is threading.main_thread()
+        if self.failed:
+            return self.real.write(text) if main else len(text)
+        with self._lock:
+            self.held.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.real.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+@contextlib.contextmanager
+def _orbax_call():
+    real = sys.stderr
+    if isinstance(real, _ThreadQuietStderr):  # already failed once: keep filtering
+        yield
+        return
+    quiet = sys.stderr = _ThreadQuietStderr(real)
+    absl = logging.getLogger("absl")  # its handler may hold the real stderr: silence it too
+    level = absl.level
+    absl.setLevel(logging.CRITICAL)
+    try:
+        yield
+    except BaseException:
+        quiet.failed = True
+        quiet.held.clear()
+        raise
+    absl.setLevel(level)
+    sys.stderr = real
+    if quiet.held:
+        real.write("".join(quiet.held))
 
 
 def _digest(x: np.ndarray) -> str:
@@ -100,7 +154,8 @@ def save(ckpt_dir: str, step: int, state, *, keep: int = 0, extra: dict | None =
             os.makedirs(tmp)
         _barrier(f"bpkit_ckpt_mkdir_{step}")
         items = {f"leaf_{i:05d}": x for i, x in enumerate(leaves)}
-        ocp.PyTreeCheckpointer().save(os.path.join(tmp, "state"), items)  # collective
+        with _orbax_call():
+            ocp.PyTreeCheckpointer().save(os.path.join(tmp, "state"), items)  # collective
         if main:
             meta = {"step": int(step), "num_leaves": len(leaves),
                     "shapes": [list(x.shape) for x in leaves],
@@ -122,7 +177,7 @@ def save(ckpt_dir: str, step: int, state, *, keep: int = 0, extra: dict | None =
             shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
             raise os_failure("write checkpoint", tmp, e) from None
-        raise RunDirError(f"cannot write checkpoint {tmp}: {_first_line(e)}; the previous "
+        raise RunDirError(f"cannot write checkpoint {tmp}: {_cause(e)}; the previous "
                           "checkpoints are unchanged (free some space or fix the run "
                           "directory, then run the same command to resume)") from None
     if main and keep:
@@ -143,6 +198,15 @@ def _remove_stale_tmp(ckpt_dir: str) -> None:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:300] if text else ''}"
+
+
+def _cause(e: BaseException) -> str:
+    """The OS error inside an orbax/tensorstore error ("No space left on device (errno
+    28)"), else its first line."""
+    m = re.search(r"os_error_code='?(\d+)", str(e))
+    if m:
+        return f"{os.strerror(int(m.group(1)))} (errno {m.group(1)})"
+    return _first_line(e)
 
 
 def _is_data_loss(e: BaseException) -> bool:
@@ -182,11 +246,12 @@ def _orbax_items(path: str):
     import orbax.checkpoint as ocp
     _quiet_orbax()
     try:
-        return ocp.PyTreeCheckpointer().restore(os.path.join(path, "state"))
+        with _orbax_call():
+            return ocp.PyTreeCheckpointer().restore(os.path.join(path, "state"))
     except Exception as e:  # noqa: BLE001 -- orbax raises many kinds of errors
         if _is_data_loss(e):
             raise CheckpointSkipped(f"corrupt: {_first_line(e)}") from None
-        raise CheckpointUnreadable(path, f"orbax: {_first_line(e)}") from None
+        raise CheckpointUnreadable(path, f"orbax: {_cause(e)}") from None
 
 
 def restore_leaves(path: str) -> list[np.ndarray]:

@@ -27,24 +27,31 @@ SHORT = ["run.steps=6", "run.log_every=2", "run.eval_every=0", "run.checkpoint_e
          "optimizer.warmup_steps=2"]
 
 
+_SESSION: dict = {}  # the fixtures below are imported by several modules: computed once
+
+
 @pytest.fixture(scope="session")
 def fast_env(tmp_path_factory) -> dict:
     """Environment for the subprocesses: a persistent compilation cache shared by the
     session's runs (the same tiny programs compile once), nothing else changed."""
-    cache = tmp_path_factory.mktemp("jax_cache")
-    return {"JAX_COMPILATION_CACHE_DIR": str(cache),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    if "env" not in _SESSION:
+        cache = tmp_path_factory.mktemp("jax_cache")
+        _SESSION["env"] = {"JAX_COMPILATION_CACHE_DIR": str(cache),
+                           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    return _SESSION["env"]
 
 
 @pytest.fixture(scope="session")
 def reference(tmp_path_factory, fast_env) -> str:
     """A user directory in which ``bpkit train configs/mnist1d_mlp.yaml LONG`` ran to the end
-    (default relative run directory ``runs/mnist1d_mlp``)."""
-    work = user_dir(tmp_path_factory.mktemp("reference"))
-    p = run_cli(work, "train", CFG, *LONG, env=fast_env)
-    assert p.returncode == 0, p.stdout + p.stderr
-    return work
+    (default relative run directory ``runs/mnist1d_mlp``). Tests copy it, never change it."""
+    if "reference" not in _SESSION:
+        work = user_dir(tmp_path_factory.mktemp("reference"))
+        p = run_cli(work, "train", CFG, *LONG, env=fast_env)
+        assert p.returncode == 0, p.stdout + p.stderr
+        _SESSION["reference"] = work
+    return _SESSION["reference"]
 
 
 def copy_of(work: str, tmp_path) -> str:
