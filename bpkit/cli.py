@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     except stopping.Interrupted as e:
         if e.saved_step is None:
             _stderr(f"bpkit: {e.name} received; stopped before training started, nothing new "
-                    "was saved")
+                    "was saved" if _is_train(argv) else f"bpkit: {e.name} received; stopped")
             if argv is None:  # the command itself (not a test calling main): see _hard_exit
                 _hard_exit(128 + e.signum)
         return 128 + e.signum
@@ -186,6 +186,11 @@ def _hard_exit(status: int) -> None:
         except (OSError, ValueError):
             pass
     os._exit(status)
+
+
+def _is_train(argv) -> bool:
+    argv = sys.argv[1:] if argv is None else argv
+    return bool(argv) and argv[0] == "train"
 
 
 def _stderr(msg: str) -> None:

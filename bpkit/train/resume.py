@@ -119,9 +119,11 @@ def check_compatible(run_dir: str, config_path: str, cfg) -> list[tuple[str, obj
     if diffs:
         lines = "\n".join(f"  {k}: {_show(a)} -> {_show(b)}" for k, a, b in diffs)
         note = ""
-        if any(k == "optimizer.decay_steps" for k, _, _ in diffs):
-            note = ("\n(optimizer.decay_steps: null follows run.steps; set it to the old value "
-                    "explicitly to extend the run on its old schedule)")
+        decay = [a for k, a, _ in diffs if k == "optimizer.decay_steps"]
+        if decay and stored.get("optimizer.decay_steps") is None:
+            note = ("\n(optimizer.decay_steps: null follows run.steps, so more steps stretch the "
+                    "learning-rate schedule; optimizer.decay_steps="
+                    f"{decay[0]} keeps the old one, past which the rate stays at its final value)")
         raise RunDirError(
             f"{run_dir} holds a run with a different config, and continuing it with this one "
             f"would change its trajectory:\n{lines}{note}\nNothing was changed. Train into a new "
