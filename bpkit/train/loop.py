@@ -441,7 +441,8 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float) -> dict
                     flush(step)
                     save(step)
             flush(step)
-            run_eval(step)
+            if start < cfg.run.steps:  # (a finished run is left as it is)
+                run_eval(step)
             if start < cfg.run.steps or not ckpt.complete_steps(run.ckpt_dir):
                 save(step)
         except NonFiniteLoss:
