@@ -17,7 +17,6 @@ mismatch exits 1. SIGINT/SIGTERM/SIGHUP save a checkpoint once training has star
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -76,7 +75,8 @@ def cmd_eval(args) -> int:
               "eval_accuracy": res.get("accuracy") if task.kind == "classifier" else None}
     if task.kind == "gan":  # held-out d_loss + g_loss, and how close the samples are
         result["eval_chamfer"] = res.get("chamfer")
-    print(json.dumps(result))
+    from bpkit.train.writers import dumps
+    print(dumps(result))  # strict JSON: a NaN is null, named under "nonfinite"
     return 0
 
 
