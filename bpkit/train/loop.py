@@ -37,11 +37,8 @@ from bpkit.train.state import TrainState
 from bpkit.train.step import evaluate, make_eval_step, make_gan_step, make_train_step
 from bpkit.train.stopping import Interrupted
 from bpkit.train.tasks import Task, build_task
-from bpkit.train.window import MetricsWindow, NonFiniteLoss, TooManySkipped
+from bpkit.train.window import MetricsWindow, NonFiniteLoss, TooManySkipped  # noqa: F401
 from bpkit.train.writers import Console, last_logged
-
-__all__ = ["train", "build", "init_state", "make_steps", "Interrupted", "NonFiniteLoss",
-           "TooManySkipped", "ParityError"]
 
 
 class ParityError(RuntimeError):
