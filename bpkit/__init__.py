@@ -17,13 +17,14 @@ from bpkit.engine import (
     value_and_grad,
     vjp,
 )
+from bpkit.rules.loops import while_checkpoints
 
 __version__ = "0.1.0"
 
 __all__ = [
     "vjp", "grad", "value_and_grad", "register_vjp", "register_fwd_bwd", "register_nondiff",
     "registered_primitives", "UnsupportedPrimitiveError", "check_parity", "ParityReport",
-    "testing",
+    "testing", "while_checkpoints",
 ]
 
 from bpkit import models, nn, ops  # noqa: E402  (layers, fused ops, reference models)
