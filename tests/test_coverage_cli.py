@@ -28,7 +28,7 @@ def test_primitives_used_looks_inside_sub_jaxprs():
 
 
 def _product_pool(x):
-    return lax.reduce_window(x, 1.0, lax.mul, (2,), (1,), "VALID")  # line reported
+    return lax.reduce_window(x, jnp.ones((), x.dtype), lax.mul, (2,), (1,), "VALID")  # line reported
 
 
 def test_unsupported_in_names_primitive_and_user_line():
@@ -89,7 +89,7 @@ def user_file(tmp_path):
             return jnp.sum(jnp.tanh(x) ** 2)
 
         def loss(w, x):
-            return jnp.sum(lax.reduce_window(x * w, 1.0, lax.mul, (2,), (1,), "VALID"))
+            return jnp.sum(lax.reduce_window(x * w, jnp.ones((), x.dtype), lax.mul, (2,), (1,), "VALID"))
 
         def example_args():
             return (jnp.ones(3), jnp.ones(3))
