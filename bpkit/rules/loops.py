@@ -141,23 +141,24 @@ def _binomial_advance(p, t, snaps, xp, loop):
     """
     steps = t + 1 - p
 
+    def muldiv(a, b, c):  # floor(a * b / c) without forming a * b (int32 stays in range)
+        c = xp.maximum(c, 1)
+        return (a // c) * b + (a % c) * b // c
+
     def next_binomial(s):  # binom(snaps + r, r) from binom(snaps + r - 1, r - 1), saturating
         r, b = s[0] + 1, s[1]
-        big = b > _INT32_MAX // (r + snaps)
-        return r, xp.where(big, _INT32_MAX, b * (r + snaps) // r)
+        return r, xp.where(b > _INT32_MAX // (r + snaps), _INT32_MAX, muldiv(b, r + snaps, r))
 
     reps, rng = loop(lambda s: s[1] < steps, next_binomial, (xp.int32(0), xp.int32(1)))
-    one = xp.maximum
-    b1 = rng * reps // one(snaps + reps, 1)
-    b2 = xp.where(snaps > 1, b1 * snaps // one(snaps + reps - 1, 1), 1)
-    b3 = xp.where(snaps > 2, b2 * (snaps - 1) // one(snaps + reps - 2, 1),
-                  xp.where(snaps == 2, 1, 0))
-    b4 = b2 * (reps - 1) // one(snaps, 1)
-    b5 = xp.where(snaps > 3, b3 * (snaps - 2) // one(reps, 1), xp.where(snaps == 3, 1, 0))
+    b1 = muldiv(rng, reps, snaps + reps)
+    b2 = xp.where(snaps > 1, muldiv(b1, snaps, snaps + reps - 1), 1)
+    b3 = xp.where(snaps > 2, muldiv(b2, snaps - 1, snaps + reps - 2), xp.where(snaps == 2, 1, 0))
+    b4 = muldiv(b2, reps - 1, snaps)
+    b5 = xp.where(snaps > 3, muldiv(b3, snaps - 2, reps), xp.where(snaps == 3, 1, 0))
     m = xp.where(steps <= b1 + b3, p + b4,
                  xp.where(steps >= rng - b5, p + b1, t + 1 - b2 - b3))
     m = xp.where(snaps <= 1, t, m)
-    m = xp.where(rng == _INT32_MAX, p + steps // 2, m)  # beyond int32 binomials: bisect
+    m = xp.where(rng == _INT32_MAX, p + steps // 2, m)  # segments beyond ~10^7: bisect
     return xp.minimum(xp.maximum(m, p + 1), t)
 
 

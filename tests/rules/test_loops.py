@@ -401,19 +401,55 @@ def test_while_checkpoints_refuses_bad_settings(bad):
             bpkit.grad(jnp.sum, while_checkpoints=bad["count"])
 
 
-def test_vjp_of_a_while_with_an_inactive_float_carry():
-    """Only the carries that depend on the inputs get cotangents; ``vjp`` with a cotangent on
-    every output gives what the scan twin gives."""
+def test_vjp_with_inactive_integer_and_key_carries():
+    """Only the carries that depend on the inputs get cotangents (an integer counter, a PRNG key
+    and a float that never meets the inputs get none); ``vjp`` with a cotangent on every float
+    output gives what the scan twin gives."""
+    def step(w, x, key):
+        key, sub = jax.random.split(key)
+        return x * w + 0.1 * jax.random.normal(sub, x.shape, x.dtype), key
+
     def f(w, x):
-        return lax.while_loop(lambda c: c[2] < 5, lambda c: (c[0] * w, c[1] + 1.0, c[2] + 1),
-                              (x, jnp.zeros(2), 0))[:2]
+        def body(c):
+            x, key = step(w, c[0], c[3])
+            return x, c[1] + 1.0, c[2] + 1, key
+        return lax.while_loop(lambda c: c[2] < 5, body, (x, jnp.zeros(2), 0, jax.random.key(1)))[:2]
 
     def twin(w, x):
-        return lax.scan(lambda c, _: ((c[0] * w, c[1] + 1.0), None), (x, jnp.zeros(2)), None,
-                        length=5)[0]
+        def body(c, _):
+            x, key = step(w, c[0], c[2])
+            return (x, c[1] + 1.0, key), None
+        return lax.scan(body, (x, jnp.zeros(2), jax.random.key(1)), None, length=5)[0][:2]
 
     w, x = jnp.float64(0.9), jnp.arange(2.0)
     ct = (jnp.ones(2), jnp.ones(2))
-    out, f_vjp = bpkit.vjp(f, w, x)
+    out, f_vjp = bpkit.vjp(f, w, x, while_checkpoints=3)
     _assert_close(out, twin(w, x), 1e-12)
     _assert_close(f_vjp(ct), jax.vjp(twin, w, x)[1](ct), 1e-12)
+
+
+def test_vmap_over_loops_of_different_lengths():
+    """Batched, each loop runs its own number of iterations (the batched while runs the longest
+    and masks the others); each gradient equals its own scan twin's."""
+    ws, x = jnp.array([1.1, 1.4, 2.0]), jnp.full(3, 0.3)
+    got = jax.jit(jax.vmap(bpkit.grad(lambda w, x: jnp.sum(_grow(w, x)), while_checkpoints=3),
+                           (0, None)))(ws, x)
+    counts = [_grow_count(w, x) for w in ws]
+    assert len(set(counts)) == 3
+    for w, n, g in zip(ws, counts, got):
+        _assert_close(g, jax.grad(lambda w: jnp.sum(_grow_scan(w, x, n)))(w), 1e-12)
+
+
+def test_traced_and_python_schedules_agree_even_for_huge_segments():
+    """The traced rule and ``recomputed_steps`` share ``_binomial_advance``; int32 arithmetic
+    must not overflow where the Python integers would not (segments up to 2**31 steps)."""
+    rng = np.random.default_rng(0)
+    p = rng.integers(0, 10**9, 200)
+    t = np.minimum(p + (10 ** rng.uniform(0.3, 9.3, 200)).astype(np.int64), 2**31 - 2)
+    snaps = rng.integers(1, 40, 200)
+    traced = jax.jit(jax.vmap(lambda p, t, s: loops._binomial_advance(p, t, s, jnp, lax.while_loop)))
+    got = np.asarray(traced(*(jnp.asarray(v, jnp.int32) for v in (p, t, snaps))))
+    want = [int(loops._binomial_advance(np.int64(a), np.int64(b), np.int64(s), np,
+                                        loops._python_loop)) for a, b, s in zip(p, t, snaps)]
+    np.testing.assert_array_equal(got, want)
+    assert np.all((got > p) & (got <= t))
