@@ -149,7 +149,8 @@ def _binomial_advance(p, t, snaps, xp, loop):
         r, b = s[0] + 1, s[1]
         return r, xp.where(b > _INT32_MAX // (r + snaps), _INT32_MAX, muldiv(b, r + snaps, r))
 
-    reps, rng = loop(lambda s: s[1] < steps, next_binomial, (xp.int32(0), xp.int32(1)))
+    reps, rng = loop(lambda s: (s[1] < steps) & (snaps > 1),  # one slot: no choice to make
+                     next_binomial, (xp.int32(0), xp.int32(1)))
     b1 = muldiv(rng, reps, snaps + reps)
     b2 = xp.where(snaps > 1, muldiv(b1, snaps, snaps + reps - 1), 1)
     b3 = xp.where(snaps > 2, muldiv(b2, snaps - 1, snaps + reps - 2), xp.where(snaps == 2, 1, 0))

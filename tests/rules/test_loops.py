@@ -7,6 +7,7 @@ evaluations the documented schedule predicts, and the ``while_checkpoints`` sett
 """
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from dataclasses import dataclass
@@ -29,9 +30,10 @@ class LoopCase(Case):
     trip_count: Callable | None = None  # (*args) -> counts (what twin needs), run eagerly
 
 
-def loop_case(name, init, cond, body, out, make_args, **kwargs) -> LoopCase:
-    """A case for ``out(p, while_loop(cond(p, .), body(p, .), init(p)))``; the twin scans
-    ``body`` for the trip count."""
+def loop_case(name, init, cond, body, out, make_args, wrap=lambda f: f, **kwargs) -> LoopCase:
+    """A case for ``out(p, while_loop(cond(p, .), body(p, .), init(p)))`` (passed through
+    ``wrap``, e.g. ``jax.jit``); the twin scans ``body`` for the trip count."""
+    @wrap
     def fun(*p):
         return out(p, lax.while_loop(lambda c: cond(p, c), lambda c: body(p, c), init(p)))
 
@@ -230,9 +232,7 @@ IN_JIT = loop_case(
     init=lambda p: p[1], cond=lambda p, x: jnp.sum(x) < 10.0,
     body=lambda p, x: jax.jit(lambda x: x * p[0] + 0.1 * jnp.sin(x))(x),
     out=lambda p, x: x, make_args=args(uniform(lo=1.2, hi=1.5), uniform(3, lo=0.5, hi=1.0)),
-    argnums=(0, 1))
-IN_JIT = LoopCase(IN_JIT.name, jax.jit(IN_JIT.fun), IN_JIT.make_args, argnums=IN_JIT.argnums,
-                  twin=IN_JIT.twin, trip_count=IN_JIT.trip_count)
+    argnums=(0, 1), wrap=jax.jit)
 
 # One rule (while), so one row; the cases are the shapes of loops it must handle.
 CASES = [FIXED_POINT, NEURAL_ODE, GROWTH, ZERO_TRIP, FORI, NESTED, IN_SCAN, IN_COND, IN_JIT]
@@ -284,7 +284,7 @@ def test_while_matches_jax_grad_of_the_scan_twin(case):
     assert_loop_parity(case, "float64", True, checkpoints=3)
 
 
-@pytest.mark.parametrize("case", [GROWTH, ZERO_TRIP, NESTED], ids=str)
+@pytest.mark.parametrize("case", [GROWTH, ZERO_TRIP], ids=str)
 def test_eager_with_finite_differences(case):
     assert_loop_parity(case, "float64", False, checkpoints=2, fd=True)
 
@@ -299,9 +299,8 @@ def test_eager_with_finite_differences_slow(case):
     assert_loop_parity(case, "float64", False, checkpoints=2, fd=True)
 
 
-@pytest.mark.parametrize("case", [GROWTH, FORI], ids=str)
-def test_float32_jitted(case):
-    assert_loop_parity(case, "float32", True, checkpoints=4)
+def test_float32_jitted():
+    assert_loop_parity(FORI, "float32", True, checkpoints=4)
 
 
 @pytest.mark.slow
@@ -336,25 +335,6 @@ def test_hessian_vector_products_slow(case):
 
 
 # --- the schedule: exact body evaluations, the stated bound -------------------------------------
-def test_body_evaluations_are_exactly_the_documented_count():
-    calls = []
-    n = 23
-
-    def loss(w, x):
-        def body(c):
-            jax.debug.callback(lambda: calls.append(1))
-            return c[0] + 1, jnp.tanh(c[1] * w)
-        return jnp.sum(lax.while_loop(lambda c: c[0] < n, body, (0, x))[1])
-
-    w, x = jnp.float64(0.9), jnp.linspace(-1.0, 1.0, 3)
-    for c in (2, 5):
-        calls.clear()
-        jax.block_until_ready(jax.jit(bpkit.grad(loss, while_checkpoints=c))(w, x))
-        # n forward, n body VJPs (each re-runs the body's forward once), and the recomputations
-        assert len(calls) == 2 * n + loops.recomputed_steps(n, c), c
-    assert loops.recomputed_steps(n, 2) == n * (n - 1) // 2  # one slot: from x_0 every time
-
-
 @pytest.mark.parametrize("c", [3, 4, 8, 16, 33])
 def test_recomputation_is_within_the_documented_bound(c):
     F = (c - 1) // 2
@@ -362,6 +342,7 @@ def test_recomputation_is_within_the_documented_bound(c):
         segment, snaps = math.ceil(2 * n / F), c - F
         r = next(r for r in range(1, 10**6) if math.comb(snaps + r, r) >= segment)
         assert loops.recomputed_steps(n, c) <= r * n
+    assert loops.recomputed_steps(23, 2) == 23 * 22 // 2  # one slot: from x_0 every time
 
 
 # --- settings ----------------------------------------------------------------------------------
@@ -379,6 +360,8 @@ def _count_calls(grad_fn, *a):
 
 
 def test_while_checkpoints_settings():
+    """The compiled gradient evaluates the body exactly ``2n + R(n, c)`` times (n forward, n
+    body VJPs, R(n, c) recomputations from ``recomputed_steps``) for the ``c`` in force."""
     a = (jnp.float64(1.5), jnp.ones(3))  # 7 iterations
     n, R = 7, loops.recomputed_steps
     default = _count_calls(lambda f: jax.jit(bpkit.grad(f)), *a)
@@ -387,8 +370,12 @@ def test_while_checkpoints_settings():
     assert _count_calls(lambda f: jax.jit(bpkit.grad(f, while_checkpoints=2)), *a) == 2 * n + R(n, 2)
     with bpkit.while_checkpoints(2):  # a block: applies to what is traced inside it
         assert _count_calls(lambda f: jax.jit(bpkit.grad(f)), *a) == 2 * n + R(n, 2)
-    with bpkit.while_checkpoints(max_bytes=3 * 3 * 8):  # three float64[3] states
-        assert _count_calls(lambda f: jax.jit(bpkit.grad(f)), *a) == 2 * n + R(n, 3)
+    with bpkit.while_checkpoints(max_bytes=3 * 3 * 8 + 7):  # three float64[3] states fit
+        assert loops._checkpoint_count([jnp.ones(3)]) == 3
+        assert loops._checkpoint_count([jnp.ones(3), jnp.int64(0)]) == 2  # 32 bytes a state
+        with bpkit.while_checkpoints(4):  # the innermost setting applies
+            assert loops._checkpoint_count([jnp.ones(3)]) == 4
+    assert loops._checkpoint_count([jnp.ones(3)]) == loops.DEFAULT_CHECKPOINTS
 
 
 @pytest.mark.parametrize("bad", [dict(count=1), dict(count=2.5), dict(), dict(count=4, max_bytes=8),
@@ -421,11 +408,14 @@ def test_vjp_with_inactive_integer_and_key_carries():
             return (x, c[1] + 1.0, key), None
         return lax.scan(body, (x, jnp.zeros(2), jax.random.key(1)), None, length=5)[0][:2]
 
-    w, x = jnp.float64(0.9), jnp.arange(2.0)
-    ct = (jnp.ones(2), jnp.ones(2))
-    out, f_vjp = bpkit.vjp(f, w, x, while_checkpoints=3)
-    _assert_close(out, twin(w, x), 1e-12)
-    _assert_close(f_vjp(ct), jax.vjp(twin, w, x)[1](ct), 1e-12)
+    def out_and_cts(vjp, f, w, x, ct):
+        out, f_vjp = vjp(f, w, x)
+        return out, f_vjp(ct)
+
+    a = (jnp.float64(0.9), jnp.arange(2.0), (jnp.ones(2), jnp.ones(2)))
+    mine = functools.partial(bpkit.vjp, while_checkpoints=3)
+    _assert_close(jax.jit(functools.partial(out_and_cts, mine, f))(*a),
+                  jax.jit(functools.partial(out_and_cts, jax.vjp, twin))(*a), 1e-12)
 
 
 def test_vmap_over_loops_of_different_lengths():
@@ -446,7 +436,7 @@ def test_traced_and_python_schedules_agree_even_for_huge_segments():
     rng = np.random.default_rng(0)
     p = rng.integers(0, 10**9, 200)
     t = np.minimum(p + (10 ** rng.uniform(0.3, 9.3, 200)).astype(np.int64), 2**31 - 2)
-    snaps = rng.integers(1, 40, 200)
+    snaps = rng.integers(1, 40, 200)  # 1: no spare slot (the loop is skipped)
     traced = jax.jit(jax.vmap(lambda p, t, s: loops._binomial_advance(p, t, s, jnp, lax.while_loop)))
     got = np.asarray(traced(*(jnp.asarray(v, jnp.int32) for v in (p, t, snaps))))
     want = [int(loops._binomial_advance(np.int64(a), np.int64(b), np.int64(s), np,
