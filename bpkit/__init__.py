@@ -19,6 +19,7 @@ _EXPORTS = {
     "register_nondiff": "bpkit.engine", "registered_primitives": "bpkit.engine",
     "UnsupportedPrimitiveError": "bpkit.engine",
     "check_parity": "bpkit.check", "ParityReport": "bpkit.check",
+    "while_checkpoints": "bpkit.rules.loops",
 }
 _SUBMODULES = ("testing", "models", "nn", "ops", "train", "rules", "engine", "check", "data",
                "config", "validate", "sharding", "diagnostics")
@@ -26,7 +27,7 @@ _SUBMODULES = ("testing", "models", "nn", "ops", "train", "rules", "engine", "ch
 __all__ = [
     "vjp", "grad", "value_and_grad", "register_vjp", "register_fwd_bwd", "register_nondiff",
     "registered_primitives", "UnsupportedPrimitiveError", "check_parity", "ParityReport",
-    "testing",
+    "testing", "while_checkpoints",
 ]
 
 

@@ -238,3 +238,24 @@ def test_second_order_without_jax_autodiff(no_jax_autodiff):
     h = bpkit.grad(lambda x: jnp.sum(bpkit.grad(f)(x)))(x)
     t = jnp.tanh(x)
     np.testing.assert_allclose(h, 2 * (1 - t ** 2) ** 2 - 4 * t ** 2 * (1 - t ** 2), rtol=1e-10)
+
+
+def test_while_loop_without_jax_autodiff(monkeypatch):
+    """A while loop (trip count known only at run time): jax.grad refuses the while itself, so
+    the reference is jax.grad of the same loop as a 6-step scan."""
+    def step(w, x):
+        return jnp.tanh(x * w) + 0.5 * x
+
+    def loss(w, x):
+        return jnp.sum(lax.while_loop(lambda c: c[0] < 6, lambda c: (c[0] + 1, step(w, c[1])),
+                                      (0, x))[1] ** 2)
+
+    def twin(w, x):
+        return jnp.sum(lax.scan(lambda x, _: (step(w, x), None), x, None, length=6)[0] ** 2)
+
+    w, x = jnp.float64(0.8), jnp.linspace(-1.0, 1.0, 3)
+    want = jax.grad(twin, (0, 1))(w, x)
+    forbid_jax_autodiff(monkeypatch)
+    got = jax.jit(bpkit.grad(loss, (0, 1), while_checkpoints=3))(w, x)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)

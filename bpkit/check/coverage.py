@@ -29,7 +29,7 @@ from bpkit.engine import compat, registry
 
 # The rule family modules, in the order ``bpkit rules`` prints them.
 FAMILIES = ("elementwise", "structural", "slicing", "reductions", "linalg", "linalg_decomp",
-            "conv", "windows", "collectives", "control", "nondiff")
+            "conv", "windows", "collectives", "control", "loops", "nondiff")
 
 
 def supported_primitives() -> dict[str, str]:
@@ -69,7 +69,7 @@ def primitives_used(fun: Callable, *args, **kwargs) -> set[str]:
 def unsupported_in(fun: Callable, *args, argnums: int | Sequence[int] | None = None,
                    **kwargs) -> list[tuple[str, str]]:
     """``[(primitive name, user location)]`` for each equation on the differentiated path whose
-    primitive has no rule (or is refused, like ``while``), in program order, without repeats.
+    primitive has no rule (or is refused, like a custom ``reduce_window``), in program order, without repeats.
 
     ``argnums`` (default: every argument) are the differentiated arguments; only their
     floating-point leaves start the path.
@@ -119,16 +119,12 @@ def _inner_activity(eqn, mask: list[bool], found: list) -> list[bool]:
     if prim.name == "scan":
         body = getattr(params["jaxpr"], "jaxpr", params["jaxpr"])
         num_consts, num_carry = compat.scan_counts(params)
-        carry = mask[num_consts:num_consts + num_carry]
-        while True:  # carry activity is a fixpoint
-            inner_found: list = []
-            full = mask[:num_consts] + carry + mask[num_consts + num_carry:]
-            outs = _walk(body, full, inner_found)
-            new = [a or b for a, b in zip(carry, outs[:num_carry])]
-            if new == carry:
-                found.extend(inner_found)
-                return new + outs[num_carry:]
-            carry = new
+        return _walk_loop(body, mask[:num_consts], mask[num_consts:num_consts + num_carry],
+                          mask[num_consts + num_carry:], found)
+    if prim.name == "while":  # the condition is not differentiated; the body's carry is a fixpoint
+        n_cc, n_bc = params["cond_nconsts"], params["body_nconsts"]
+        body = getattr(params["body_jaxpr"], "jaxpr", params["body_jaxpr"])
+        return _walk_loop(body, mask[n_cc:n_cc + n_bc], mask[n_cc + n_bc:], [], found)
     if prim.name == "cond":
         outs = [False] * n_out
         for _, branch in _sub_jaxprs({"branches": params["branches"]}):
@@ -140,6 +136,18 @@ def _inner_activity(eqn, mask: list[bool], found: list) -> list[bool]:
     if subs:  # jit, closed_call, remat, custom_jvp_call: the body takes the equation's inputs
         return _walk(subs[0], mask, found)
     return [True] * n_out
+
+
+def _walk_loop(body, consts: list, carry: list, xs: list, found: list) -> list[bool]:
+    """Walk a loop body ``(consts, carry, xs) -> (carry, ys)``; carry activity is a fixpoint."""
+    while True:
+        inner_found: list = []
+        outs = _walk(body, consts + carry + xs, inner_found)
+        new = [a or b for a, b in zip(carry, outs[:len(carry)])]
+        if new == carry:
+            found.extend(inner_found)
+            return new + outs[len(carry):]
+        carry = new
 
 
 # --- the `bpkit rules` command ------------------------------------------------------------------

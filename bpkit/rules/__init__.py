@@ -20,7 +20,8 @@ windows            reduce_window_sum / reduce_window_max (pooling)
 control            jit, closed_call, remat, custom_jvp_call, custom_vjp_call, scan, cond
 collectives        shard_map (and so pmap), psum, psum_invariant, pvary, all_gather,
                    reduce_scatter, ppermute, all_to_all, pbroadcast, axis_index; pmax/pmin refused
-nondiff            comparisons, floor/sign/round, iota, random bits, stop_gradient, while (refused)
+loops              while (checkpointed reverse mode, no trip-count bound)
+nondiff            comparisons, floor/sign/round, iota, random bits, stop_gradient
 =================  ==========================================================================
 """
 from bpkit.rules import (  # noqa: F401  (imported for their registrations)
@@ -30,6 +31,7 @@ from bpkit.rules import (  # noqa: F401  (imported for their registrations)
     elementwise,
     linalg,
     linalg_decomp,
+    loops,
     nondiff,
     reductions,
     slicing,

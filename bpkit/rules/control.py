@@ -18,7 +18,7 @@ because what their backward pass needs is produced by their forward pass in a sp
   of loop-invariant inputs.
 * **cond / switch**: the pullback is a ``switch`` over the branches' own pullbacks (each branch
   re-runs its forward inside the backward, so the forward keeps no per-branch residuals).
-* ``while`` loops are refused with an explanation (see ``nondiff.py``).
+* ``while`` loops have their own module, ``loops.py`` (checkpointed reverse mode).
 """
 from __future__ import annotations
 
@@ -137,6 +137,20 @@ def _active_outputs(jaxpr, active_in: Sequence[bool]) -> list[bool]:
     return [isinstance(v, compat.Var) and v in active for v in jaxpr.outvars]
 
 
+def carry_activity(body, consts_active: Sequence[bool], carry_active: Sequence[bool],
+                   xs_active: Sequence[bool] = ()) -> list[bool]:
+    """Which carries of a loop body ``(consts, carry, xs) -> (carry, ys)`` are differentiated:
+    those whose initial value is, or that the body makes depend on a differentiated input
+    (iterated to a fixpoint). Shared by scan and while (``loops.py``)."""
+    carry_active = list(carry_active)
+    while True:
+        out_active = _active_outputs(body, [*consts_active, *carry_active, *xs_active])
+        new = [a or b for a, b in zip(carry_active, out_active[:len(carry_active)])]
+        if new == carry_active:
+            return carry_active
+        carry_active = new
+
+
 def _split_by_cotangent(jaxpr, num_primal_in: int):
     """Split the equations of ``jaxpr`` into those that do not depend on its last inputs (the
     cotangents) and those that do; return ``(primal_eqns, tangent_eqns, residuals)`` where
@@ -174,17 +188,11 @@ def _scan_fwd_bwd(primals, active, *, reverse, length, jaxpr, unroll, **params):
                         primals[num_consts + num_carry:])
     n_in = len(primals)
 
-    # A carry is active if its initial value is, or if the body makes it so: iterate to a fixpoint.
-    carry_active = list(active[num_consts:num_consts + num_carry])
-    while True:
-        mask = list(active[:num_consts]) + carry_active + list(active[num_consts + num_carry:])
-        out_active = _active_outputs(body, mask)
-        new = [a or b for a, b in zip(carry_active, out_active[:num_carry])]
-        if new == carry_active:
-            break
-        carry_active = new
-    in_active = mask
-    ys_active = out_active[num_carry:]
+    carry_active = carry_activity(body, active[:num_consts],
+                                  active[num_consts:num_consts + num_carry],
+                                  active[num_consts + num_carry:])
+    in_active = list(active[:num_consts]) + carry_active + list(active[num_consts + num_carry:])
+    ys_active = _active_outputs(body, in_active)[num_carry:]
     out_active = carry_active + ys_active
     in_avals = [v.aval for v in body.invars]
     out_avals = [v.aval for v in body.outvars]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax.extend.core.primitives as prims
 
-from bpkit.engine.registry import register_nondiff, register_refused
+from bpkit.engine.registry import register_nondiff
 
 _NAMES = [
     # zero derivative almost everywhere (JAX's JVP is zero too)
@@ -37,9 +37,3 @@ def _lookup(name):
 
 
 register_nondiff(*[p for p in map(_lookup, _NAMES) if p is not None])
-
-register_refused(
-    prims.while_p,
-    "a while_loop with a dynamic trip count is not reverse-differentiable (JAX refuses it "
-    "too). Use jax.lax.scan, or jax.lax.fori_loop with static Python-int bounds (it lowers to "
-    "a scan).")
