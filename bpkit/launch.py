@@ -14,8 +14,9 @@ process 0 writing the run directory.
 * Every line a process prints is streamed with a ``[pI]`` prefix.
 * If a process fails, the others are stopped (SIGTERM, then SIGKILL after a grace period) and
   the launcher exits with the failing process's status.
-* SIGINT/SIGTERM/SIGHUP sent to the launcher are forwarded to every process (which saves a
-  checkpoint and exits); run the same command again to resume.
+* SIGINT/SIGTERM/SIGHUP sent to the launcher are forwarded to every process (the processes
+  agree on a step, every ``run.log_every`` steps, save a checkpoint there and exit); a second
+  signal kills them. Run the same command again to resume.
 """
 from __future__ import annotations
 
@@ -92,6 +93,18 @@ class Launcher:
             t.start()
             self._threads.append(t)
 
+    def on_signal(self, signum: int) -> None:
+        """The launcher's SIGINT/SIGTERM/SIGHUP: forwarded to every process (each saves and
+        exits); a second one kills them (a process that cannot save, e.g. waiting on a
+        peer that died, would otherwise hang)."""
+        if self.stopping:
+            self._say("bpkit launch: second stop signal; killing the processes")
+            for p in self.procs:
+                if p.poll() is None:
+                    p.kill()
+            return
+        self.forward(signum)
+
     def forward(self, signum: int) -> None:
         """Send ``signum`` to every process still running."""
         self.stopping = True
@@ -123,7 +136,8 @@ class Launcher:
             bad = [c for c in codes if c not in (None, 0)]
             if bad and failed is None:
                 failed = bad[0]
-                if any(c is None for c in codes):
+                if any(c is None for c in codes) and not self.stopping:  # (stopping: each
+                    # process saves and exits by itself; a SIGTERM now would only race it)
                     i = codes.index(failed)
                     self._say(f"bpkit launch: process {i} exited with status {failed}; "
                               "stopping the others")
@@ -201,7 +215,7 @@ def main(argv: list[str]) -> int:
     old = {}
     for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if s is not None:
-            old[s] = signal.signal(s, lambda signum, frame: launcher.forward(signum))
+            old[s] = signal.signal(s, lambda signum, frame: launcher.on_signal(signum))
     try:
         print(f"bpkit launch: {args.processes} processes, coordinator {address}"
               + (f", {args.local_devices} CPU devices each" if args.local_devices else ""),

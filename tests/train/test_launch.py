@@ -99,7 +99,7 @@ def test_fsdp_two_processes_match_one(tmp_path):
 def test_checkpoint_moves_between_process_counts(tmp_path, first):
     """A run stopped at step 20 by 2 processes resumes in 1 (and vice versa) to the
     uninterrupted run's losses."""
-    base = [MLP, *TINY, "mesh.data=4"]
+    base = [MLP, *TINY, "mesh.data=4", "optimizer.decay_steps=30"]  # the 20-step leg too
     _ok(train_one(tmp_path, *base, f"run.out_dir={tmp_path / 'ref'}"))
     out = f"run.out_dir={tmp_path / 'moved'}"
     legs = [lambda extra: launch(tmp_path, *base, out, *extra),
@@ -132,6 +132,30 @@ def test_killed_process_stops_the_other_and_resumes(tmp_path):
     assert proc.returncode != 0
     assert "process 1 exited with status -9; stopping the others" in err
     assert not _child_pids(proc.pid)
+    res = launch(tmp_path, *args)
+    _ok(res)
+    assert "resumed from checkpoint at step" in res.stdout
+    _ok(train_one(tmp_path, *args, f"run.out_dir={tmp_path / 'ref'}"))
+    _assert_same_losses(str(run), str(tmp_path / "ref"))
+
+
+@pytest.mark.slow
+def test_sigint_saves_in_every_process_and_resumes(tmp_path):
+    """SIGINT to the launcher reaches both processes; they agree on the step to stop at, save
+    one checkpoint there and exit 130; the same command resumes to the uninterrupted losses."""
+    args = [MLP, *TINY, "mesh.data=4", "run.steps=400", "run.checkpoint_every=1000"]
+    proc = subprocess.Popen([sys.executable, "-m", "bpkit.cli", "launch", "--processes", "2",
+                             "--local-devices", "2", *args], cwd=tmp_path, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "runs" / "mnist1d_mlp"
+    deadline = time.time() + 180
+    while not (run / "metrics.jsonl").exists() or len(train_losses(str(run))) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert "[p0] " in out and "SIGINT received: checkpoint saved at step" in out
     res = launch(tmp_path, *args)
     _ok(res)
     assert "resumed from checkpoint at step" in res.stdout
