@@ -84,6 +84,10 @@ def test_user_errors_exit_2(tmp_path):
     assert res.returncode == 2 and "sets the distributed section itself" in res.stderr
     res = launch(tmp_path, MLP, "run.stepz=3")
     assert res.returncode == 2 and "run.stepz" in res.stderr
+    res = launch(tmp_path, MLP, "mesh.data=3")  # cannot split evenly over the 2 processes
+    assert res.returncode == 2 and "Make mesh.data x mesh.fsdp a multiple of 2" in res.stdout
+    assert "process 0 exited with status 2; stopping the others" in res.stderr
+    assert not os.listdir(tmp_path)  # nothing written
 
 
 @pytest.mark.slow
