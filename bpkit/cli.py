@@ -6,6 +6,7 @@
     bpkit plot RUN_DIR                        plots/*.png from metrics.jsonl
     bpkit config show CONFIG [key=value ...]  the resolved config, every key commented
     bpkit rules [...]                         the rule coverage table
+    bpkit launch --processes N CONFIG [k=v]   N jax.distributed processes on this machine
     bpkit --version
 
 Flags and ``key=value`` overrides may come in any order. User mistakes (config keys, types
@@ -136,7 +137,12 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 # Subcommands that parse their own arguments.
-PASS_THROUGH = {"rules": cmd_rules, "bench": cmd_bench}
+def cmd_launch(argv: list[str]) -> int:
+    from bpkit.launch import main as launch_main
+    return launch_main(argv)
+
+
+PASS_THROUGH = {"rules": cmd_rules, "bench": cmd_bench, "launch": cmd_launch}
 
 _OVERRIDES_HELP = ("config overrides, each section.key=value with the value parsed as YAML "
                    "(run.steps=200 optimizer.learning_rate=3e-3 model.args.hidden=[64,64]); "
@@ -220,6 +226,8 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(fn=cmd_config)
     sub.add_parser("rules", help="the VJP rule coverage table", add_help=False)
     sub.add_parser("bench", help="bpkit vs jax.grad train-step benchmark (docs/benchmarks.md)",
+                   add_help=False)
+    sub.add_parser("launch", help="train with N jax.distributed processes on this machine",
                    add_help=False)
     return p
 

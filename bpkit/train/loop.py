@@ -415,7 +415,7 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
         try:
             batch = load(start) if start < cfg.run.steps else None
             while step < cfg.run.steps:
-                stopping.raise_if_received()
+                stopping.raise_if_received(step, cfg.run.log_every)  # all processes agree
                 if signals_fn is not None and (step == 0 or (step + 1) % every == 0):
                     # Before the step: it donates the state. Same params, batch and key.
                     pending_signals.append((step + 1, signals_fn(

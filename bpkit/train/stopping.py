@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 
 STOP_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None))
                      if s is not None)
@@ -57,9 +58,31 @@ def received() -> int | None:
     return _received[0] if _received else None
 
 
-def raise_if_received() -> None:
+def raise_if_received(step: int | None = None, every: int = 1) -> None:
+    """Raise ``Interrupted`` if a stop signal arrived. With ``step``, in a multi-process run,
+    the processes decide together, at every ``every``-th step only: each must stop at the same
+    step (the checkpoint save is collective), and a signal reaches them at different steps."""
+    if step is not None and _process_count() > 1:
+        if step % every == 0:
+            signum = _any_process_received()
+            if signum:
+                raise Interrupted(signum)
+        return
     if _received:
         raise Interrupted(_received[0])
+
+
+def _process_count() -> int:
+    jax = sys.modules.get("jax")  # not imported: a single process (no jax.distributed)
+    return jax.process_count() if jax is not None else 1
+
+
+def _any_process_received() -> int:
+    """The first stop signal of the lowest-numbered process that received one (0: none)."""
+    import numpy as np
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.int32(_received[0] if _received else 0))
+    return next((int(f) for f in np.ravel(flags) if f), 0)
 
 
 @contextlib.contextmanager
