@@ -170,6 +170,17 @@ def is_tracer(x) -> bool:
     return isinstance(x, _core.Tracer)
 
 
+def _complex_sign_is_differentiable() -> bool:
+    """JAX 0.10 takes the derivative of ``sign`` to be zero everywhere; JAX 0.12 differentiates
+    ``sign`` of a complex number (its angle moves). Detected by the presence of JAX's own
+    complex-aware JVP function (only its presence is read; bpkit never calls it)."""
+    from jax._src.lax import lax as _lax_internal
+    return hasattr(_lax_internal, "_sign_jvp_rule")
+
+
+COMPLEX_SIGN_IS_DIFFERENTIABLE = _complex_sign_is_differentiable()
+
+
 def internal_primitive(name: str):
     """A lax primitive that ``jax.extend`` does not export (e.g. ``unstack_p``, new in 0.11),
     or ``None`` on releases that do not have it."""

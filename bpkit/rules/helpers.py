@@ -38,6 +38,11 @@ def _dtype(x):
     return getattr(x, "dtype", None) or np.result_type(x)
 
 
+def is_complex(x) -> bool:
+    """True for a complex array (its cotangent is complex too)."""
+    return np.issubdtype(_dtype(x), np.complexfloating)
+
+
 def zeros_like(x):
     return lax.full(np.shape(x), 0, _dtype(x))
 
