@@ -6,7 +6,8 @@ of its family:
 =================  ==========================================================================
 module             primitives
 =================  ==========================================================================
-elementwise        add mul div max pow exp log tanh sin ... select_n clamp
+elementwise        add mul div max pow exp log tanh sin ... select_n clamp, complex numbers:
+                   real imag complex conj abs sign
 structural         broadcast_in_dim reshape transpose squeeze rev concatenate pad
                    convert_element_type copy reduce_precision split expand_dims
 slicing            slice dynamic_slice dynamic_update_slice gather scatter scatter-add/sub/
@@ -14,15 +15,17 @@ slicing            slice dynamic_slice dynamic_update_slice gather scatter scatt
 reductions         reduce_sum/max/min/prod, argmax, cumsum/prod/max/min, cumlogsumexp
 linalg             dot_general
 conv               conv_general_dilated
+fft                fft (FFT, IFFT, RFFT, IRFFT over 1-3 axes)
 windows            reduce_window_sum / reduce_window_max (pooling)
 control            jit, closed_call, remat, custom_jvp_call, custom_vjp_call, scan, cond
-nondiff            comparisons, floor/sign/round, iota, random bits, stop_gradient, while (refused)
+nondiff            comparisons, floor/ceil/round, iota, random bits, stop_gradient, while (refused)
 =================  ==========================================================================
 """
 from bpkit.rules import (  # noqa: F401  (imported for their registrations)
     control,
     conv,
     elementwise,
+    fft,
     linalg,
     nondiff,
     reductions,
