@@ -29,7 +29,7 @@ from bpkit.engine import compat, registry
 
 # The rule family modules, in the order ``bpkit rules`` prints them.
 FAMILIES = ("elementwise", "structural", "slicing", "reductions", "linalg", "conv", "windows",
-            "fft", "control", "nondiff")
+            "fft", "special", "control", "nondiff")
 
 
 def supported_primitives() -> dict[str, str]:

@@ -17,6 +17,7 @@ linalg             dot_general
 conv               conv_general_dilated
 fft                fft (FFT, IFFT, RFFT, IRFFT over 1-3 axes)
 windows            reduce_window_sum / reduce_window_max (pooling)
+special            igamma igammac polygamma betainc bessel_i0e/i1e random_gamma (zeta refused)
 control            jit, closed_call, remat, custom_jvp_call, custom_vjp_call, scan, cond
 nondiff            comparisons, floor/ceil/round, iota, random bits, stop_gradient, while (refused)
 =================  ==========================================================================
@@ -30,6 +31,7 @@ from bpkit.rules import (  # noqa: F401  (imported for their registrations)
     nondiff,
     reductions,
     slicing,
+    special,
     structural,
     windows,
 )

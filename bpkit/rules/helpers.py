@@ -5,13 +5,15 @@
   shape by ``unbroadcast`` (jaxprs pass scalar literals to binary operations unbroadcast).
 * ``deflinear(prim, transpose)``: a linear primitive; ``transpose(ct, *primals, **params)``
   returns the cotangents (the primals are there for their shapes only).
+* ``defvjp_refusing(prim, rule, refused)``: a VJP rule for some operands only; differentiating
+  one of the ``refused`` operands raises ``ValueError`` (where JAX raises too).
 """
 from __future__ import annotations
 
 import numpy as np
 from jax import lax
 
-from bpkit.engine.registry import register_vjp
+from bpkit.engine.registry import register_fwd_bwd, register_vjp
 
 
 def unbroadcast(ct, x):
@@ -74,3 +76,17 @@ def deflinear(prim, transpose):
         return transpose(ct, *primals, **params)
     rule.__name__ = f"{prim.name}_vjp"
     register_vjp(prim, rule)
+
+
+def defvjp_refusing(prim, rule, refused: dict):
+    """Register the VJP ``rule(ct, *primals, out, **params)`` of ``prim``, except that
+    differentiating operand ``i`` in ``refused`` raises ``ValueError(refused[i])`` when the
+    forward pass reaches it, as JAX raises for a derivative it does not define."""
+    def fwd_bwd(primals, active, **params):
+        for i, why in refused.items():
+            if active[i]:
+                raise ValueError(why)
+        out = prim.bind(*primals, **params)
+        return [out], lambda ct: rule(ct, *primals, out=out, **params)
+    fwd_bwd.__name__ = f"{prim.name}_fwd_bwd"
+    register_fwd_bwd(prim, fwd_bwd)

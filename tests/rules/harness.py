@@ -42,6 +42,8 @@ class Case:
     dtypes: tuple = ("float32", "float64")
     rtol: float | None = None
     marks: tuple = field(default=())
+    # "<dtype>-<jit|eager>" runs that only run with `pytest -m slow` (expensive compiles)
+    slow_modes: tuple = field(default=())
 
     def __str__(self):
         return self.name
@@ -164,13 +166,16 @@ def parametrize(cases):
     """pytest parameters: every case in float64 eagerly (with finite differences) and jitted,
     and in float32 jitted (float32 runs the same rule code as float64 eagerly; jit is where a
     dtype-specific problem would show). Complex rows run complex128 eagerly (finite
-    differences) and complex64 jitted (the VJP with a complex cotangent)."""
+    differences) and complex64 jitted (the VJP with a complex cotangent). The runs named in a
+    case's ``slow_modes`` are marked ``slow``."""
     import pytest
     modes = {"float64": (False, True), "complex128": (False,)}
     params = []
     for c in cases:
         for dt in c.dtypes:
             for jit in modes.get(dt, (True,)):
-                params.append(pytest.param(c, dt, jit, id=f"{c.name}-{dt}-{'jit' if jit else 'eager'}",
-                                           marks=list(c.marks)))
+                mode = f"{dt}-{'jit' if jit else 'eager'}"
+                slow = [pytest.mark.slow] if mode in c.slow_modes else []
+                params.append(pytest.param(c, dt, jit, id=f"{c.name}-{mode}",
+                                           marks=list(c.marks) + slow))
     return pytest.mark.parametrize("case,dtype,jit", params)

@@ -7,8 +7,11 @@ from tests.rules.harness import (COMPLEX, WITH_COMPLEX, Case, args, assert_case_
 
 
 def dot(name, lhs_shape, rhs_shape, dims, dtypes=WITH_COMPLEX, **kw):
+    """Row ``dot_general(x, y, dims)``; complex64 by default, complex128 (finite differences)
+    under ``-m slow``."""
     return Case(name, lambda x, y: lax.dot_general(x, y, dims, **kw),
-                args(uniform(*lhs_shape), uniform(*rhs_shape)), argnums=(0, 1), dtypes=dtypes)
+                args(uniform(*lhs_shape), uniform(*rhs_shape)), argnums=(0, 1), dtypes=dtypes,
+                slow_modes=("complex128-eager",))
 
 
 CASES = [

@@ -7,9 +7,12 @@ from tests.rules.harness import (WITH_COMPLEX, Case, args, assert_case_parity, c
                                  uniform)
 
 S = (3, 4, 5)
+# linear in the operand: complex64 by default, complex128 with finite differences under -m slow
+LINEAR_COMPLEX = dict(dtypes=WITH_COMPLEX, slow_modes=("complex128-eager",))
 
 CASES = [
-    Case("reduce_sum", lambda x: lax.reduce_sum(x, (0, 2)), args(uniform(*S)), dtypes=WITH_COMPLEX),
+    Case("reduce_sum", lambda x: lax.reduce_sum(x, (0, 2)), args(uniform(*S)),
+         **LINEAR_COMPLEX),
     Case("reduce_sum_all", jnp.sum, args(uniform(*S))),
     Case("reduce_max", lambda x: jnp.max(x, axis=1), args(uniform(*S))),
     Case("reduce_max_ties_split_evenly", lambda x: jnp.max(x, axis=1),
@@ -24,7 +27,8 @@ CASES = [
          dtypes=WITH_COMPLEX),
     Case("reduce_prod_two_axes", lambda x: jnp.prod(x, axis=(0, 2)),
          args(uniform(2, 3, 2, lo=0.5, hi=1.5))),
-    Case("cumsum", lambda x: lax.cumsum(x, axis=1), args(uniform(*S)), dtypes=WITH_COMPLEX),
+    Case("cumsum", lambda x: lax.cumsum(x, axis=1), args(uniform(*S)),
+         **LINEAR_COMPLEX),
     Case("cumsum_reverse", lambda x: lax.cumsum(x, axis=0, reverse=True), args(uniform(*S))),
     Case("cumprod", lambda x: lax.cumprod(x, axis=1), args(uniform(3, 4, lo=0.5, hi=1.5)),
          dtypes=WITH_COMPLEX),
