@@ -138,6 +138,17 @@ def embedding(table, ids, w):
 
 EMB_ARGS = (_normal(K[10], (10, 4)), jnp.array([[1, 3, 3], [0, 1, 9]]), _normal(K[11], (4, 2)))
 
+def spectral_complex(w_re, w_im, x):
+    """FFT spectral filter with complex weights, complex abs/conj/real/imag, special functions."""
+    w = lax.complex(w_re, w_im)
+    y = jnp.fft.irfft(jnp.fft.rfft(x) * w[None], n=x.shape[-1])
+    z = jnp.fft.fft(y)
+    special = jax.scipy.special.i0e(y) + jax.scipy.special.betainc(2.0, 3.0, jax.nn.sigmoid(y))
+    return jnp.sum(jnp.abs(z) + jnp.real(z * jnp.conj(z)) * 0.1 + jnp.imag(z) ** 2 + special)
+
+
+SPECTRAL_ARGS = (_normal(K[0], (5,)), _normal(K[1], (5,)), _normal(K[2], (2, 8), 1.0))
+
 PROGRAMS = {
     "mlp_relu_gelu_softmax_ce": (mlp, MLP_ARGS, 0, None),
     "gru_scan": (gru, GRU_ARGS, 0, None),
@@ -147,6 +158,7 @@ PROGRAMS = {
     "cnn_conv_pooling": (cnn, CNN_ARGS, (0, 1), (lax.conv_general_dilated_p,
                                                   lax.reduce_window_max_p)),
     "embedding_gather": (embedding, EMB_ARGS, (0, 2), (lax.gather_p,)),
+    "fft_complex_special": (spectral_complex, SPECTRAL_ARGS, (0, 1, 2), (lax.fft_p,)),
 }
 
 # References, computed now, before anything is patched.

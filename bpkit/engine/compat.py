@@ -10,6 +10,12 @@ The rest of bpkit reads jaxprs only through these helpers:
   way ``jax.core.eval_jaxpr`` does it.
 * ``custom_vjp_parts`` / ``custom_jvp_jaxpr``: reading the user's rules out of the
   ``custom_vjp_call`` / ``custom_jvp_call`` equations (their shapes changed between releases).
+* ``COMPLEX_SIGN_IS_DIFFERENTIABLE``: JAX 0.12 differentiates ``sign`` of a complex number (its
+  angle), JAX 0.10 takes it to be constant.
+
+The complex, FFT and special-function primitives (``real imag complex conj fft igamma
+igammac polygamma zeta bessel_i0e bessel_i1e regularized_incomplete_beta random_gamma``) and
+their parameters are the same on both ends; ``random_gamma_grad`` is no primitive on either.
 
 None of these touch JAX's differentiation machinery: they read jaxprs and call the user's own
 custom rules.

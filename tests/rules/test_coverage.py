@@ -3,7 +3,8 @@
 The tables are the ``CASES`` of every ``tests/rules/test_*.py``; each case's function is traced
 (float32 arguments, complex64 for complex rows) and the primitives of its jaxpr are collected,
 including those inside sub-jaxprs (jit, scan, cond branches, remat, custom_jvp/custom_vjp primal
-functions). The JVP rule of a ``custom_jvp`` does not count: the case must reach the primitive itself.
+functions). The JVP rule of a ``custom_jvp`` does not count: the case must reach the primitive
+itself.
 """
 from __future__ import annotations
 
