@@ -166,6 +166,16 @@ def _spmd_body(w, x):
 # ppermute); jitted, as train steps are (an unjitted shard_map runs op by op).
 spmd = jax.jit(jax.shard_map(_spmd_body, mesh=_MESH, in_specs=(P(), P("i")), out_specs=P()))
 
+def spectral_complex(w_re, w_im, x):
+    """FFT spectral filter with complex weights, complex abs/conj/real/imag, special functions."""
+    w = lax.complex(w_re, w_im)
+    y = jnp.fft.irfft(jnp.fft.rfft(x) * w[None], n=x.shape[-1])
+    z = jnp.fft.fft(y)
+    special = jax.scipy.special.i0e(y) + jax.scipy.special.betainc(2.0, 3.0, jax.nn.sigmoid(y))
+    return jnp.sum(jnp.abs(z) + jnp.real(z * jnp.conj(z)) * 0.1 + jnp.imag(z) ** 2 + special)
+
+
+SPECTRAL_ARGS = (_normal(K[0], (5,)), _normal(K[1], (5,)), _normal(K[2], (2, 8), 1.0))
 
 PROGRAMS = {
     "mlp_relu_gelu_softmax_ce": (mlp, MLP_ARGS, 0, None),
@@ -180,6 +190,7 @@ PROGRAMS = {
                               (0, 1), (lax.linalg.cholesky_p, lax.linalg.eigh_p, lax.linalg.svd_p)),
     "shard_map_collectives": (spmd, (_normal(K[0], (3, 2)), _normal(K[1], (8, 3), 1.0)), (0, 1),
                               None),
+    "fft_complex_special": (spectral_complex, SPECTRAL_ARGS, (0, 1, 2), (lax.fft_p,)),
 }
 
 # References, computed now, before anything is patched.

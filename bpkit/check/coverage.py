@@ -29,7 +29,7 @@ from bpkit.engine import compat, registry
 
 # The rule family modules, in the order ``bpkit rules`` prints them.
 FAMILIES = ("elementwise", "structural", "slicing", "reductions", "linalg", "linalg_decomp",
-            "conv", "windows", "collectives", "control", "loops", "nondiff")
+            "conv", "windows", "fft", "special", "collectives", "control", "loops", "nondiff")
 
 
 def supported_primitives() -> dict[str, str]:

@@ -14,6 +14,12 @@ The rest of bpkit reads jaxprs only through these helpers:
 * ``shard_map_params`` / ``shard_map`` / ``parallel_primitive`` / ``varying_axes``: explicit SPMD
   (``check_rep`` became ``check_vma``; the collectives are not exported by ``jax.extend``; the
   replication types of values inside a ``shard_map`` body), see the section at the end.
+* ``COMPLEX_SIGN_IS_DIFFERENTIABLE``: JAX 0.12 differentiates ``sign`` of a complex number (its
+  angle), JAX 0.10 takes it to be constant.
+
+The complex, FFT and special-function primitives (``real imag complex conj fft igamma
+igammac polygamma zeta bessel_i0e bessel_i1e regularized_incomplete_beta random_gamma``) and
+their parameters are the same on both ends; ``random_gamma_grad`` is no primitive on either.
 
 None of these touch JAX's differentiation machinery: they read jaxprs and call the user's own
 custom rules.
@@ -172,6 +178,17 @@ def float0_zeros(aval):
 
 def is_tracer(x) -> bool:
     return isinstance(x, _core.Tracer)
+
+
+def _complex_sign_is_differentiable() -> bool:
+    """JAX 0.10 takes the derivative of ``sign`` to be zero everywhere; JAX 0.12 differentiates
+    ``sign`` of a complex number (its angle moves). Detected by the presence of JAX's own
+    complex-aware JVP function (only its presence is read; bpkit never calls it)."""
+    from jax._src.lax import lax as _lax_internal
+    return hasattr(_lax_internal, "_sign_jvp_rule")
+
+
+COMPLEX_SIGN_IS_DIFFERENTIABLE = _complex_sign_is_differentiable()
 
 
 def internal_primitive(name: str):

@@ -2,8 +2,15 @@
 
 Each line is the derivative ``ct * df/dx`` written out. Conventions at kinks follow JAX exactly:
 ``max``/``min`` split the cotangent evenly between tied operands; ``abs`` passes ``+ct`` at 0;
-``clamp`` gives the operand nothing at either bound; ``sign``, ``floor``, ``ceil``, ``round``
-have zero derivative (registered in ``nondiff.py``).
+``clamp`` gives the operand nothing at either bound; ``floor``, ``ceil``, ``round`` have zero
+derivative (registered in ``nondiff.py``), and so has ``sign`` of a real number.
+
+Complex numbers follow JAX's convention: a VJP is the *transpose* of the derivative, not its
+adjoint, under the pairing ``<ct, t> = Re(sum(ct * t))``. For a holomorphic ``f`` that makes
+``ct_x = ct * f'(x)`` with no conjugate, so the lines above hold for complex operands as
+written; the gradient of a real loss ``L`` at ``z = x + iy`` is ``dL/dx - i dL/dy``. Only the
+non-holomorphic primitives need their own complex rules: ``real``, ``imag``, ``conj``,
+``complex``, ``abs`` and ``sign`` (section "complex numbers").
 """
 from __future__ import annotations
 
@@ -12,8 +19,9 @@ import math
 import jax.numpy as jnp
 from jax import lax
 
+from bpkit.engine import compat
 from bpkit.engine.registry import register_vjp
-from bpkit.rules.helpers import defbinary, defunary, unbroadcast, zeros_like
+from bpkit.rules.helpers import defbinary, defunary, is_complex, unbroadcast, zeros_like
 
 P = lax  # the primitives live on jax.lax as `<name>_p`
 
@@ -105,8 +113,41 @@ defunary(P.atanh_p, lambda ct, x, z: ct / (1 + x) / (1 - x))
 # nextafter(x, y) moves x by one ulp towards y: slope 1 in x (JAX >= 0.11 agrees).
 defbinary(P.nextafter_p, lambda ct, x, y, z: ct, lambda ct, x, y, z: jnp.zeros_like(ct))
 
-# --- sign-dependent -------------------------------------------------------------------------
-defunary(P.abs_p, lambda ct, x, z: lax.select(x >= 0, ct, -ct))  # +ct at 0, as in JAX
+# --- sign-dependent and complex numbers -----------------------------------------------------
+def _abs_pullback(ct, x, z):
+    """Real ``x``: ``ct * sign(x)``, with ``+ct`` at 0 as in JAX. Complex ``x``: ``|x|`` is not
+    holomorphic; ``d|x| = Re(conj(x) dx) / |x|``, whose transpose is ``ct * conj(x) / |x|``
+    (0 at ``x = 0``, where JAX divides by 1 instead of 0)."""
+    if not is_complex(x):
+        return lax.select(x >= 0, ct, -ct)
+    safe = lax.convert_element_type(lax.select(z == 0, jnp.ones_like(z), z), x.dtype)
+    return lax.convert_element_type(ct, x.dtype) * (lax.conj(x) / safe)
+
+
+defunary(P.abs_p, _abs_pullback)
+
+
+@register_vjp(P.sign_p)
+def _sign_vjp(ct, x, *, out):
+    """Zero for real ``x`` (piecewise constant). For complex ``x != 0``, ``s = sign(x) = x/|x| =
+    e^{i theta}`` moves only with the angle: ``ds = i s Im(conj(s) dx) / |x|``; its transpose is
+    ``ct_x = i conj(s) Im(ct s) / |x|`` (0 at ``x = 0``). JAX 0.10 takes the complex derivative
+    to be zero too; later releases use the formula (``compat.COMPLEX_SIGN_IS_DIFFERENTIABLE``)."""
+    if not (is_complex(x) and compat.COMPLEX_SIGN_IS_DIFFERENTIABLE):
+        return [None]
+    r = lax.abs(x)
+    safe = lax.select(r == 0, jnp.ones_like(r), r)
+    return [lax.complex(jnp.zeros_like(r), lax.imag(ct * out) / safe) * lax.conj(out)]
+
+
+# real(x) and imag(x) are R-linear: Re(ct_x dx) = ct Re(dx) gives ct_x = ct, and
+# Re(ct_x dx) = ct Im(dx) gives ct_x = -i ct.
+defunary(P.real_p, lambda ct, x, z: lax.convert_element_type(ct, x.dtype))
+defunary(P.imag_p, lambda ct, x, z: lax.complex(jnp.zeros_like(ct), -ct))
+# complex(x, y) = x + iy: Re(ct (dx + i dy)) = Re(ct) dx - Im(ct) dy.
+defbinary(P.complex_p, lambda ct, x, y, z: lax.real(ct), lambda ct, x, y, z: -lax.imag(ct))
+# conj: Re(ct conj(dx)) = Re(conj(ct) dx). Of a real x it only changes the dtype: ct_x = Re(ct).
+defunary(P.conj_p, lambda ct, x, z: lax.conj(ct) if is_complex(x) else lax.real(ct))
 
 
 # --- selection ------------------------------------------------------------------------------

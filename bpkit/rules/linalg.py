@@ -6,7 +6,8 @@ For ``out[b, f_l, f_r] = sum_c lhs[b, f_l, c] * rhs[b, c, f_r]`` (axes in any po
 * ``ct_rhs[b, c, f_r] = sum_{f_l} ct[b, f_l, f_r] * lhs[b, f_l, c]``
 
 Each is itself one ``dot_general`` followed by a transpose back to the operand's axis order; the
-rhs rule is the lhs rule with the operands' roles swapped.
+rhs rule is the lhs rule with the operands' roles swapped. Complex operands need no conjugate
+(JAX's VJP is the transpose); a real operand of a complex product gets the real part.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from jax import lax
 
 from bpkit.engine import compat
 from bpkit.engine.registry import register_vjp
+from bpkit.rules.helpers import is_complex
 
 
 def _ct_operand(ct, other, ndim, dims, other_dims, ct_free, ct_other_free, precision):
@@ -74,7 +76,11 @@ def _dot_general_vjp(ct, lhs, rhs, *, out, dimension_numbers, precision=None,
         if not compat.is_inexact(compat.typeof(x)):
             cts.append(None)
             continue
-        c = _ct_operand(ct.astype(x.dtype), other.astype(x.dtype), np.ndim(x), dims, odims,
+        # A real operand of a complex product: compute in complex, keep the real part (the
+        # transpose of embedding a real number in the complex plane).
+        real_of_complex = is_complex(ct) and not is_complex(x)
+        work = np.promote_types(x.dtype, ct.dtype) if real_of_complex else x.dtype
+        c = _ct_operand(ct.astype(work), other.astype(work), np.ndim(x), dims, odims,
                         mine, theirs, precision)
-        cts.append(c)
+        cts.append(lax.real(c).astype(x.dtype) if c.dtype != x.dtype else c)
     return cts

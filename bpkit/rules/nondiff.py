@@ -12,8 +12,9 @@ import jax.extend.core.primitives as prims
 from bpkit.engine.registry import register_nondiff
 
 _NAMES = [
-    # zero derivative almost everywhere (JAX's JVP is zero too)
-    "sign_p", "floor_p", "ceil_p", "round_p", "is_finite_p", "stop_gradient_p",
+    # zero derivative almost everywhere (JAX's JVP is zero too; sign, whose complex derivative
+    # is not zero, has its rule in elementwise.py)
+    "floor_p", "ceil_p", "round_p", "is_finite_p", "stop_gradient_p",
     # comparisons and logic
     "eq_p", "ne_p", "lt_p", "le_p", "gt_p", "ge_p", "and_p", "or_p", "not_p", "xor_p",
     "reduce_and_p", "reduce_or_p", "reduce_xor_p",

@@ -11,7 +11,7 @@ from jax import lax
 
 from bpkit.engine import compat
 from bpkit.engine.registry import register_vjp
-from bpkit.rules.helpers import deflinear, instantiate_zeros
+from bpkit.rules.helpers import deflinear, instantiate_zeros, is_complex
 
 P = lax
 
@@ -47,9 +47,12 @@ deflinear(P.reduce_precision_p,
 
 @register_vjp(P.convert_element_type_p)
 def _convert_element_type_vjp(ct, x, *, out, new_dtype, **params):
-    """Cast the cotangent back to the operand's dtype; integer operands get none."""
+    """Cast the cotangent back to the operand's dtype; integer operands get none. A real operand
+    converted to complex gets the real part (the transpose of embedding it in the plane)."""
     if not compat.is_inexact(compat.typeof(x)):
         return [None]
+    if is_complex(ct) and not is_complex(x):
+        ct = lax.real(ct)
     return [lax.convert_element_type(ct, compat.typeof(x).dtype)]
 
 

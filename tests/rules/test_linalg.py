@@ -2,12 +2,16 @@
 import jax.numpy as jnp
 from jax import lax
 
-from tests.rules.harness import Case, args, const, parametrize, assert_case_parity, uniform
+from tests.rules.harness import (COMPLEX, WITH_COMPLEX, Case, args, assert_case_parity, const,
+                                 parametrize, real_arg, uniform)
 
 
-def dot(name, lhs_shape, rhs_shape, dims, **kw):
+def dot(name, lhs_shape, rhs_shape, dims, dtypes=WITH_COMPLEX, **kw):
+    """Row ``dot_general(x, y, dims)``; complex64 by default, complex128 (finite differences)
+    under ``-m slow``."""
     return Case(name, lambda x, y: lax.dot_general(x, y, dims, **kw),
-                args(uniform(*lhs_shape), uniform(*rhs_shape)), argnums=(0, 1))
+                args(uniform(*lhs_shape), uniform(*rhs_shape)), argnums=(0, 1), dtypes=dtypes,
+                slow_modes=("complex128-eager",))
 
 
 CASES = [
@@ -21,12 +25,16 @@ CASES = [
     dot("batch_in_the_middle", (3, 2, 4), (4, 5, 2), (((2,), (0,)), ((1,), (2,)))),
     dot("two_batch_dims", (2, 3, 4, 5), (3, 2, 5), (((3,), (2,)), ((0, 1), (1, 0)))),
     dot("preferred_element_type", (3, 4), (4, 2), (((1,), (0,)), ((), ())),
-        preferred_element_type=jnp.float64),
+        dtypes=("float32", "float64"), preferred_element_type=jnp.float64),
     Case("int_operand", lambda x, n: lax.dot_general(x, n, (((1,), (0,)), ((), ())),
                                                      preferred_element_type=x.dtype),
          args(uniform(3, 4), const(jnp.arange(8, dtype=jnp.int32).reshape(4, 2)))),
     Case("einsum_attention_like", lambda q, k: jnp.einsum("bhqd,bhkd->bhqk", q, k),
          args(uniform(2, 2, 3, 4), uniform(2, 2, 5, 4)), argnums=(0, 1)),
+    Case("real_times_complex", lambda x, y: lax.dot_general(x, y, (((1,), (0,)), ((), ()))),
+         args(real_arg(uniform(3, 4)), uniform(4, 2)), argnums=(0, 1), dtypes=COMPLEX),
+    Case("complex_vdot_real_loss", lambda x, y: jnp.abs(jnp.vdot(x, y)),
+         args(uniform(5), uniform(5)), argnums=(0, 1), dtypes=COMPLEX),
 ]
 
 

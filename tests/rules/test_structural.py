@@ -4,20 +4,25 @@ import jax.numpy as jnp
 from jax import lax
 
 from bpkit.engine import compat
-from tests.rules.harness import Case, args, parametrize, assert_case_parity, uniform
+from tests.rules.harness import (COMPLEX, WITH_COMPLEX, Case, args, assert_case_parity, parametrize,
+                                 real_arg, uniform)
+
+# linear: complex64 by default, complex128 with finite differences under -m slow
+LINEAR_COMPLEX = dict(dtypes=WITH_COMPLEX, slow_modes=("complex128-eager",))
 
 CASES = [
     Case("broadcast_in_dim_new_axes", lambda x: lax.broadcast_in_dim(x, (2, 3, 4), (1,)),
-         args(uniform(3))),
+         args(uniform(3)), **LINEAR_COMPLEX),
     Case("broadcast_in_dim_stretch_size1", lambda x: lax.broadcast_in_dim(x, (3, 4, 5), (0, 2)),
          args(uniform(1, 5))),
     Case("broadcast_in_dim_scalar", lambda x: lax.broadcast_in_dim(x, (2, 3), ()), args(uniform())),
     Case("expand_dims", lambda x: lax.expand_dims(x, (0, 2)), args(uniform(3, 4))),
-    Case("reshape", lambda x: lax.reshape(x, (4, 3)), args(uniform(3, 4))),
+    Case("reshape", lambda x: lax.reshape(x, (4, 3)), args(uniform(3, 4)), **LINEAR_COMPLEX),
     Case("reshape_with_dimensions", lambda x: lax.reshape(x, (12,), dimensions=(1, 0)),
          args(uniform(3, 4))),
     Case("squeeze", lambda x: lax.squeeze(x, (0, 2)), args(uniform(1, 3, 1, 4))),
-    Case("transpose", lambda x: lax.transpose(x, (2, 0, 1)), args(uniform(2, 3, 4))),
+    Case("transpose", lambda x: lax.transpose(x, (2, 0, 1)), args(uniform(2, 3, 4)),
+         **LINEAR_COMPLEX),
     Case("rev", lambda x: lax.rev(x, (0, 2)), args(uniform(2, 3, 4))),
     Case("copy", lambda x: lax.copy_p.bind(x) * 2, args(uniform(3, 4))),
     Case("reduce_precision", lambda x: lax.reduce_precision(x, exponent_bits=8, mantissa_bits=7),
@@ -28,10 +33,15 @@ CASES = [
     Case("convert_element_type_to_int_and_back",
          lambda x: x * lax.convert_element_type(lax.convert_element_type(x * 4, jnp.int32), x.dtype),
          args(uniform(3, 4, lo=0.1, hi=2.0)), fd=False),
+    Case("convert_element_type_real_to_complex",
+         lambda x: lax.convert_element_type(x, jnp.complex64 if x.dtype == jnp.float32
+                                            else jnp.complex128) * (1 - 2j),
+         args(real_arg(uniform(3, 4))), dtypes=COMPLEX),
     Case("concatenate", lambda x, y, z: lax.concatenate([x, y, z], 1),
-         args(uniform(2, 3), uniform(2, 1), uniform(2, 4)), argnums=(0, 1, 2)),
+         args(uniform(2, 3), uniform(2, 1), uniform(2, 4)), argnums=(0, 1, 2),
+         **LINEAR_COMPLEX),
     Case("pad_edges_and_interior", lambda x, v: lax.pad(x, v, [(1, 2, 1), (0, 0, 0)]),
-         args(uniform(3, 4), uniform()), argnums=(0, 1)),
+         args(uniform(3, 4), uniform()), argnums=(0, 1), **LINEAR_COMPLEX),
     Case("pad_negative", lambda x, v: lax.pad(x, v, [(-1, 2, 0), (2, -1, 1)]),
          args(uniform(4, 5), uniform()), argnums=(0, 1)),
     Case("split", lambda x: [p * (i + 1) for i, p in enumerate(jnp.split(x, [1, 3], axis=1))],
