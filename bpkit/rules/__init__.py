@@ -16,7 +16,8 @@ linalg             dot_general
 conv               conv_general_dilated
 windows            reduce_window_sum / reduce_window_max (pooling)
 control            jit, closed_call, remat, custom_jvp_call, custom_vjp_call, scan, cond
-nondiff            comparisons, floor/sign/round, iota, random bits, stop_gradient, while (refused)
+nondiff            comparisons, floor/sign/round, iota, random bits, stop_gradient
+refusals           the deliberate refusals (while, custom reduce_window, callbacks, refs, ...)
 =================  ==========================================================================
 """
 from bpkit.rules import (  # noqa: F401  (imported for their registrations)
@@ -26,6 +27,7 @@ from bpkit.rules import (  # noqa: F401  (imported for their registrations)
     linalg,
     nondiff,
     reductions,
+    refusals,
     slicing,
     structural,
     windows,

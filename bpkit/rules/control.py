@@ -29,7 +29,7 @@ import jax.extend.core.primitives as prims
 import jax.numpy as jnp
 from jax import lax
 
-from bpkit.engine import compat
+from bpkit.engine import compat, registry
 from bpkit.engine.core import vjp_jaxpr
 from bpkit.engine.registry import register_fwd_bwd
 from bpkit.rules.helpers import instantiate_zeros
@@ -278,5 +278,56 @@ def _cond_fwd_bwd(primals, active, *, branches, **params):
         act_cts = lax.switch(index, [branch_pullback(b) for b in branches], ops, cts)
         it = iter(act_cts)
         return [None] + [next(it) if a else None for a in op_active]
+
+    return list(outs), pullback
+
+
+# --- composite, remat_opt, linear_call: calls with a body or a user-given transpose -----------
+_composite_p = compat.internal_primitive("composite_p")  # lax.composite: a named decomposition
+if _composite_p is not None:
+    register_fwd_bwd(_composite_p, _call_fwd_bwd)  # differentiate the decomposition in place
+
+_remat_opt_p = compat.internal_primitive("remat_opt_p")
+
+
+@register_fwd_bwd(_remat_opt_p)
+def _remat_opt_fwd_bwd(primals, active, *, fwd_jaxpr, **params):
+    """``custom_vjp(..., optimize_remat=True)``'s forward rule, met inside a ``jax.grad`` that
+    bpkit differentiates: its body is the user's ``fwd`` (residuals, then outputs), which is
+    differentiated in place, as JAX's own JVP of it does."""
+    inner, consts = compat.open_jaxpr(fwd_jaxpr)
+    outs, backward, _ = vjp_jaxpr(inner, consts, primals, active)
+    return outs, backward
+
+
+_linear_call_p = compat.internal_primitive("linear_call_p")
+
+
+@register_fwd_bwd(_linear_call_p)
+def _linear_call_fwd_bwd(primals, active, *, callee, transpose_thunk, num_callee_consts,
+                         num_res):
+    """``jax.custom_derivatives.linear_call(f, t, residuals, x)``: ``f`` is linear in ``x`` and
+    the user's ``t(residuals, ct)`` is its transpose, so ``ct_x = t(residuals, ct)`` (bound as
+    another linear_call whose transpose is ``f``, so bpkit can differentiate it again). The
+    residuals may not depend on the differentiated inputs (JAX refuses that too)."""
+    fixed = num_callee_consts + num_res
+    if any(active[:fixed]):
+        raise registry.UnsupportedPrimitiveError(
+            "bpkit cannot differentiate linear_call with respect to its residual arguments "
+            "(jax.grad refuses this too): the function is only declared linear in its last "
+            "arguments. Pass differentiated values among the linear arguments instead.")
+    params = dict(callee=callee, transpose_thunk=transpose_thunk,
+                  num_callee_consts=num_callee_consts, num_res=num_res)
+    outs = _linear_call_p.bind(*primals, **params)
+    f_consts, residuals = primals[:num_callee_consts], primals[num_callee_consts:fixed]
+
+    def pullback(cts):
+        transpose, t_consts = transpose_thunk()
+        cts = [instantiate_zeros(c, o) for c, o in zip(cts, outs)]
+        cts_in = _linear_call_p.bind(
+            *t_consts, *residuals, *cts, callee=transpose,
+            transpose_thunk=lambda: (callee, list(f_consts)),
+            num_callee_consts=len(t_consts), num_res=num_res)
+        return [None] * fixed + list(cts_in)
 
     return list(outs), pullback

@@ -8,6 +8,7 @@ jax.grad (float64 eager and jitted, float32 jitted) and against float64 finite d
 """
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable
@@ -30,6 +31,7 @@ class Case:
     dtypes: tuple = ("float32", "float64")
     rtol: float | None = None
     marks: tuple = field(default=())
+    context: Callable | None = None  # a context manager factory the check runs inside (a mesh)
 
     def __str__(self):
         return self.name
@@ -76,6 +78,9 @@ def scalarize(fun, example_args, seed=0):
 
 def assert_case_parity(case: Case, dtype: str, jit: bool) -> None:
     """Assert bpkit == jax.grad for ``case`` (and == float64 finite differences when eager)."""
+    if case.context is not None:
+        with case.context():
+            return assert_case_parity(dataclasses.replace(case, context=None), dtype, jit)
     rng = np.random.default_rng(zlib.crc32(case.name.encode()))
     a = case.make_args(rng, jnp.dtype(dtype))
     loss = scalarize(case.fun, a)

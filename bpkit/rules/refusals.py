@@ -1,0 +1,79 @@
+"""Deliberate refusals: primitives bpkit will not differentiate, each with the reason and what
+JAX itself does. ``bpkit.grad`` stops at them with this text (``UnsupportedPrimitiveError``);
+``bpkit rules`` lists them. Everything else JAX binds has a rule (or is non-differentiable, see
+``nondiff.py``); ``tests/rules/test_every_primitive.py`` keeps it that way.
+
+The list has three kinds of entries:
+
+* **JAX refuses too** (no reverse-mode derivative exists): ``while`` with a dynamic trip
+  count, ``reduce_window`` and ``select_and_scatter`` with custom computations, callbacks,
+  ``scaled_dot``.
+* **JAX differentiates it, bpkit does not (yet)**: mutable references (``jax.new_ref``) and
+  JAX's experimental high-level primitives (``jax._src.hijax``).
+* **Never in a program bpkit sees**: primitives JAX resolves while tracing, keeps as stubs, or
+  creates only inside its own differentiation.
+"""
+from __future__ import annotations
+
+from bpkit.engine import compat
+from bpkit.engine.registry import register_refused
+
+_CALLBACK_ADVICE = (
+    "Give the function a derivative with jax.custom_jvp or jax.custom_vjp (bpkit runs the "
+    "user's rule), or wrap the call in jax.lax.stop_gradient if it needs none.")
+
+_REFUSALS = {
+    # --- JAX refuses too --------------------------------------------------------------------
+    "while_p":
+        "a while_loop with a dynamic trip count is not reverse-differentiable (JAX refuses it "
+        "too). Use jax.lax.scan, or jax.lax.fori_loop with static Python-int bounds (it lowers "
+        "to a scan).",
+    "reduce_window_p":
+        "a reduce_window with a custom reduction has no reverse-mode derivative (jax.grad "
+        "refuses it too). Write the pooling with jax.lax.reduce_window and lax.add, lax.max or "
+        "lax.min (initial value 0, -inf or +inf), which become reduce_window_sum/max/min, or "
+        "express the reduction with those (a product pool is exp of a sum pool of logs, for "
+        "positive inputs).",
+    "select_and_scatter_p":
+        "a select_and_scatter with custom select/scatter computations has no derivative (JAX "
+        "has none either); only its select_and_scatter_add form (max/min pooling gradients) "
+        "is differentiable.",
+    "pure_callback_p":
+        "jax.pure_callback runs Python code JAX cannot look into, so it has no derivative "
+        "(jax.grad refuses it too). " + _CALLBACK_ADVICE,
+    "io_callback_p":
+        "jax.experimental.io_callback runs Python code with side effects and has no "
+        "derivative (jax.grad refuses it too). " + _CALLBACK_ADVICE,
+    "scaled_dot_p":
+        "scaled_dot (block-scaled low-precision matmuls) has no derivative in JAX either. "
+        "Differentiate a dot_general of the dequantised operands instead.",
+    # --- JAX differentiates it, bpkit does not (yet) ----------------------------------------
+    "ref_p":
+        "mutable array references (jax.new_ref and reads/writes through them) are not "
+        "supported by bpkit's engine, which differentiates pure functions (JAX differentiates "
+        "them). Thread the state through the function's arguments and results, or a "
+        "jax.lax.scan carry.",
+    "get_p": "reads through a mutable array reference (see new_ref) are not supported.",
+    "swap_p": "writes through a mutable array reference (see new_ref) are not supported.",
+    "addupdate_p": "updates through a mutable array reference (see new_ref) are not supported.",
+    "call_hi_primitive_p":
+        "JAX's experimental high-level primitives (jax._src.hijax) carry their own derivative "
+        "methods, which bpkit does not call (JAX does). Use jax.custom_vjp for a primitive "
+        "with its own derivative.",
+    # --- never in a program bpkit sees ------------------------------------------------------
+    "stage_p": "lax.stage is resolved by JAX while tracing and never appears in a jaxpr.",
+    "eval_jaxpr_p": "JAX inlines eval_jaxpr while tracing; it never appears in a jaxpr.",
+    "custom_jvp_call_jaxpr_p": "a removed primitive JAX keeps as a stub; nothing binds it.",
+    "call_p": "a legacy call primitive nothing in JAX binds any more (jit is supported).",
+    "custom_lin_p":
+        "custom_lin exists only inside JAX's own linearization of a custom_vjp function and "
+        "never appears in a traced user program.",
+    "unreachable_p":
+        "unreachable marks code JAX must never run (forward-mode differentiation of a "
+        "custom_vjp function); evaluating it raises.",
+}
+
+for _name, _why in _REFUSALS.items():
+    _p = compat.internal_primitive(_name)
+    if _p is not None:
+        register_refused(_p, _why)
