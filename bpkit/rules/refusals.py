@@ -9,14 +9,14 @@ The list has three kinds of entries:
   count, ``reduce_window`` and ``select_and_scatter`` with custom computations, callbacks,
   ``scaled_dot``.
 * **JAX differentiates it, bpkit does not (yet)**: mutable references (``jax.new_ref``) and
-  JAX's experimental high-level primitives (``jax._src.hijax``).
+  JAX's high-level primitives (``jax._src.hijax``) with floating-point outputs.
 * **Never in a program bpkit sees**: primitives JAX resolves while tracing, keeps as stubs, or
   creates only inside its own differentiation.
 """
 from __future__ import annotations
 
 from bpkit.engine import compat
-from bpkit.engine.registry import register_refused
+from bpkit.engine.registry import has_rule, register_refused
 
 _CALLBACK_ADVICE = (
     "Give the function a derivative with jax.custom_jvp or jax.custom_vjp (bpkit runs the "
@@ -57,14 +57,18 @@ _REFUSALS = {
     "swap_p": "writes through a mutable array reference (see new_ref) are not supported.",
     "addupdate_p": "updates through a mutable array reference (see new_ref) are not supported.",
     "call_hi_primitive_p":
-        "JAX's experimental high-level primitives (jax._src.hijax) carry their own derivative "
-        "methods, which bpkit does not call (JAX does). Use jax.custom_vjp for a primitive "
-        "with its own derivative.",
+        "JAX's high-level primitives (jax._src.hijax; on JAX >= 0.12 jnp.ldexp and jnp.frexp "
+        "are such) carry derivative methods written against JAX's own AD internals, which "
+        "bpkit does not call (JAX does). Integer-valued ones (jnp.searchsorted and "
+        "jnp.nonzero, used by jnp.interp) need no rule and work. Write ldexp as x * 2.0**n.",
     # --- never in a program bpkit sees ------------------------------------------------------
     "stage_p": "lax.stage is resolved by JAX while tracing and never appears in a jaxpr.",
     "eval_jaxpr_p": "JAX inlines eval_jaxpr while tracing; it never appears in a jaxpr.",
     "custom_jvp_call_jaxpr_p": "a removed primitive JAX keeps as a stub; nothing binds it.",
     "call_p": "a legacy call primitive nothing in JAX binds any more (jit is supported).",
+    "relayout_p":
+        "relayout belongs to JAX's internal explicit-layout mode (JAX >= 0.12), which no public "
+        "API enters; jax.experimental.layout.with_layout_constraint is supported.",
     "custom_lin_p":
         "custom_lin exists only inside JAX's own linearization of a custom_vjp function and "
         "never appears in a traced user program.",
@@ -75,5 +79,5 @@ _REFUSALS = {
 
 for _name, _why in _REFUSALS.items():
     _p = compat.internal_primitive(_name)
-    if _p is not None:
+    if _p is not None and not has_rule(_p):  # eval_jaxpr is closed_call on JAX >= 0.12
         register_refused(_p, _why)

@@ -150,7 +150,3 @@ if _reshard_p is not None:  # jax.sharding.reshard: the identity, with a new sha
     def _reshard_vjp(ct, x, *, out, dst_sharding, **params):
         """Reshard the cotangent back to the operand's sharding (the values are unchanged)."""
         return [_reshard_p.bind(ct, dst_sharding=compat.typeof(x).sharding, **params)]
-
-_relayout_p = compat.internal_primitive("relayout_p")
-if _relayout_p is not None:  # JAX >= 0.12: the identity, with a new memory layout
-    deflinear(_relayout_p, lambda ct, x, **params: [ct])
