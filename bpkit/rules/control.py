@@ -282,24 +282,7 @@ def _cond_fwd_bwd(primals, active, *, branches, **params):
     return list(outs), pullback
 
 
-# --- composite, remat_opt, linear_call: calls with a body or a user-given transpose -----------
-_composite_p = compat.internal_primitive("composite_p")  # lax.composite: a named decomposition
-if _composite_p is not None:
-    register_fwd_bwd(_composite_p, _call_fwd_bwd)  # differentiate the decomposition in place
-
-_remat_opt_p = compat.internal_primitive("remat_opt_p")
-
-
-@register_fwd_bwd(_remat_opt_p)
-def _remat_opt_fwd_bwd(primals, active, *, fwd_jaxpr, **params):
-    """``custom_vjp(..., optimize_remat=True)``'s forward rule, met inside a ``jax.grad`` that
-    bpkit differentiates: its body is the user's ``fwd`` (residuals, then outputs), which is
-    differentiated in place, as JAX's own JVP of it does."""
-    inner, consts = compat.open_jaxpr(fwd_jaxpr)
-    outs, backward, _ = vjp_jaxpr(inner, consts, primals, active)
-    return outs, backward
-
-
+# --- linear_call: a call with a user-given transpose ----------------------------------------
 _linear_call_p = compat.internal_primitive("linear_call_p")
 
 

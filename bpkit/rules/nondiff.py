@@ -3,7 +3,7 @@
 Their JAX derivative is zero wherever it is defined (``floor``, ``sign``, ``round``,
 ``bitcast_convert_type``), they return integers or booleans (comparisons, ``argmax``, ``iota``,
 bit operations), they produce random bits or keys, they create values without reading any
-(``empty``, ``zeros_like``), or they exist to stop gradients or for bookkeeping. The engine
+(``empty``), or they exist to stop gradients or for bookkeeping. The engine
 evaluates them and never puts them on the tape; what flows into them gets a symbolic-zero
 cotangent. (The engine also skips, without any registration, every equation that has no
 floating-point output; listing the integer- and boolean-valued primitives here documents them
@@ -30,9 +30,8 @@ _NAMES = [
     "random_seed_p", "random_bits_p", "random_wrap_p", "random_unwrap_p", "random_split_p",
     "random_fold_in_p", "random_clone_p", "threefry2x32_p", "threefry4x32_p", "philox2x32_p",
     "philox4x32_p", "iota_2x32_shape_p", "rng_bit_generator_p", "rng_uniform_p",
-    "to_edtype_p", "from_edtype_p",  # key data <-> key arrays (extended dtypes)
     # values that do not depend on any input's value
-    "empty_p", "empty2_p", "zeros_like_p",
+    "empty_p", "empty2_p",
     # bookkeeping
     "create_token_p", "after_all_p", "dce_sink_p",
     # jax.debug.print / jax.debug.callback / inspect_array_sharding: no outputs at all

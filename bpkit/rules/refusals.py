@@ -7,7 +7,7 @@ The list has three kinds of entries:
 
 * **JAX refuses too** (no reverse-mode derivative exists): ``while`` with a dynamic trip
   count, ``reduce_window`` and ``select_and_scatter`` with custom computations, callbacks,
-  ``scaled_dot``.
+  ``composite``, ``remat_opt`` (second order through ``optimize_remat``), ``scaled_dot``.
 * **JAX differentiates it, bpkit does not (yet)**: mutable references (``jax.new_ref``) and
   JAX's high-level primitives (``jax._src.hijax``) with floating-point outputs.
 * **Never in a program bpkit sees**: primitives JAX resolves while tracing, keeps as stubs, or
@@ -44,6 +44,14 @@ _REFUSALS = {
     "io_callback_p":
         "jax.experimental.io_callback runs Python code with side effects and has no "
         "derivative (jax.grad refuses it too). " + _CALLBACK_ADVICE,
+    "composite_p":
+        "lax.composite has no derivative in JAX (jax.grad refuses it: the decomposition is a "
+        "reference implementation for backends, not a differentiation rule). Wrap the "
+        "composite in jax.custom_jvp or jax.custom_vjp; bpkit runs that rule.",
+    "remat_opt_p":
+        "remat_opt (the forward rule of a custom_vjp with optimize_remat=True) appears when a "
+        "jax.grad of such a function is differentiated again; JAX's reverse mode cannot do "
+        "that either. Use optimize_remat=False for functions differentiated twice.",
     "scaled_dot_p":
         "scaled_dot (block-scaled low-precision matmuls) has no derivative in JAX either. "
         "Differentiate a dot_general of the dequantised operands instead.",
@@ -69,6 +77,13 @@ _REFUSALS = {
     "relayout_p":
         "relayout belongs to JAX's internal explicit-layout mode (JAX >= 0.12), which no public "
         "API enters; jax.experimental.layout.with_layout_constraint is supported.",
+    "zeros_like_p":
+        "ad_util.zeros_like has no abstract evaluation, so it cannot appear in a jaxpr.",
+    "to_edtype_p":
+        "conversions to JAX-internal extended dtypes (jax._src.dtypes.primal_tangent_dtype) "
+        "are not public; PRNG keys, the public extended dtype, cannot be converted.",
+    "from_edtype_p":
+        "conversions from JAX-internal extended dtypes (see to_edtype) are not public.",
     "custom_lin_p":
         "custom_lin exists only inside JAX's own linearization of a custom_vjp function and "
         "never appears in a traced user program.",

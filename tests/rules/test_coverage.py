@@ -7,6 +7,7 @@ rule of a ``custom_jvp`` does not count: the case must reach the primitive itsel
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pathlib
 import zlib
@@ -36,7 +37,9 @@ def table_modules():
 def primitives_of_case(case) -> set[str]:
     rng = np.random.default_rng(zlib.crc32(case.name.encode()))
     args = case.make_args(rng, jnp.dtype("float32"))
-    return primitives_in_jaxpr(jax.make_jaxpr(case.fun)(*args))
+    context = getattr(case, "context", None)  # e.g. a mesh the case runs under
+    with context() if context is not None else contextlib.nullcontext():
+        return primitives_in_jaxpr(jax.make_jaxpr(case.fun)(*args))
 
 
 def test_every_registered_primitive_has_a_case():
