@@ -18,7 +18,9 @@ because what their backward pass needs is produced by their forward pass in a sp
   of loop-invariant inputs.
 * **cond / switch**: the pullback is a ``switch`` over the branches' own pullbacks (each branch
   re-runs its forward inside the backward, so the forward keeps no per-branch residuals).
-* ``while`` loops are refused with an explanation (see ``nondiff.py``).
+* **linear_call** (``jax.custom_derivatives.linear_call``): the user's transpose function gives
+  the cotangent of the linear arguments.
+* ``while`` loops are refused with an explanation (see ``refusals.py``).
 """
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The VJP rule of ``dot_general``: matrix products with any contraction and batch dimensions.
+"""The VJP rules of ``dot_general`` (matrix products with any contraction and batch dimensions)
+and of ``ragged_dot_general`` (grouped matrix products, at the end of this module).
 
 For ``out[b, f_l, f_r] = sum_c lhs[b, f_l, c] * rhs[b, c, f_r]`` (axes in any positions):
 

@@ -1,4 +1,5 @@
-"""VJP rules of reductions (sum, max, min, product) and cumulative reductions.
+"""VJP rules of reductions (sum, max, min, product, a general ``lax.reduce``) and cumulative
+reductions.
 
 Conventions follow JAX: the cotangent of ``reduce_max``/``reduce_min`` is shared evenly between
 all positions that attain the extremum; ``reduce_prod`` is exact when operands are zero (it

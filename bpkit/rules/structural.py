@@ -1,7 +1,10 @@
 """VJP rules of structural primitives: they move, copy or re-type values without arithmetic.
 
 All of them are linear, so each rule is the transpose of the data movement: a broadcast sums
-back, a transpose applies the inverse permutation, a concatenation slices its cotangent apart.
+back, a transpose applies the inverse permutation, a concatenation slices its cotangent apart, a
+tile sums its copies, a stack is sliced apart. Identities that only annotate a value
+(``checkpoint_name``, ``optimization_barrier``, ``tie``, layout and sharding constraints,
+``reshard``) pass the cotangent through (annotated the same way where that matters).
 """
 from __future__ import annotations
 

@@ -94,7 +94,7 @@ UNARY = [  # (name, op, argument maker)
     ("erf_inv", lax.erf_inv, lambda *s: default(*s, scale=0.5)), ("abs", lax.abs, positive),
     ("sqrt", lax.sqrt, positive), ("rsqrt", lax.rsqrt, positive), ("cbrt", lax.cbrt, not_small),
     ("logistic", lax.logistic, default), ("square", lax.square, default),
-    ("lgamma", lax.lgamma, positive), ("digamma", lax.digamma, positive),
+    ("lgamma", lax.lgamma, positive),
 ]
 BINARY = [
     ("add", lax.add, default, default), ("sub", lax.sub, default, default),
@@ -112,6 +112,9 @@ def _elementwise():
             for shape in group:
                 cases.append(GridCase("elementwise", f"{name}_{_shape_str(shape)}", op,
                                       arguments(make(*shape))))
+    for shape in [(3,), (3, 4)]:  # second order needs polygamma (the complex branch's)
+        cases.append(GridCase("elementwise", f"digamma_{_shape_str(shape)}", lax.digamma,
+                              arguments(positive(*shape)), order=1))
     for name, op, make_x, make_y in BINARY:
         if op is None:
             continue
@@ -340,7 +343,7 @@ def _reductions():
                 continue  # JAX skips these too (no element to choose)
             cases.append(GridCase("reductions", f"reduce_{name}_{_shape_str(shape)}_{dims}",
                                   lambda x, op=op, init=init, dims=dims: lax.reduce(
-                                      x, jnp.asarray(init, x.dtype), op, dims),
+                                      x, np.asarray(init, x.dtype), op, dims),
                                   arguments(make(*shape))))
     for shape, dims in REDUCE_SHAPES[1:]:
         cases.append(GridCase("reductions", f"reduce_pair_{_shape_str(shape)}_{dims}",
@@ -379,7 +382,7 @@ def _windows():
             cases.append(GridCase(
                 "windows", f"reduce_window_{name}_{k}_{_shape_str(shape)}",
                 lambda x, op=op, init=init, d=dims, s=strides, p=padding, b=base, w=wdil:
-                    lax.reduce_window(x, jnp.asarray(init, x.dtype), op, d, s, p, b, w),
+                    lax.reduce_window(x, np.asarray(init, x.dtype), op, d, s, p, b, w),
                 arguments(make(*shape)), order=3 if op is lax.add else 2))
     return cases
 

@@ -18,7 +18,7 @@ import bpkit
 from bpkit.check import DEFAULT_TOLERANCES
 from tests.rules.jax_grids import GRIDS, GridCase
 
-DEFAULT_EVERY = 25
+DEFAULT_EVERY = 40
 
 
 def _random_like(rng, tree):
