@@ -74,6 +74,9 @@ CASES = [
          ((0, 0), (0, 0), (1, 1), (1, 0)), make_x=const(CONST), fd=False),
     pool("min", (2, 2, 5, 5), "min_pool2d_ties_some", NCHW(2, 3), NCHW(1, 2), "SAME",
          make_x=const(TIES), fd=False),
+    # zero-size operands
+    pool("add", (2, 0, 4, 4), "sum_pool_zero_channels", NCHW(2, 2)),
+    pool("max", (0, 2, 4, 4), "max_pool_zero_batch", NCHW(2, 2), NCHW(1, 1), "SAME"),
     # JAX's own max-pool gradient primitives, met in second order through a jax.grad
     Case("select_and_gather_add", lambda t, x: _gather_add(t, x, lax.ge_p, (1, 1)),
          args(uniform(2, 1, 5, 4), uniform(2, 1, 5, 4)), argnums=(0, 1)),
