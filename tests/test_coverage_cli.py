@@ -71,9 +71,10 @@ def test_parse_arg_spec():
 def test_rules_command_without_target_prints_the_table(capsys):
     assert coverage.rules_command([]) == 0
     out = capsys.readouterr().out
-    for family in ("elementwise", "structural", "reductions", "linalg", "control", "nondiff"):
+    for family in ("elementwise", "structural", "reductions", "linalg", "control", "nondiff",
+                   "refusals"):
         assert f"{family} (" in out
-    assert "dot_general" in out and "reduce_window[refused]" in out
+    assert "dot_general" in out and "refusals (" in out
     assert "loops (1):" in out and "while[fwd_bwd]" in out
 
 

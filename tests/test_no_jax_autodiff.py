@@ -177,6 +177,30 @@ def spectral_complex(w_re, w_im, x):
 
 SPECTRAL_ARGS = (_normal(K[0], (5,)), _normal(K[1], (5,)), _normal(K[2], (2, 8), 1.0))
 
+
+def misc_primitives(x, w):
+    """The primitives of branch misc: checkpoint_name, optimization_barrier, tile, stack, a
+    variadic lax.reduce, approx_max_k, ragged_dot, linear_call, jnp.interp (total-order
+    comparisons, no rule needed) and a dynamic_slice with a negative start at the primitive."""
+    from jax._src.lax import lax as lax_internal
+    from jax.ad_checkpoint import checkpoint_name
+    from jax.custom_derivatives import linear_call
+
+    h = checkpoint_name(jnp.tanh(x), "h")
+    h, = lax.optimization_barrier((h,))
+    t = lax_internal.tile(h, (2, 1))
+    s = jnp.stack([t, t * 2.0], axis=0)
+    total, prod = lax.reduce((s, s * 0.5), (0.0, 1.0), lambda a, b: (a[0] + b[0], a[1] * b[1]),
+                             (0,))
+    top = lax.approx_max_k(total, 2)[0]
+    r = lax.ragged_dot(prod, w, jnp.array([3, 5], jnp.int32))
+    lin = linear_call(lambda res, v: res * v, lambda res, c: res * c, 2.0, r)
+    xp = jnp.linspace(-1.0, 1.0, 5)
+    i = jnp.interp(x[0, :2], xp, jnp.sin(xp) * x[1, 0])
+    d = lax.dynamic_slice_p.bind(x, jnp.int32(-1), jnp.int32(0), slice_sizes=(2, 2))
+    return jnp.sum(top) + jnp.sum(lin ** 2) + jnp.sum(i) + jnp.sum(d ** 3)
+
+
 PROGRAMS = {
     "mlp_relu_gelu_softmax_ce": (mlp, MLP_ARGS, 0, None),
     "gru_scan": (gru, GRU_ARGS, 0, None),
@@ -191,6 +215,9 @@ PROGRAMS = {
     "shard_map_collectives": (spmd, (_normal(K[0], (3, 2)), _normal(K[1], (8, 3), 1.0)), (0, 1),
                               None),
     "fft_complex_special": (spectral_complex, SPECTRAL_ARGS, (0, 1, 2), (lax.fft_p,)),
+    "misc_primitives": (misc_primitives, (_normal(jax.random.key(16), (4, 3)),
+                                          _normal(jax.random.key(17), (2, 3, 2))),
+                        (0, 1), None),
 }
 
 # References, computed now, before anything is patched.

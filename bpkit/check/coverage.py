@@ -7,7 +7,8 @@
 * ``unsupported_in(fun, *args)``: the primitives on the differentiated path (the floating-point
   inputs, followed through every equation and into sub-jaxprs) that have no rule, each with the
   user's source line, i.e. what ``bpkit.grad`` would stop at. Integer and random-bit side
-  computations are not on that path and need no rule.
+  computations, and equations without a floating-point output, are not on that path and
+  need no rule.
 * ``rules_command(argv)``: the ``bpkit rules`` command (also ``scripts/rule_coverage.py``).
 
 ``args`` may be arrays or ``jax.ShapeDtypeStruct``s: nothing is computed, only traced.
@@ -29,7 +30,8 @@ from bpkit.engine import compat, registry
 
 # The rule family modules, in the order ``bpkit rules`` prints them.
 FAMILIES = ("elementwise", "structural", "slicing", "reductions", "linalg", "linalg_decomp",
-            "conv", "windows", "fft", "special", "collectives", "control", "loops", "nondiff")
+            "conv", "windows", "fft", "special", "collectives", "control", "loops", "nondiff",
+            "refusals")
 
 
 def supported_primitives() -> dict[str, str]:
@@ -100,8 +102,9 @@ def _walk(jaxpr, active_in: Sequence[bool], found: list) -> list[bool]:
     for eqn in jaxpr.eqns:
         mask = [is_active(v) for v in eqn.invars]
         prim = eqn.primitive
-        if not any(mask) or prim in registry.nondiff_primitives:
-            continue
+        if (not any(mask) or prim in registry.nondiff_primitives
+                or not any(compat.is_inexact(v.aval) for v in eqn.outvars)):
+            continue  # as in the engine: no floating-point output, no cotangent, no rule
         if prim in registry.refused_primitives or not registry.has_rule(prim):
             found.append((prim.name, compat.user_frame(eqn)))
             out_mask = [True] * len(eqn.outvars)
@@ -154,9 +157,6 @@ def _walk_loop(body, consts: list, carry: list, xs: list, found: list) -> list[b
 def primitive_families() -> dict[str, str]:
     """``{primitive name: rule family module}``, read from the rule modules' sources (the
     ``<name>_p`` objects each module mentions), ``"other"`` for rules registered elsewhere."""
-    import jax.extend.core.primitives as prims
-    from jax import lax
-
     import bpkit.rules as rules_pkg
 
     known = {}
@@ -164,19 +164,23 @@ def primitive_families() -> dict[str, str]:
                   registry.refused_primitives):
         for p in table:
             known[id(p)] = p.name
-    family_of: dict[str, str] = {}
+    family_of: dict[str, str] = {p.name: "nondiff" for p in registry.nondiff_primitives}
+    family_of.update({p.name: "refusals" for p in registry.refused_primitives})
     folder = pathlib.Path(rules_pkg.__file__).parent
     for family in FAMILIES:
         path = folder / f"{family}.py"
         if not path.exists():
             continue
         for token in sorted(set(re.findall(r"\b(\w+_p)\b", path.read_text()))):
-            candidates = [getattr(namespace, token, None) for namespace in (lax, prims, compat)]
-            for p in candidates + [compat.parallel_primitive(token)]:
+            candidates = (getattr(compat, token, None), compat.internal_primitive(token),
+                          compat.parallel_primitive(token))
+            for p in candidates:
                 if p is not None and id(p) in known:
                     family_of.setdefault(known[id(p)], family)
-    for p in (*registry.nondiff_primitives, *registry.refused_primitives):
+    for p in registry.nondiff_primitives:
         family_of.setdefault(p.name, "nondiff")  # e.g. random_wrap, looked up by string there
+    for p in registry.refused_primitives:
+        family_of.setdefault(p.name, "refusals")
     return family_of
 
 
@@ -193,7 +197,7 @@ def format_rule_table() -> str:
         lines.append(f"{family} ({len(members)}):")
         row = "   "
         for name in members:
-            default = "nondiff" if family == "nondiff" else "vjp"
+            default = {"nondiff": "nondiff", "refusals": "refused"}.get(family, "vjp")
             tag = "" if kinds[name] == default else f"[{kinds[name]}]"
             item = f" {name}{tag}"
             if len(row) + len(item) > 96:

@@ -85,6 +85,11 @@ def eval_eqn(eqn, invals: Sequence[Any]) -> list:
     return list(out) if eqn.primitive.multiple_results else [out]
 
 
+def eval_jaxpr(jaxpr, consts: Sequence[Any], *args) -> list:
+    """Evaluate an open jaxpr (as ``jax.core.eval_jaxpr``), e.g. a reduction's computation."""
+    return _core.eval_jaxpr(jaxpr, list(consts), *args)
+
+
 def source_context(eqn):
     """A context that tags new operations with ``eqn``'s traceback and name stack."""
     name_stack = _source_info.current_name_stack() + eqn.source_info.name_stack
@@ -189,13 +194,34 @@ def _complex_sign_is_differentiable() -> bool:
 
 
 COMPLEX_SIGN_IS_DIFFERENTIABLE = _complex_sign_is_differentiable()
+# Where JAX keeps the primitives that neither jax.lax nor jax.extend exports on every release.
+_INTERNAL_MODULES = ("jax._src.lax.lax", "jax._src.lax.control_flow", "jax._src.lax.ann",
+                     "jax._src.lax.windowed_reductions", "jax._src.ad_util",
+                     "jax._src.ad_checkpoint", "jax._src.custom_derivatives", "jax._src.pjit",
+                     "jax._src.lax.scaled_dot", "jax._src.lax.control_flow.loops",
+                     "jax._src.lax.eval_jaxpr", "jax._src.debugging", "jax._src.callback",
+                     "jax._src.hijax", "jax._src.interpreters.ad", "jax._src.core",
+                     "jax._src.state.primitives",
+                     "jax._src.random.prng", "jax._src.random.core",
+                     "jax._src.random.threefry4x32", "jax._src.random.philox2x32",
+                     "jax._src.random.philox4x32")
 
 
 def internal_primitive(name: str):
-    """A lax primitive that ``jax.extend`` does not export (e.g. ``unstack_p``, new in 0.11),
-    or ``None`` on releases that do not have it."""
-    from jax._src.lax import lax as _lax_internal
-    return getattr(_lax_internal, name, None)
+    """A primitive that ``jax.extend`` does not export on every release (e.g. ``unstack_p``,
+    new in 0.11, or ``name_p`` of ``checkpoint_name``), looked up by its attribute name in
+    JAX's internal modules; ``None`` on releases that do not have it."""
+    import importlib
+    import jax.extend.core.primitives as prims
+    for module in (prims, jax.lax, *_INTERNAL_MODULES):
+        try:
+            mod = importlib.import_module(module) if isinstance(module, str) else module
+        except ImportError:
+            continue
+        p = getattr(mod, name, None)
+        if isinstance(p, Primitive):
+            return p
+    return None
 
 
 # The Cholesky derivative of JAX 0.10.2 uses the whole tangent dΣ; JAX 0.12 first builds the

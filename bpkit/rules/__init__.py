@@ -25,6 +25,7 @@ collectives        shard_map (and so pmap), psum, psum_invariant, pvary, all_gat
                    reduce_scatter, ppermute, all_to_all, pbroadcast, axis_index; pmax/pmin refused
 loops              while (checkpointed reverse mode, no trip-count bound)
 nondiff            comparisons, floor/ceil/round, iota, random bits, stop_gradient
+refusals           the deliberate refusals (while, custom reduce_window, callbacks, refs, ...)
 =================  ==========================================================================
 """
 from bpkit.rules import (  # noqa: F401  (imported for their registrations)
@@ -38,6 +39,7 @@ from bpkit.rules import (  # noqa: F401  (imported for their registrations)
     loops,
     nondiff,
     reductions,
+    refusals,
     slicing,
     special,
     structural,

@@ -19,6 +19,8 @@ because what their backward pass needs is produced by their forward pass in a sp
 * **cond / switch**: the pullback is a ``switch`` over the branches' own pullbacks (each branch
   re-runs its forward inside the backward, so the forward keeps no per-branch residuals).
 * ``while`` loops have their own module, ``loops.py`` (checkpointed reverse mode).
+* **linear_call** (``jax.custom_derivatives.linear_call``): the user's transpose function gives
+  the cotangent of the linear arguments.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import jax.extend.core.primitives as prims
 import jax.numpy as jnp
 from jax import lax
 
-from bpkit.engine import compat
+from bpkit.engine import compat, registry
 from bpkit.engine.core import vjp_jaxpr
 from bpkit.engine.registry import register_fwd_bwd
 from bpkit.rules.helpers import instantiate_zeros, zeros_like
@@ -286,5 +288,39 @@ def _cond_fwd_bwd(primals, active, *, branches, **params):
         act_cts = lax.switch(index, [branch_pullback(b) for b in branches], ops, cts)
         it = iter(act_cts)
         return [None] + [next(it) if a else None for a in op_active]
+
+    return list(outs), pullback
+
+
+# --- linear_call: a call with a user-given transpose ----------------------------------------
+_linear_call_p = compat.internal_primitive("linear_call_p")
+
+
+@register_fwd_bwd(_linear_call_p)
+def _linear_call_fwd_bwd(primals, active, *, callee, transpose_thunk, num_callee_consts,
+                         num_res):
+    """``jax.custom_derivatives.linear_call(f, t, residuals, x)``: ``f`` is linear in ``x`` and
+    the user's ``t(residuals, ct)`` is its transpose, so ``ct_x = t(residuals, ct)`` (bound as
+    another linear_call whose transpose is ``f``, so bpkit can differentiate it again). The
+    residuals may not depend on the differentiated inputs (JAX refuses that too)."""
+    fixed = num_callee_consts + num_res
+    if any(active[:fixed]):
+        raise registry.UnsupportedPrimitiveError(
+            "bpkit cannot differentiate linear_call with respect to its residual arguments "
+            "(jax.grad refuses this too): the function is only declared linear in its last "
+            "arguments. Pass differentiated values among the linear arguments instead.")
+    params = dict(callee=callee, transpose_thunk=transpose_thunk,
+                  num_callee_consts=num_callee_consts, num_res=num_res)
+    outs = _linear_call_p.bind(*primals, **params)
+    f_consts, residuals = primals[:num_callee_consts], primals[num_callee_consts:fixed]
+
+    def pullback(cts):
+        transpose, t_consts = transpose_thunk()
+        cts = [instantiate_zeros(c, o) for c, o in zip(cts, outs)]
+        cts_in = _linear_call_p.bind(
+            *t_consts, *residuals, *cts, callee=transpose,
+            transpose_thunk=lambda: (callee, list(f_consts)),
+            num_callee_consts=len(t_consts), num_res=num_res)
+        return [None] * fixed + list(cts_in)
 
     return list(outs), pullback

@@ -15,6 +15,7 @@ of every argument separately.
 """
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from dataclasses import dataclass, field
 from typing import Callable
@@ -44,6 +45,7 @@ class Case:
     marks: tuple = field(default=())
     # "<dtype>-<jit|eager>" runs that only run with `pytest -m slow` (expensive compiles)
     slow_modes: tuple = field(default=())
+    context: Callable | None = None  # a context manager factory the check runs inside (a mesh)
 
     def __str__(self):
         return self.name
@@ -149,6 +151,9 @@ def _assert_trees_close(got, want, tol: float) -> None:
 
 def assert_case_parity(case: Case, dtype: str, jit: bool) -> None:
     """Assert bpkit == jax.grad for ``case`` (and == float64 finite differences when eager)."""
+    if case.context is not None:
+        with case.context():
+            return assert_case_parity(dataclasses.replace(case, context=None), dtype, jit)
     rng = np.random.default_rng(zlib.crc32(case.name.encode()))
     a = case.make_args(rng, jnp.dtype(dtype))
     if _is_complex(dtype) and jit:

@@ -8,6 +8,7 @@ itself.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pathlib
 import zlib
@@ -36,13 +37,16 @@ def table_modules():
 
 def primitives_of_case(case) -> set[str]:
     """The primitives of the case's jaxpr, traced with each of its dtypes (single precision:
-    a complex-only row such as ``real`` emits its primitive only for complex arguments)."""
+    a complex-only row such as ``real`` emits its primitive only for complex arguments), under
+    the case's context (e.g. a mesh) if it has one."""
     names: set[str] = set()
     single = {"float64": "float32", "complex128": "complex64"}
+    context = getattr(case, "context", None)
     for dtype in sorted({single.get(d, d) for d in case.dtypes}):
         rng = np.random.default_rng(zlib.crc32(case.name.encode()))
         args = case.make_args(rng, jnp.dtype(dtype))
-        names |= primitives_in_jaxpr(jax.make_jaxpr(case.fun)(*args))
+        with context() if context is not None else contextlib.nullcontext():
+            names |= primitives_in_jaxpr(jax.make_jaxpr(case.fun)(*args))
     return names
 
 

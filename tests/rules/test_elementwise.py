@@ -1,8 +1,11 @@
 """Parity table for bpkit/rules/elementwise.py, row for row."""
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from jax import lax
 
+import bpkit
 from bpkit.engine import compat
 from tests.rules.harness import (COMPLEX, FLOATS, WITH_COMPLEX, Case, args, assert_case_parity,
                                  const, parametrize, real_arg, uniform)
@@ -19,6 +22,25 @@ def holomorphic(also_complex):
     if not also_complex:
         return dict(dtypes=FLOATS)
     return dict(dtypes=WITH_COMPLEX, slow_modes=("complex128-eager",))
+
+
+def _polynomial(x, *coeffs):
+    """``lax.polynomial`` (a primitive from JAX 0.12 on), or Horner's rule written out."""
+    if hasattr(lax, "polynomial"):
+        return lax.polynomial(x, coeffs)
+    out = jnp.zeros_like(x) + coeffs[-1]
+    for c in coeffs[-2::-1]:
+        out = out * x + c
+    return out
+
+
+def _int_pow(x, n):
+    """``x ** n`` with an integer array exponent (JAX's own derivative of it needs standard
+    dtype promotion, which the strict test configuration turns off)."""
+    with jax.numpy_dtype_promotion("standard"):
+        return lax.pow(x, n)
+
+
 
 
 def unary(name, fun, also_complex=False, **dom):
@@ -51,7 +73,13 @@ CASES = [
     # powers and roots
     binary("pow", lax.pow, dom_x=pos, also_complex=True),
     Case("pow_zero_exponent", lambda x, y: lax.pow(x, y),
-         args(uniform(3, **pos), const(jnp.array([0.0, 1.0, 2.0]))), argnums=(0,), fd=False),
+         args(uniform(3, **pos), const(jnp.array([0.0, 1.0, 2.0]))), argnums=(0, 1), fd=False),
+    Case("pow_integer_exponent", _int_pow,
+         args(uniform(4, lo=-2.0, hi=2.0), const(jnp.array([0, 1, 2, 3], jnp.int32)))),
+    Case("pow_integer_exponent_zero_base", _int_pow,
+         args(const(jnp.array([0.0, 0.0, 0.0])), const(jnp.array([0, 1, 2], jnp.int32))), fd=False),
+    Case("pow_literal_base", lambda y: jnp.power(2.0, y), args(uniform(*S))),
+    Case("pow_literal_exponent", lambda x: jnp.power(x, 2.5), args(uniform(*S, **pos))),
     Case("integer_pow", lambda x: lax.integer_pow(x, 3) + lax.integer_pow(x, -2) + lax.integer_pow(x, 1)
          + lax.integer_pow(x, 0), args(uniform(*S, **pos)), **holomorphic(True)),
     unary("square", lax.square, also_complex=True),
@@ -117,6 +145,10 @@ CASES = [
     Case("select_n_three_way", lambda p, x, y, z: lax.select_n(p, x, y, z),
          args(const(jnp.array([0, 1, 2, 1], jnp.int32)), uniform(4), uniform(4), uniform(4)),
          argnums=(1, 2, 3)),
+    Case("select_n_literal_predicate", lambda x: jnp.where(True, x, 0.0) + jnp.where(False, x, 1.0),
+         args(uniform(*S))),
+    Case("select_n_scalar_predicate", lambda p, x, y: lax.select_n(p, x, y),
+         args(const(jnp.array(True)), uniform(*S), uniform(*S)), argnums=(1, 2)),
     Case("clamp", lambda lo, x, hi: lax.clamp(lo, x, hi),
          args(uniform(*S, lo=-1.5, hi=-0.5), uniform(*S), uniform(*S, lo=0.5, hi=1.5)),
          argnums=(0, 1, 2)),
@@ -124,9 +156,32 @@ CASES = [
          args(const(jnp.array([-2.0, -1.0, 0.0, 1.0, 2.0]))), fd=False),
     Case("one_minus_square", getattr(lax, "one_minus_square", lambda x: 1 - x * x),  # JAX >= 0.11
          args(uniform(*S)), **holomorphic(True)),
+    # add_any: JAX's own backward pass sums the two uses of y with it
+    Case("add_any_in_a_jax_grad", lambda x: jax.grad(lambda y: jnp.sum(jnp.sin(y) * y))(x),
+         args(uniform(*S))),
+    Case("polynomial", _polynomial, args(uniform(*S), uniform(), uniform(1, 4), uniform(*S)),
+         argnums=(0, 1, 2, 3)),
+    Case("polynomial_constant", lambda x, a: _polynomial(x, a), args(uniform(*S), uniform()),
+         argnums=(0, 1)),
 ]
 
 
 @parametrize(CASES)
 def test_elementwise(case, dtype, jit):
     assert_case_parity(case, dtype, jit)
+
+
+def test_pow_at_zero_zero_is_nan_like_jax():
+    """d(x**y)/dx at x = y = 0 is y * x**(y-1) = 0 * inf: JAX gives nan (and 0 for dy)."""
+    for f in (bpkit.grad(lax.pow, (0, 1)), jax.grad(lax.pow, (0, 1))):
+        gx, gy = f(0.0, 0.0)
+        assert np.isnan(gx) and gy == 0.0
+
+
+def test_pow_hessian_at_zero_exponent_is_symmetric():
+    """JAX's testPowSecondDerivative: the Hessian of x**y at (4, 0) is [[0, 1/4], [1/4, log(4)**2]]."""
+    x, y = 4.0, 0.0
+    hess = [[bpkit.grad(bpkit.grad(lax.pow, i), j)(x, y) for j in (0, 1)] for i in (0, 1)]
+    np.testing.assert_allclose(np.array(hess), [[0.0, 1 / x], [1 / x, np.log(x) ** 2]], rtol=1e-12)
+    np.testing.assert_allclose(np.array(hess), np.array(jax.hessian(lax.pow, (0, 1))(x, y)),
+                               rtol=1e-12)

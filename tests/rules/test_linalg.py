@@ -35,7 +35,22 @@ CASES = [
          args(real_arg(uniform(3, 4)), uniform(4, 2)), argnums=(0, 1), dtypes=COMPLEX),
     Case("complex_vdot_real_loss", lambda x, y: jnp.abs(jnp.vdot(x, y)),
          args(uniform(5), uniform(5)), argnums=(0, 1), dtypes=COMPLEX),
+    dot("zero_size_contraction", (3, 0), (0, 4), (((1,), (0,)), ((), ()))),
+    dot("zero_size_free_axis", (0, 4), (4, 2), (((1,), (0,)), ((), ()))),
+    # ragged_dot_general (mixture-of-experts grouped matmul); group 1 is empty
+    Case("ragged_dot", lambda x, w, g: lax.ragged_dot(x, w, g),
+         args(uniform(7, 3), uniform(3, 3, 5), const(jnp.array([2, 0, 5], jnp.int32))),
+         argnums=(0, 1)),
+    Case("ragged_dot_general_batch_and_transposed_rhs",
+         lambda x, w, g: lax.ragged_dot_general(x, w, g, _RAGGED_BATCHED),
+         args(uniform(2, 6, 3), uniform(2, 5, 3, 3), const(jnp.array([1, 2, 3], jnp.int32))),
+         argnums=(0, 1)),
 ]
+
+# lhs (b, m, k) ragged in m; rhs (b, n, k, g): batch b, contract k, group axis last
+_RAGGED_BATCHED = lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(((2,), (2,)), ((0,), (0,))), lhs_ragged_dimensions=[1],
+    rhs_group_dimensions=[3])
 
 
 @parametrize(CASES)
