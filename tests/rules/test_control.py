@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax._src import core as jax_core
+from jax.ad_checkpoint import checkpoint_name
 
 import bpkit
 from tests.rules.harness import Case, args, const, parametrize, assert_case_parity, uniform
@@ -34,6 +35,20 @@ def _closed_call(x, y):
 # --- remat -------------------------------------------------------------------------------------
 def _block(w, x):
     return jnp.tanh(x @ w) @ w.T
+
+
+def _named_block(w, x):
+    h = checkpoint_name(jnp.tanh(x @ w), "hidden")
+    return checkpoint_name(jnp.sin(h @ w.T), "out") * h
+
+
+def _batched_block(w, x):
+    """An unbatched dot (x @ w) and, inside a nested jit (``jnp.einsum``), a batched one."""
+    h = jnp.tanh(x @ w)  # (B, T, d)
+    return jnp.einsum("bij,bkj->bik", h, x) @ h  # (B, T, d)
+
+
+CP = jax.checkpoint_policies
 
 
 # --- custom_jvp --------------------------------------------------------------------------------
@@ -162,6 +177,24 @@ CASES = [
                                                policy=jax.checkpoint_policies.nothing_saveable),
                                 jnp.zeros(3, w.dtype), xs),
          args(uniform(3, 3), uniform(4, 3)), argnums=(0, 1)),
+    Case("remat_policy_everything_saveable",
+         jax.checkpoint(_block, policy=CP.everything_saveable),
+         args(uniform(3, 3), uniform(2, 3)), argnums=(0, 1)),
+    Case("remat_policy_dots_with_no_batch_dims_nested_jit",
+         jax.checkpoint(_batched_block, policy=CP.dots_with_no_batch_dims_saveable),
+         args(uniform(3, 3, lo=-1, hi=1), uniform(2, 4, 3, lo=-1, hi=1)), argnums=(0, 1)),
+    Case("remat_policy_save_only_these_names",
+         jax.checkpoint(_named_block, policy=CP.save_only_these_names("hidden")),
+         args(uniform(3, 3), uniform(2, 3)), argnums=(0, 1)),
+    Case("remat_policy_save_any_names_but_these",
+         jax.checkpoint(_named_block, policy=CP.save_any_names_but_these("hidden")),
+         args(uniform(3, 3), uniform(2, 3)), argnums=(0, 1)),
+    Case("remat_policy_offload_saves_on_device",
+         jax.checkpoint(_batched_block,
+                        policy=CP.offload_dot_with_no_batch_dims("device", "pinned_host")),
+         args(uniform(3, 3, lo=-1, hi=1), uniform(2, 4, 3, lo=-1, hi=1)), argnums=(0, 1)),
+    # name
+    Case("checkpoint_name", lambda x: checkpoint_name(jnp.sin(x), "s") * x, args(uniform(*S))),
     # custom_jvp
     Case("custom_jvp_relu", jax.nn.relu, args(uniform(*S))),
     Case("custom_jvp_relu_at_zero", jax.nn.relu, args(const(np.array([-1.0, 0.0, 0.0, 2.0]))),
@@ -243,3 +276,39 @@ def test_remat_recomputes_in_the_backward_pass():
     w, x = jnp.ones((3, 3)) * 0.1, jnp.ones((2, 3))
     jax.block_until_ready(bpkit.grad(jax.checkpoint(f))(w, x))
     assert len(calls) == 2  # once forward, once recomputed in the backward pass
+
+
+def _live_cotangent_free_primitives(jaxpr) -> list[str]:
+    """Primitives of the equations of a backward jaxpr (input: the output cotangent) that its
+    result needs but that do not read the cotangent: the recomputed forward (and the rules'
+    own primal-only terms, such as ``1 - tanh(x)**2``)."""
+    reads_ct = set(jaxpr.invars)
+    for eqn in jaxpr.eqns:
+        if any(v in reads_ct for v in eqn.invars if isinstance(v, jax_core.Var)):
+            reads_ct.update(eqn.outvars)
+    live = {v for v in jaxpr.outvars if isinstance(v, jax_core.Var)}
+    recomputed = []
+    for eqn in reversed(jaxpr.eqns):
+        if any(v in live for v in eqn.outvars):
+            live.update(v for v in eqn.invars if isinstance(v, jax_core.Var))
+            if not any(v in reads_ct for v in eqn.outvars):
+                recomputed.append(eqn.primitive.name)
+    return recomputed
+
+
+def test_remat_policy_saving_dots_recomputes_no_dot():
+    w = jnp.linspace(-1, 1, 9).reshape(3, 3)
+    x = jnp.linspace(-1, 1, 24).reshape(2, 4, 3)
+
+    def recomputed(policy):
+        f = jax.checkpoint(lambda w, x: jnp.sum(_batched_block(w, x) ** 2), policy=policy)
+        _, pullback = bpkit.vjp(f, w, x)
+        return _live_cotangent_free_primitives(jax.make_jaxpr(pullback)(jnp.ones(())).jaxpr)
+
+    nothing = recomputed(CP.nothing_saveable)
+    assert nothing.count("dot_general") == 3 and "tanh" in nothing
+    assert recomputed(CP.dots_with_no_batch_dims_saveable).count("dot_general") == 2  # batched
+    dots = recomputed(CP.dots_saveable)
+    assert "dot_general" not in dots and "tanh" in dots  # the rest is still recomputed
+    everything = recomputed(CP.everything_saveable)
+    assert "dot_general" not in everything and "tanh" not in everything
