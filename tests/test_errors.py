@@ -2,6 +2,7 @@
 JAX's jitted functions, its register_vjp snippet works for primitives jax.extend does not
 export, and it never asks for a VJP of a primitive whose outputs are all integer or boolean."""
 import functools
+import importlib.util
 import textwrap
 
 import jax
@@ -109,3 +110,32 @@ def test_refused_primitive_names_the_users_line():
 
     err = _raise(bpkit.grad(functools.partial(jax.jit(loss))), jnp.ones(2))
     assert "while_loop" in str(err) and err.location.startswith(_line_of("# while line"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("equinox") is None,
+                    reason="equinox is not installed (an optional test dependency)")
+def test_third_party_primitive_recipe_from_docs():
+    """docs/engine.md's recipe, on Equinox's nondifferentiable_backward primitive."""
+    import equinox as eqx
+    import equinox.internal as eqxi
+    from equinox.internal import nondifferentiable_backward_p
+
+    def loss(x, symbolic):
+        return jnp.sum(eqxi.nondifferentiable_backward(x, msg="no grads", symbolic=symbolic) * x)
+
+    assert _raise(bpkit.grad(loss), jnp.ones(3), True).primitive is nondifferentiable_backward_p
+
+    @bpkit.register_vjp(nondifferentiable_backward_p)
+    def _nondifferentiable_backward_vjp(ct, x, *, out, msg, symbolic):
+        if symbolic:
+            raise RuntimeError(msg)
+        return [eqx.error_if(ct, jnp.any(ct != 0), msg)]
+
+    try:
+        for engine in (jax.grad, bpkit.grad):
+            with pytest.raises(RuntimeError, match="no grads"):
+                engine(loss)(jnp.ones(3), True)
+        assert bpkit.grad(lambda x: jnp.sum(eqxi.nondifferentiable_backward(
+            x, symbolic=False) * 0.0))(jnp.ones(3)).shape == (3,)  # a zero cotangent passes
+    finally:
+        registry.vjp_rules.pop(nondifferentiable_backward_p)

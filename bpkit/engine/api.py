@@ -87,11 +87,7 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
     @functools.wraps(fun)
     def value_and_grad_fun(*args, **kwargs):
         positions = _positions(argnums, argnums_tuple, len(args))
-        dyn_pos = sorted(set(positions))
-        call, dyn_args, static_key, keepalive = _partial(fun, args, kwargs, dyn_pos)
-        flat_args, in_tree = jax.tree_util.tree_flatten((dyn_args, {}))
-        flat_args = [compat.as_array(x) for x in flat_args]
-        spans = dict(zip(dyn_pos, _leaf_spans(dyn_args)))
+        flat_args, spans, trace = flatten_wrt(fun, args, kwargs, positions)
         for x in flat_args:
             aval = compat.typeof(x)
             if not compat.is_inexact(aval) and not allow_int:
@@ -99,8 +95,7 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
                     "grad requires real- or complex-valued inputs (input dtype that is a "
                     f"sub-dtype of np.inexact), but got {aval.dtype.name}. If you want to use "
                     "Boolean- or integer-valued inputs, use vjp or set allow_int to True.")
-        traced = core.trace(fun, flat_args, in_tree, call=call, static_key=static_key,
-                            keepalive=keepalive)
+        traced = trace()
         active_in = [compat.is_inexact(compat.typeof(x)) for x in flat_args]
         outs, backward, _ = core.vjp_jaxpr(traced.jaxpr, traced.consts, flat_args, active_in)
         out_tree, aux = _split_aux(traced.out_tree, outs, has_aux, "grad")
@@ -162,6 +157,27 @@ def _positions(argnums, nums: tuple[int, ...], num_args: int) -> list[int]:
                 f"{(i if i >= 0 else -i - 1) + 1} positional arguments to be passed by the "
                 f"caller, but got only {num_args} positional arguments.")
     return [i % num_args for i in nums]
+
+
+def flatten_wrt(fun: Callable, args: tuple, kwargs: dict, positions: Sequence[int]):
+    """The differentiated leaves of ``fun(*args, **kwargs)`` and how to trace it.
+
+    Returns ``(flat_args, spans, trace)``: the leaves of ``args[i]`` for ``i`` in
+    ``positions`` (Python scalars as arrays), ``spans[i] = (lo, hi)`` their range in
+    ``flat_args``, and ``trace()``, which traces ``fun`` with those leaves as inputs and every
+    other argument passed as the caller passed it (cached, see the module docstring).
+    """
+    dyn_pos = sorted(set(positions))
+    call, dyn_args, static_key, keepalive = _partial(fun, args, kwargs, dyn_pos)
+    flat_args, in_tree = jax.tree_util.tree_flatten((dyn_args, {}))
+    flat_args = [compat.as_array(x) for x in flat_args]
+    spans = dict(zip(dyn_pos, _leaf_spans(dyn_args)))
+
+    def trace() -> core.Traced:
+        return core.trace(fun, flat_args, in_tree, call=call, static_key=static_key,
+                          keepalive=keepalive)
+
+    return flat_args, spans, trace
 
 
 class _Uncacheable(Exception):
