@@ -21,7 +21,6 @@ again by bpkit (second derivatives) or by ``jax.grad``.
 """
 from __future__ import annotations
 
-import contextlib
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -163,8 +162,12 @@ def vjp_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any], active_in: Sequ
                 for v, ct in zip(eqn.outvars, cts):
                     if ct is not None:
                         observe(v, ct)
-            with compat.source_context(eqn), _locating(eqn):
-                cts_in = pullback(cts if eqn.primitive.multiple_results else cts[0])
+            with compat.source_context(eqn):
+                try:
+                    cts_in = pullback(cts if eqn.primitive.multiple_results else cts[0])
+                except registry.UnsupportedPrimitiveError as e:
+                    e.locate(eqn)  # a primitive inside this call, loop or checkpoint
+                    raise
             if CHECK_RULE_OUTPUTS:
                 _check_rule_outputs(eqn, cts_in)
             for v, ct in zip(eqn.invars, cts_in):
@@ -181,8 +184,12 @@ def _forward_with_rule(eqn, invals, active_mask, outs=None):
     prim = eqn.primitive
     fwd_bwd = registry.fwd_bwd_rules.get(prim)
     if fwd_bwd is not None:
-        with compat.source_context(eqn), _locating(eqn):
-            outs, pullback = fwd_bwd(invals, active_mask, **eqn.params)
+        with compat.source_context(eqn):
+            try:
+                outs, pullback = fwd_bwd(invals, active_mask, **eqn.params)
+            except registry.UnsupportedPrimitiveError as e:
+                e.locate(eqn)  # a primitive inside this call, loop or checkpoint
+                raise
         return list(outs), pullback
     rule = registry.vjp_rules.get(prim)
     if rule is None:
@@ -191,17 +198,6 @@ def _forward_with_rule(eqn, invals, active_mask, outs=None):
     out = outs if prim.multiple_results else outs[0]
     params = eqn.params
     return outs, lambda ct: rule(ct, *invals, out=out, **params)
-
-
-@contextlib.contextmanager
-def _locating(eqn):
-    """An unsupported primitive inside ``eqn`` (a call, checkpoint, loop) with no user frame of
-    its own is located at ``eqn``'s user frame (``jnp``'s jitted functions carry only JAX's)."""
-    try:
-        yield
-    except registry.UnsupportedPrimitiveError as e:
-        e.locate(eqn)
-        raise
 
 
 def _accumulate(ct_env: dict, v, ct) -> None:
