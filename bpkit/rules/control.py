@@ -80,14 +80,21 @@ def _remat_fwd_bwd(primals, active, *, jaxpr, prevent_cse, policy=None, **params
     if policy is not None:
         inner, consts = _inline_calls(inner, consts)
         saved_eqns = [e for e in inner.eqns if _policy_saves(policy, e)]
-    barrier = lax.optimization_barrier if prevent_cse else (lambda xs: xs)
 
     def replay(xs, saved):
         return vjp_jaxpr(inner, consts, xs, active, known=dict(zip(saved_eqns, saved)))[1]
 
+    def recompute_and_pull_back(xs, saved, cts):
+        # One barrier over the inputs, the saved values and the cotangents: XLA can neither
+        # merge the recomputation with the forward pass nor schedule it before the backward
+        # pass reaches this point (which would keep its values alive as long as saving them).
+        if prevent_cse:
+            xs, saved, cts = lax.optimization_barrier((xs, saved, cts))
+        return replay(xs, saved)(cts)
+
     if not saved_eqns:
         outs, _, _ = vjp_jaxpr(inner, consts, primals, [False] * len(primals))
-        return outs, lambda cts: replay(barrier(list(primals)), [])(cts)
+        return outs, lambda cts: recompute_and_pull_back(list(primals), [], list(cts))
 
     env = dict(zip(inner.constvars, consts))
     env.update(zip(inner.invars, primals))
@@ -99,11 +106,7 @@ def _remat_fwd_bwd(primals, active, *, jaxpr, prevent_cse, policy=None, **params
     saved_eqns = [e for e, r in zip(saved_eqns, read) if r]
     saved = [[env[v] for v in e.outvars] for e in saved_eqns]
 
-    def pullback(cts):
-        xs, res = barrier((list(primals), saved))
-        return replay(xs, res)(cts)
-
-    return outs, pullback
+    return outs, lambda cts: recompute_and_pull_back(list(primals), saved, list(cts))
 
 
 def _policy_saves(policy, eqn) -> bool:
