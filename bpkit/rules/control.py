@@ -6,7 +6,8 @@ because what their backward pass needs is produced by their forward pass in a sp
 * **jit / closed_call**: the inner jaxpr is differentiated in place by the same engine (inlined).
 * **remat** (``jax.checkpoint``): the forward saves what the ``policy`` names (nothing without
   one); the pullback re-runs the forward of the inner jaxpr with the saved values given (behind
-  an optimisation barrier so XLA cannot merge it with the first one).
+  an optimisation barrier shared with the cotangents, so XLA can neither merge it with the
+  first one nor run it before the backward pass gets there).
 * **custom_jvp_call**: the user's JVP rule is respected (``jax.nn.relu`` has slope 0 at 0). It is
   linear in the tangents, so its transpose is obtained by running bpkit's own engine on the
   user's JVP jaxpr with respect to the tangent inputs.
