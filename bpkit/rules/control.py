@@ -38,7 +38,7 @@ from jax.ad_checkpoint import Offloadable, Saveable
 
 from bpkit.engine import compat, registry
 from bpkit.engine.core import vjp_jaxpr
-from bpkit.engine.registry import fwd_bwd_rules, register_fwd_bwd, register_vjp
+from bpkit.engine.registry import fwd_bwd_rules, register_fwd_bwd
 from bpkit.rules.helpers import instantiate_zeros, zeros_like
 
 
