@@ -26,6 +26,7 @@ custom rules.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import jax
@@ -96,12 +97,39 @@ def source_context(eqn):
     return _source_info.user_context(eqn.source_info.traceback, name_stack=name_stack)
 
 
-def user_frame(eqn) -> str:
-    """``file:line (function)`` of the user's code that produced ``eqn``, or ``"unknown"``."""
-    frame = _source_info.user_frame(eqn.source_info.traceback)
-    if frame is None:
-        return "unknown location"
-    return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
+_BPKIT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def user_frame(eqn, default: str | None = "unknown location", *,
+               allow_bpkit: bool = True) -> str | None:
+    """``file:line (function)`` of the user's code that produced ``eqn``, or ``default``.
+
+    The user's frame is the innermost one outside JAX (and the standard library) and outside
+    bpkit; a bpkit frame (a layer of ``bpkit.nn``) only when there is no other and
+    ``allow_bpkit``. Equations inside a ``jit`` (most of ``jnp.linalg``, ``jax.random``,
+    ``jax.scipy``) carry only JAX's frames: the equations that call them name the user's line
+    (see ``context_user_frame``).
+    """
+    return _frame_outside_jax(eqn.source_info.traceback, allow_bpkit) or default
+
+
+def context_user_frame(*, allow_bpkit: bool = True) -> str | None:
+    """The user's frame of the enclosing equation while bpkit evaluates the jaxpr inside it (a
+    ``jit``, ``checkpoint``, ``scan``: see ``source_context``); ``None`` at top level."""
+    return _frame_outside_jax(_source_info._source_info_context.context.traceback, allow_bpkit)
+
+
+def _frame_outside_jax(traceback, allow_bpkit: bool) -> str | None:
+    if traceback is None:
+        return None
+    frames = list(_source_info.user_frames(traceback))
+    outside = [f for f in frames if not f.file_name.startswith(_BPKIT_DIR)]
+    if not outside and allow_bpkit:
+        outside = frames
+    if not outside:
+        return None
+    f = outside[0]
+    return f"{f.file_name}:{f.start_line} ({f.function_name})"
 
 
 def name_stack(eqn) -> str:
