@@ -146,9 +146,26 @@ def custom_jvp_jaxpr(params: dict, tangent_is_zero: Sequence[bool]):
     fun = params.get("jvp_jaxpr_fun", params.get("jvp_jaxpr_thunk"))
     jvp_jaxpr, consts, out_zeros = fun.call_wrapped(*tangent_is_zero)
     if hasattr(jvp_jaxpr, "eqns") and not hasattr(jvp_jaxpr, "consts"):
-        return jvp_jaxpr, list(consts), list(out_zeros)
-    inner, inner_consts = open_jaxpr(jvp_jaxpr)
-    return inner, list(inner_consts) + list(consts), list(out_zeros)
+        inner, consts = jvp_jaxpr, list(consts)
+    else:
+        inner, inner_consts = open_jaxpr(jvp_jaxpr)
+        consts = list(inner_consts) + list(consts)
+    return _consts_as_constvars(inner, consts), consts, list(out_zeros)
+
+
+def _consts_as_constvars(jaxpr, consts: list):
+    """On JAX 0.12 a custom JVP rule's jaxpr takes the constants it closes over (e.g. the NumPy
+    tables of ``jax.scipy.special.zeta``'s rule) as its leading *inputs*, which JAX binds with
+    ``eval_jaxpr(jaxpr, consts, *args)`` to ``constvars + invars`` in order. Make those inputs
+    constvars, so that the jaxpr's inputs are exactly ``(*primals, *nonzero_tangents)``."""
+    extra = len(consts) - len(jaxpr.constvars)
+    if extra <= 0:
+        return jaxpr
+    if isinstance(jaxpr, _core.Jaxpr) and hasattr(jaxpr, "consts"):
+        # 0.11+: a Jaxpr's constvars are its first inputs that carry values (ClosedJaxpr style)
+        return _core.Jaxpr(jaxpr, consts)
+    return jaxpr.replace(constvars=list(jaxpr.constvars) + list(jaxpr.invars[:extra]),
+                         invars=list(jaxpr.invars[extra:]))
 
 
 def custom_vjp_parts(params: dict):

@@ -89,6 +89,19 @@ def _times_int(x, n):
 _times_int.defjvp(lambda p, t: (_times_int(*p), t[0] * p[1].astype(p[0].dtype)))
 
 
+@jax.custom_jvp
+def _poly(x):
+    return x * x * x
+
+
+@_poly.defjvp
+def _poly_jvp(primals, tangents):
+    """A rule closing over an array constant (JAX 0.12 passes it as a leading jaxpr input)."""
+    (x,), (t,) = primals, tangents
+    coefs = jnp.asarray(np.array([3.0, 0.0, 0.0]), x.dtype)  # d/dx x^3 = 3 x^2 + 0 x + 0
+    return _poly(x), t * jnp.polyval(coefs, x)
+
+
 # --- custom_vjp --------------------------------------------------------------------------------
 @jax.custom_vjp
 def _double_grad(x, y):
@@ -217,6 +230,7 @@ CASES = [
     Case("custom_jvp_user_rule", _clipped_square, args(uniform(*S, lo=-2, hi=2)), fd=False),
     Case("custom_jvp_int_argument", _times_int, args(uniform(*S), const(jnp.int32(3)))),
     Case("custom_jvp_nondiff_argnums", lambda x: _scaled(x, 3.0), args(uniform(*S))),
+    Case("custom_jvp_rule_closes_over_array", _poly, args(uniform(*S))),
     # custom_vjp
     Case("custom_vjp_user_bwd", _double_grad, args(uniform(*S), uniform(*S)), argnums=(0, 1),
          fd=False),
