@@ -45,10 +45,11 @@ def bits(key, x):
     return f32(jax.random.bits(key, S, jnp.uint32) >> 28, x)
 
 
-def raw_bits(random_bits, seed, s, x):
-    """Bits from one of JAX's PRNG implementations called directly (``jax.random`` hides
-    their primitives inside ``random_bits``), as ``x``'s dtype."""
-    return f32(random_bits(seed(s), 32, S) >> 28, x)
+def prng_case(name, random_bits, seed):
+    """Row ``x * bits`` from one of JAX's PRNG implementations called directly (``jax.random``
+    hides their primitives inside ``random_bits``); one float32 run is enough for bits."""
+    return Case(name, lambda x, s: x * f32(random_bits(seed(s), 32, S) >> 28, x),
+                args(uniform(*S), const(jnp.uint32(5))), dtypes=("float32",))
 
 
 CASES = [
@@ -100,20 +101,17 @@ CASES = [
     key_case("random_unwrap_key_data", lambda k, x: f32(jax.random.key_data(k)[0] >> 30, x)),
     key_case("random_split", lambda k, x: bits(jax.random.split(k)[1], x)),
     key_case("random_fold_in", lambda k, x: bits(jax.random.fold_in(k, 3), x)),
-    key_case("random_clone", lambda k, x: bits(jax.random.clone(k), x)),
+    Case("random_clone", lambda x, key: x * bits(jax.random.clone(key), x), lambda rng, dt: (
+        jnp.asarray(rng.uniform(-2, 2, S), dt), jax.random.key(3)), dtypes=("float32",)),
     key_case("random_normal_dropout_mask",
              lambda k, x: f32(jax.random.bernoulli(k, 0.7, S), x) / 0.7),
     Case("threefry2x32",
          lambda x, k: x * f32(jex.random.threefry_2x32(k, jnp.arange(12, dtype=jnp.uint32))
                               .reshape(S) >> 29, x),
          args(uniform(*S), const(jnp.array([1, 2], jnp.uint32)))),
-    Case("threefry4x32", lambda x, s: x * raw_bits(_t4.threefry4x32_random_bits, _t4.threefry4x32_seed, s, x),
-         args(uniform(*S), const(jnp.uint32(5)))),
-    Case("philox2x32_and_iota_2x32_shape",
-         lambda x, s: x * raw_bits(_p2.philox2x32_random_bits, _p2.philox2x32_seed, s, x),
-         args(uniform(*S), const(jnp.uint32(5)))),
-    Case("philox4x32", lambda x, s: x * raw_bits(_p4.philox4x32_random_bits, _p4.philox4x32_seed, s, x),
-         args(uniform(*S), const(jnp.uint32(5)))),
+    prng_case("threefry4x32", _t4.threefry4x32_random_bits, _t4.threefry4x32_seed),
+    prng_case("philox2x32_and_iota_2x32_shape", _p2.philox2x32_random_bits, _p2.philox2x32_seed),
+    prng_case("philox4x32", _p4.philox4x32_random_bits, _p4.philox4x32_seed),
     Case("rng_bit_generator",
          lambda x, k: x * f32(lax.rng_bit_generator(k, S, dtype=jnp.uint32)[1] >> 29, x),
          args(uniform(*S), const(jnp.array([1, 2, 3, 4], jnp.uint32)))),
@@ -229,5 +227,5 @@ def test_interp_and_searchsorted_differentiate():
     xp = jnp.linspace(0.0, 3.0, 7)
     f = lambda x, fp: jnp.sum(jnp.interp(x, xp, fp) ** 2)  # noqa: E731
     x, fp = jnp.array([0.3, 1.7, 2.9, 3.5]), jnp.sin(xp)
-    for a, b in zip(bpkit.grad(f, (0, 1))(x, fp), jax.grad(f, (0, 1))(x, fp)):
+    for a, b in zip(jax.jit(bpkit.grad(f, (0, 1)))(x, fp), jax.jit(jax.grad(f, (0, 1)))(x, fp)):
         np.testing.assert_allclose(a, b, rtol=1e-12)

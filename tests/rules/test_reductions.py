@@ -61,11 +61,10 @@ CASES = [
     Case("reduce_pair_sum_and_product", lambda x, y: _reduce_pair(x, y, (1,)),
          args(uniform(3, 4, 5), uniform(3, 4, 5, lo=0.5, hi=1.5)), argnums=(0, 1)),
     Case("reduce_pair_odd_sizes_all_axes", lambda x, y: _reduce_pair(x, y, (0, 1, 2)),
-         args(uniform(3, 1, 5), uniform(3, 1, 5, lo=0.5, hi=1.5)), argnums=(0, 1)),
+         args(uniform(3, 1, 5), uniform(3, 1, 5, lo=0.5, hi=1.5)), argnums=(0, 1),
+         dtypes=("float64",)),
     Case("reduce_pair_zero_length", lambda x, y: _reduce_pair(x, y, (1,)),
-         args(uniform(3, 0, 5), uniform(3, 0, 5)), argnums=(0, 1)),
-    Case("reduce_max_with_argmax", lambda x: _max_with_index(x, x * 0 + _iota(x, 1), (1,)),
-         args(uniform(4, 5))),
+         args(uniform(3, 0, 5), uniform(3, 0, 5)), argnums=(0, 1), dtypes=("float64",)),
     Case("reduce_max_with_argmax_ties", lambda x: _max_with_index(x, x * 0 + _iota(x, 1), (1,)),
          args(const(np.array([[1.0, 3.0, 3.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0]]))), fd=False),
 ]
@@ -82,7 +81,8 @@ def test_reduce_max_with_integer_index_gives_the_float_index_gradient():
     x = jnp.array([[1.0, 3.0, 3.0, 0.0], [2.0, -1.0, 5.0, 5.0]])
     f_int = lambda x: jnp.sum(_max_with_index(x, _iota(x, 1).astype(jnp.int32), (1,))[0] * x[:, 0])
     f_float = lambda x: jnp.sum(_max_with_index(x, x * 0 + _iota(x, 1), (1,))[0] * x[:, 0])
-    np.testing.assert_allclose(bpkit.grad(f_int)(x), jax.grad(f_float)(x), rtol=1e-12)
+    np.testing.assert_allclose(jax.jit(bpkit.grad(f_int))(x), jax.jit(jax.grad(f_float))(x),
+                               rtol=1e-12)
 
 
 def test_reduce_refuses_differentiated_initial_values():
