@@ -92,7 +92,8 @@ CASES = [
           lambda x: f32(lax.shift_right_arithmetic(as_int(x), jnp.int32(1)), x)),
     times("shift_right_logical",
           lambda x: f32(lax.shift_right_logical(as_int(x), jnp.int32(1)), x)),
-    times("platform_index", once=True, g=lambda x: lax.platform_dependent(x, cpu=jnp.sin, default=jnp.cos)),
+    times("platform_index", once=True,
+          g=lambda x: lax.platform_dependent(x, cpu=jnp.sin, default=jnp.cos)),
     # random numbers
     Case("random_seed", lambda x, s: x * bits(jax.random.key(s), x),
          args(uniform(*S), const(jnp.int32(7)))),
@@ -119,7 +120,8 @@ CASES = [
         jnp.zeros((), x.dtype), jnp.ones((), x.dtype), S)), args(uniform(*S))),
     # values that do not depend on any input's value
     times("empty", once=True, g=lambda x: 0 * _lax_internal.empty(S, x.dtype) + 1),
-    times("empty2", once=True, g=lambda x: 0 * _lax_internal.empty2(x.dtype, memory_space=_MEMORY) + 1),
+    times("empty2", once=True,
+          g=lambda x: 0 * _lax_internal.empty2(x.dtype, memory_space=_MEMORY) + 1),
     # bookkeeping
     Case("create_token_after_all",
          lambda x: (lax.after_all(lax.create_token(), lax.create_token()), x * 2)[1],
@@ -127,7 +129,8 @@ CASES = [
     times("dce_sink", once=True, g=lambda x: (_lax_internal.dce_sink(x), jnp.cos(x))[1]),
     times("debug_print", once=True, g=lambda x: (jax.debug.print("{}", x[0, 0], ordered=False),
                                     jnp.cos(x))[1]),
-    times("debug_callback", once=True, g=lambda x: (jax.debug.callback(lambda v: None, x), jnp.cos(x))[1]),
+    times("debug_callback", once=True,
+          g=lambda x: (jax.debug.callback(lambda v: None, x), jnp.cos(x))[1]),
     times("inspect_sharding", once=True,
           g=lambda x: (jax.debug.inspect_array_sharding(x, callback=lambda s: None),
                      jnp.cos(x))[1]),
