@@ -51,7 +51,7 @@ defbinary(P.min_p, lambda ct, x, y, z: ct * _balanced_eq(x, z, y),
 # --- powers and roots -----------------------------------------------------------------------
 @register_vjp(P.pow_p)
 def _pow_vjp(ct, x, y, *, out):
-    """``d(x**y)/dx = y * x**(y-1)`` and ``d(x**y)/dy = log(x) * x**y``, exactly as JAX writes them:
+    """``d(x**y)/dx = y * x**(y-1)``, ``d(x**y)/dy = log(x) * x**y``, exactly as JAX writes them:
 
     * for a float ``y`` the first is ``y * x**(y-1)`` everywhere, so ``x = y = 0`` gives
       ``0 * inf = nan`` (JAX's value; ``jax.grad(lax.pow)(0., 0.)`` is nan);

@@ -138,6 +138,7 @@ def _ragged_dot_general_vjp(ct, lhs, rhs, group_sizes, *, out, ragged_dot_dimens
         res = lax.ragged_dot_general(lhs.astype(rhs.dtype), ct.astype(rhs.dtype), group_sizes,
                                      dims, precision=precision)
         # res axes: group, batch, lhs free = rhs contracting (in lhs order), ct free = rhs kept
-        src = list(r_group) + list(r_batch) + list(np.take(r_contract, np.argsort(l_contract))) + r_kept
+        src = (list(r_group) + list(r_batch) + list(np.take(r_contract, np.argsort(l_contract)))
+               + r_kept)
         cts[1] = lax.transpose(res, tuple(np.argsort(src)))
     return cts

@@ -14,9 +14,9 @@ positions it came from:
   the ``ct`` of the positions it won. With repeated indices the winner is whichever update the
   backend wrote last; exactly as JAX does, the rule finds it by scattering update ids and
   gathering them back (``_winning_updates``);
-* a **sort**, **top_k** or **approx_top_k** applies the inverse of its permutation to ``ct``; the permutation comes
-  from sorting an iota alongside the operands with the same parameters, so ties resolve exactly
-  as in the forward pass.
+* a **sort**, **top_k** or **approx_top_k** applies the inverse of its permutation to
+  ``ct``; the permutation comes from sorting an iota alongside the operands with the same
+  parameters, so ties resolve exactly as in the forward pass.
 
 Index operands are integers and never receive a cotangent (``None``). Out-of-bounds behaviour
 follows the equation's ``mode``, which every backward gather/scatter reuses: ``clip`` clamps the

@@ -47,7 +47,8 @@ def positive(*shape, lo=0.5, hi=2.0):
 
 def not_small(*shape):
     """Magnitudes in [0.5, 2] with random signs (away from the poles of div, rem, cbrt)."""
-    return lambda rng, dt: jnp.asarray(rng.uniform(0.5, 2.0, shape) * rng.choice([-1, 1], shape), dt)
+    return lambda rng, dt: jnp.asarray(
+        rng.uniform(0.5, 2.0, shape) * rng.choice([-1, 1], shape), dt)
 
 
 def unique(*shape):
@@ -133,7 +134,8 @@ def _elementwise():
                                   lambda rng, dt, v=v: (jnp.asarray(v, dt),)))
     for to in ("float32", "float64"):
         cases.append(GridCase("elementwise", f"convert_element_type_to_{to}",
-                              lambda x, to=to: lax.convert_element_type(x, to), arguments(default(2, 3))))
+                              lambda x, to=to: lax.convert_element_type(x, to),
+                              arguments(default(2, 3))))
     for shape in [(), (2, 3)]:
         def clamp_args(rng, dt, shape=shape):
             x = jnp.asarray(rng.uniform(-2, 2, shape), dt)
@@ -168,7 +170,8 @@ def _structural():
                                       arguments(default(*shape))))
     for shape in [(), (2, 3)]:
         for sizes in [(), (2,), (1, 2)]:
-            cases.append(GridCase("structural", f"broadcast_{_shape_str(shape)}_by_{_shape_str(sizes)}",
+            cases.append(GridCase("structural",
+                                  f"broadcast_{_shape_str(shape)}_by_{_shape_str(sizes)}",
                                   lambda x, sizes=sizes: lax.broadcast(x, sizes),
                                   arguments(default(*shape))))
     for ins, outs, dims in [((2,), (2, 2), (0,)), ((2,), (2, 2), (1,)), ((2,), (2, 3), (0,)),
@@ -195,11 +198,14 @@ def _structural():
     for shape, perm in [((3, 4), (1, 0)), ((3, 4), (0, 1)), ((3, 4, 5), (2, 1, 0)),
                         ((3, 4, 5), (1, 0, 2))]:
         cases.append(GridCase("structural", f"transpose_{_shape_str(shape)}_{perm}",
-                              lambda x, perm=perm: lax.transpose(x, perm), arguments(default(*shape))))
+                              lambda x, perm=perm: lax.transpose(x, perm),
+                              arguments(default(*shape))))
     for arg_shape in [(), (3,), (2, 3)]:
         for pred_shape in ([(), arg_shape] if arg_shape else [()]):
-            pred = fixed(jnp.asarray(np.arange(int(np.prod(pred_shape))).reshape(pred_shape) % 2 == 0))
-            cases.append(GridCase("structural", f"select_{_shape_str(arg_shape)}_pred_{_shape_str(pred_shape)}",
+            mask = np.arange(int(np.prod(pred_shape))).reshape(pred_shape) % 2 == 0
+            pred = fixed(jnp.asarray(mask))
+            cases.append(GridCase("structural",
+                                  f"select_{_shape_str(arg_shape)}_pred_{_shape_str(pred_shape)}",
                                   lambda p, a, b: lax.select(p, a, b),
                                   arguments(pred, default(*arg_shape), default(*arg_shape)),
                                   argnums=(1, 2)))
@@ -230,7 +236,8 @@ def _slicing():
                               arguments(default(*shape))))
         for argnums in [(0, 1), (0,), (1,)]:
             cases.append(GridCase("slicing", f"dynamic_update_slice_{_shape_str(shape)}_{argnums}",
-                                  lambda x, u, s=starts: lax.dynamic_update_slice(x, u, np.array(s)),
+                                  lambda x, u, s=starts: lax.dynamic_update_slice(
+                                      x, u, np.array(s)),
                                   arguments(default(*shape), default(*sizes)), argnums=argnums))
     for shape, index in [((5, 5), -8)]:  # out-of-range negative index (JAX issue 10984)
         cases.append(GridCase("slicing", "dynamic_index_far_negative",
@@ -273,12 +280,15 @@ def _slicing():
         unique_idx = (rng.permutation(min(max_idx, 4) + 1)[:idx_shape[0]] * multiplier
                       ).reshape(idx_shape).astype(np.int32)
         cases.append(GridCase("slicing", f"scatter{k}",
-                              lambda x, y, idx=unique_idx, dnums=dnums: lax.scatter(x, idx, y, dnums),
+                              lambda x, y, idx=unique_idx, dnums=dnums: lax.scatter(
+                                  x, idx, y, dnums),
                               arguments(default(*shape), default(*upd_shape)), argnums=(0, 1)))
-        repeated = np.random.default_rng(200 + k).integers(0, max(shape), idx_shape).astype(np.int32)
+        repeated = np.random.default_rng(200 + k).integers(0, max(shape), idx_shape)
+        repeated = repeated.astype(np.int32)
         for op in (lax.scatter_max, lax.scatter_min):
             cases.append(GridCase("slicing", f"{op.__name__}{k}",
-                                  lambda x, y, idx=repeated, dnums=dnums, op=op: op(x, idx, y, dnums),
+                                  lambda x, y, idx=repeated, dnums=dnums, op=op: op(
+                                      x, idx, y, dnums),
                                   arguments(unique(*shape), unique(*upd_shape)), argnums=(0, 1)))
     cases.append(GridCase("slicing", "scatter_symbolic_zero_update",
                           lambda x: x.at[np.diag_indices(5)].set(jnp.arange(5, dtype=x.dtype)),
@@ -286,7 +296,8 @@ def _slicing():
     for shape in [(0,), (5,), (5, 7), (4, 9, 3)]:
         for stable in (False, True):
             cases.append(GridCase("slicing", f"sort_{_shape_str(shape)}_stable{stable}",
-                                  lambda x, s=stable: lax.sort(x, dimension=x.ndim - 1, is_stable=s),
+                                  lambda x, s=stable: lax.sort(
+                                      x, dimension=x.ndim - 1, is_stable=s),
                                   arguments(unique(*shape))))
     for shape in [(3,), (5, 3), (4, 9, 3)]:
         for stable in (False, True):
@@ -360,8 +371,11 @@ def _reductions():
                         lambda *s: default(*s, scale=1.0))
                     cases.append(GridCase("cumulative", f"{op.__name__}_{_shape_str(shape)}_"
                                           f"axis{axis}_rev{reverse}",
-                                          lambda x, op=op, a=axis, r=reverse: op(x, axis=a, reverse=r),
-                                          arguments(make(*shape))))
+                                          lambda x, op=op, a=axis, r=reverse: op(
+                                              x, axis=a, reverse=r),
+                                          arguments(make(*shape)),
+                                          # JAX's grid has cumsum/cumprod (to order 2) only
+                                          order=2 if op in (lax.cumsum, lax.cumprod) else 1))
     return cases
 
 
@@ -369,7 +383,8 @@ def _reductions():
 def _windows():
     cases = []
     for name, op, init, make in [("add", lax.add, 0.0, lambda *s: default(*s, scale=1.0)),
-                                 ("max", lax.max, -np.inf, unique), ("min", lax.min, np.inf, unique)]:
+                                 ("max", lax.max, -np.inf, unique),
+                                 ("min", lax.min, np.inf, unique)]:
         grid = list(itertools.product(
             [(4, 6)], [(2, 1), (1, 2)], [(1, 1), (2, 1), (1, 2)],
             ["VALID", "SAME", ((0, 3), (1, 2))], [(1, 1), (2, 3)],
@@ -377,7 +392,8 @@ def _windows():
         grid += list(itertools.product(
             [(3, 2, 4, 6)], [(1, 1, 2, 1), (2, 1, 2, 1)], [(1, 2, 2, 1), (1, 1, 1, 1)],
             ["VALID", "SAME", ((0, 1), (1, 0), (2, 3), (0, 2))],
-            [(1, 1, 1, 1), (2, 1, 3, 2)], [(1, 1, 1, 1)] + ([(1, 2, 2, 1)] if op is lax.add else [])))
+            [(1, 1, 1, 1), (2, 1, 3, 2)],
+            [(1, 1, 1, 1)] + ([(1, 2, 2, 1)] if op is lax.add else [])))
         for k, (shape, dims, strides, padding, base, wdil) in enumerate(grid):
             cases.append(GridCase(
                 "windows", f"reduce_window_{name}_{k}_{_shape_str(shape)}",
@@ -427,7 +443,8 @@ def _conv():
                     for dn, perms in [(("NCHW", "OIHW", "NCHW"), ((0, 1, 2, 3), (0, 1, 2, 3))),
                                       (("NHWC", "HWIO", "NHWC"), ((0, 2, 3, 1), (2, 3, 1, 0))),
                                       (("NHWC", "OIHW", "NCHW"), ((0, 2, 3, 1), (0, 1, 2, 3)))]:
-                        dilated.append((tuple(np.take(lhs, perms[0])), tuple(np.take(rhs, perms[1])),
+                        dilated.append((tuple(np.take(lhs, perms[0])),
+                                        tuple(np.take(rhs, perms[1])),
                                         strides, pads, ldil, rdil, dn, fgc, bgc))
     for k, (ls, rs, strides, pads, ldil, rdil, dn, fgc, bgc) in enumerate(_every(dilated, 40, 7)):
         cases.append(GridCase("conv", f"conv_general_dilated_{k}_{_shape_str(ls, rs)}",

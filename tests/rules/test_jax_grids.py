@@ -18,7 +18,7 @@ import bpkit
 from bpkit.check import DEFAULT_TOLERANCES
 from tests.rules.jax_grids import GRIDS, GridCase
 
-DEFAULT_EVERY = 40
+DEFAULT_EVERY, DEFAULT_OFFSET = 80, 10
 
 
 def _random_like(rng, tree):
@@ -75,7 +75,7 @@ def check_grid_case(case: GridCase, dtype: str, order: int) -> float:
 def _params():
     params = []
     for k, case in enumerate(GRIDS):
-        marks = [] if k % DEFAULT_EVERY == 0 else [pytest.mark.slow]
+        marks = [] if k % DEFAULT_EVERY == DEFAULT_OFFSET else [pytest.mark.slow]
         params.append(pytest.param(case, id=str(case), marks=marks))
     return params
 

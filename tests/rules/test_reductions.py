@@ -49,10 +49,10 @@ CASES = [
          dtypes=WITH_COMPLEX),
     Case("reduce_prod_two_axes", lambda x: jnp.prod(x, axis=(0, 2)),
          args(uniform(2, 3, 2, lo=0.5, hi=1.5))),
-    Case("reduce_prod_zero_length_axis", lambda x: jnp.prod(x, axis=1), args(uniform(3, 0))),
-    Case("reduce_prod_over_kept_zero_size", lambda x: jnp.prod(x, axis=1), args(uniform(0, 3))),
+    Case("reduce_prod_zero_length_axis", lambda x: jnp.prod(x, axis=1), args(uniform(3, 0)), dtypes=("float64",)),
+    Case("reduce_prod_over_kept_zero_size", lambda x: jnp.prod(x, axis=1), args(uniform(0, 3)), dtypes=("float64",)),
     Case("reduce_sum_max_zero_size", lambda x: (jnp.sum(x, axis=0), jnp.max(x, axis=1)),
-         args(uniform(0, 3))),
+         args(uniform(0, 3)), dtypes=("float64",)),
     Case("cumsum", lambda x: lax.cumsum(x, axis=1), args(uniform(*S)),
          **LINEAR_COMPLEX),
     Case("cumsum_reverse", lambda x: lax.cumsum(x, axis=0, reverse=True), args(uniform(*S))),
@@ -64,18 +64,17 @@ CASES = [
     Case("cummin_reverse", lambda x: lax.cummin(x, axis=1, reverse=True), args(uniform(3, 5))),
     Case("cumlogsumexp", lambda x: lax.cumlogsumexp(x, axis=0), args(uniform(4, 3))),
     Case("cumulative_zero_size", lambda x: (lax.cumsum(x, 0), lax.cumprod(x, 0), lax.cummax(x, 1)),
-         args(uniform(0, 3))),
+         args(uniform(0, 3)), dtypes=("float64",)),
     # general reduce (lax.reduce with a computation that is not a plain monoid)
     Case("reduce_pair_sum_and_product", lambda x, y: _reduce_pair(x, y, (1,)),
          args(uniform(3, 4, 5), uniform(3, 4, 5, lo=0.5, hi=1.5)), argnums=(0, 1)),
     Case("reduce_pair_odd_sizes_all_axes", lambda x, y: _reduce_pair(x, y, (0, 1, 2)),
-         args(uniform(3, 1, 5), uniform(3, 1, 5, lo=0.5, hi=1.5)), argnums=(0, 1)),
+         args(uniform(3, 1, 5), uniform(3, 1, 5, lo=0.5, hi=1.5)), argnums=(0, 1),
+         dtypes=("float64",)),
     Case("reduce_pair_zero_length", lambda x, y: _reduce_pair(x, y, (1,)),
-         args(uniform(3, 0, 5), uniform(3, 0, 5)), argnums=(0, 1)),
-    Case("reduce_max_with_argmax", lambda x: _max_with_index(x, x * 0 + _iota(x, 1), (1,)),
-         args(uniform(4, 5))),
+         args(uniform(3, 0, 5), uniform(3, 0, 5)), argnums=(0, 1), dtypes=("float64",)),
     Case("reduce_max_with_argmax_ties", lambda x: _max_with_index(x, x * 0 + _iota(x, 1), (1,)),
-         args(const(np.array([[1.0, 3.0, 3.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0]]))), fd=False),
+         args(const(np.array([[1.0, 3.0, 3.0, 0.0, 3.0], [2.0, 2.0, 2.0, 2.0, 2.0]]))), fd=False, dtypes=("float64",)),
 ]
 
 
@@ -90,7 +89,8 @@ def test_reduce_max_with_integer_index_gives_the_float_index_gradient():
     x = jnp.array([[1.0, 3.0, 3.0, 0.0], [2.0, -1.0, 5.0, 5.0]])
     f_int = lambda x: jnp.sum(_max_with_index(x, _iota(x, 1).astype(jnp.int32), (1,))[0] * x[:, 0])
     f_float = lambda x: jnp.sum(_max_with_index(x, x * 0 + _iota(x, 1), (1,))[0] * x[:, 0])
-    np.testing.assert_allclose(bpkit.grad(f_int)(x), jax.grad(f_float)(x), rtol=1e-12)
+    np.testing.assert_allclose(jax.jit(bpkit.grad(f_int))(x), jax.jit(jax.grad(f_float))(x),
+                               rtol=1e-12)
 
 
 def test_reduce_refuses_differentiated_initial_values():
