@@ -264,7 +264,7 @@ def check_run_dirs(run_dirs: list[str]) -> None:
     from bpkit.train.history import is_run_dir
     bad = [d for d in run_dirs if not is_run_dir(d)]
     if bad:
-        raise CompareError(f"{', '.join(bad)}: not a run directory (no config.yaml or "
+        raise CompareError(f"{', '.join(bad)}: not a run directory (no config.yaml and no "
                            "metrics.jsonl); pass directories that bpkit train wrote, such as "
                            "runs/mnist1d_mlp")
 

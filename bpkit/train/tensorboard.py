@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import os
 import sys
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -50,8 +51,10 @@ class TensorBoardLog:
                  "(pip install tensorboardX)")
             self.writer = None
             return
-        self.writer = SummaryWriter(logdir=self.logdir, purge_step=purge_step,
-                                    flush_secs=30)
+        # Event files are named by the second they were opened in: a unique suffix keeps a
+        # writer opened within the same second (a quick resume) from truncating the last one.
+        self.writer = SummaryWriter(logdir=self.logdir, purge_step=purge_step, flush_secs=30,
+                                    filename_suffix=f".{os.getpid()}.{time.time_ns()}")
 
     # ------------------------------------------------------------------------ scalars
     def record(self, rec: dict) -> None:
