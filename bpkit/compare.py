@@ -227,6 +227,8 @@ def plot_compare(run_dirs: list[str], out: str, metrics: list[str] | None = None
             step_axis(ax, last)
             if m in ("loss", "grad_norm", "chamfer"):
                 log_axis(ax, values)
+            elif m == "learning_rate" and _peaks_apart(ax, values, len(run_dirs)):
+                pass  # log scale: rates 20x and more apart would be flat lines at 0
             else:
                 log_axis(ax, [], min_ratio=math.inf)
                 if m == "learning_rate":
@@ -249,6 +251,20 @@ def plot_compare(run_dirs: list[str], out: str, metrics: list[str] | None = None
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def _peaks_apart(ax, values, n_runs: int) -> bool:
+    """A log axis for learning rates whose peaks differ 20x or more (from 1/100 of the
+    smallest peak: warmup starts and decays to 0 run off the bottom)."""
+    lines = [np.asarray(line.get_ydata(), float) for line in ax.get_lines()]
+    peaks = [y.max() for y in lines if y.size and y.max() > 0]
+    if n_runs < 2 or len(peaks) < 2 or max(peaks) / min(peaks) < 20:
+        return False
+    from bpkit.train.plots import log_axis
+    floor = min(peaks) / 100
+    log_axis(ax, [v for v in values if v >= floor] + [floor], min_ratio=1.0)
+    ax.set_ylim(bottom=floor)
+    return True
 
 
 def _mark_stop(ax, run_dir: str, xs, ys, color) -> None:
