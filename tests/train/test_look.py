@@ -305,3 +305,23 @@ def test_tensorboard_histograms_and_resume_purge(tmp_path):
     got = [(e.step, e.value) for e in acc.Scalars("train/loss")]
     assert got == [(s, float(s)) for s in range(1, 11)] + [(s, -float(s)) for s in range(11, 16)]
     assert {"params/dense_0/w", "grads/dense_0/b"} <= set(acc.Tags()["histograms"])
+
+
+# ----------------------------------------------------------------------------- progress
+
+def test_progress_leaves_compilation_out_of_throughput_and_eta():
+    from bpkit.train.progress import Progress, fmt
+    now = [100.0]
+    lines = []
+    p = Progress(total=100, start=0, batch_size=10, mode="log", out=lines.append,
+                 clock=lambda: now[0])
+    p.compiling()
+    now[0] += 16.0                                 # the first step: 16 s of compilation
+    p.compiled(1)
+    assert "compiled in 16.0 s" in lines[-1]
+    now[0] += 9 * 0.5                              # 9 more steps at 0.5 s each
+    rate = p.window(10, {"loss": 0.468, "accuracy": 1.0})
+    assert rate == pytest.approx(9 * 10 / 4.5)
+    assert lines[-1] == "step     10/100  loss 0.4680  accuracy 1.000  20 ex/s  ETA 0:00:45"
+    assert [fmt(x) for x in (0.4563, 1.0, 12345.6, 1e-4, None, 3)] == [
+        "0.4563", "1.000", "1.235e+04", "0.0001000", "n/a", "3"]
