@@ -14,16 +14,19 @@
 Flags and ``key=value`` overrides may come in any order. User mistakes (config keys, types
 and values, model arguments, data files, data that does not fit the model, a mesh that does
 not fit the devices or the batch) exit with status 2 and one sentence per problem, all
-problems at once; a non-finite loss or a parity mismatch exits 1; SIGINT/SIGTERM save a
-checkpoint and exit 130/143. The config is read and checked before JAX is imported, so
+problems at once; so do run-directory and file-system problems (a config that would change an
+existing run's trajectory, a run directory locked by another process, an unwritable or full
+disk). A non-finite loss or gradient, too many skipped steps, or a parity mismatch exits 1.
+SIGINT/SIGTERM/SIGHUP save a checkpoint once training has started and exit 130/143/129
+(before that, nothing is written). The config is read and checked before JAX is imported, so
 config mistakes are reported at once.
 """
 from __future__ import annotations
 
 import argparse
 import difflib
-import json
 import os
+import signal
 import sys
 import textwrap
 
@@ -42,8 +45,6 @@ def cmd_train(args) -> int:
     from bpkit.train import loop
     try:
         loop.train(cfg)
-    except loop.Interrupted as e:
-        return 128 + e.signum
     except (loop.NonFiniteLoss, loop.ParityError) as e:
         print(f"bpkit: {e}", file=sys.stderr)
         return 1
@@ -52,7 +53,7 @@ def cmd_train(args) -> int:
 
 def _run_config(run_dir: str):
     from bpkit.config import ConfigError
-    path = os.path.join(run_dir, "config.yaml")
+    path = os.path.join(os.path.abspath(run_dir), "config.yaml")
     if not os.path.isfile(path):
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     return _load(path, [])
@@ -60,7 +61,7 @@ def _run_config(run_dir: str):
 
 def cmd_eval(args) -> int:
     for run_dir in args.run_dirs:  # one JSON line per run, each with its directory
-        _eval_one(run_dir)
+        _eval_one(os.path.abspath(run_dir))  # read only: no lock (a run may be training)
     return 0
 
 
@@ -87,7 +88,8 @@ def _eval_one(run_dir: str) -> None:
               "eval_accuracy": res.get("accuracy") if task.kind == "classifier" else None}
     if task.kind == "gan":  # held-out d_loss + g_loss, and how close the samples are
         result["eval_chamfer"] = res.get("chamfer")
-    print(json.dumps(result), flush=True)
+    from bpkit.train.writers import dumps
+    print(dumps(result), flush=True)  # strict JSON: a NaN is null, named under "nonfinite"
 
 
 def cmd_parity(args) -> int:
@@ -314,15 +316,67 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from bpkit.train import stopping
+    old_handlers = stopping.install()  # first: a stop signal is never lost from here on
+    stopping.reset()
+    try:
+        return _main(argv)
+    except stopping.Interrupted as e:
+        if e.saved_step is None:
+            _stderr(f"bpkit: {e.name} received; stopped before training started, nothing new "
+                    "was saved" if _is_train(argv) else f"bpkit: {e.name} received; stopped")
+            if argv is None:  # the command itself (not a test calling main): see _hard_exit
+                _hard_exit(128 + e.signum)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        _stderr("bpkit: interrupted")
+        return 130
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:  # `bpkit ... | head`: the reader is gone
+            from bpkit.train.writers import silence_stdout
+            silence_stdout()
+
+
+def _hard_exit(status: int) -> None:
+    """Exit now, without the interpreter's finalization: a signal that interrupted JAX in the
+    middle of tracing or compiling can leave native state that crashes at teardown (exit 139
+    instead of 128 + signal). Nothing is pending: no checkpoint was being written, and the
+    kernel releases the run directory's lock."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
+def _is_train(argv) -> bool:
+    argv = sys.argv[1:] if argv is None else argv
+    return bool(argv) and argv[0] == "train"
+
+
+def _stderr(msg: str) -> None:
+    try:
+        print(msg, file=sys.stderr, flush=True)
+    except (BrokenPipeError, ValueError):
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASS_THROUGH:
         return PASS_THROUGH[argv[0]](argv[1:])
     args = _parse(argv)
     try:
         return args.fn(args)
-    except KeyboardInterrupt:
-        print("bpkit: interrupted", file=sys.stderr)
-        return 130
+    except BrokenPipeError:  # `bpkit ... | head`: the reader is gone
+        from bpkit.train.writers import silence_stdout
+        silence_stdout()
+        return 0
     except Exception as e:
         if isinstance(e, _user_error_types()):
             return _user_error(e)

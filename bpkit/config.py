@@ -53,7 +53,9 @@ class RunConfig:
     keep_checkpoints: int = 3             # newest checkpoints kept (0: keep all)
     engine: Literal["bpkit", "jax"] = "bpkit"  # bpkit (hand-written backward) or jax (jax.grad)
     check_parity: bool = True             # compare bpkit with jax.grad on the first batch
-    on_nonfinite: Literal["stop", "skip"] = "stop"  # on a NaN/Inf loss: stop, or skip the update
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # NaN/Inf loss or gradient norm: stop, or skip
+    max_skipped: int = 10                 # skip: stop (exit 1) after this many skips in a row
+    resume: Literal["auto", "never", "must"] = "auto"  # existing run dir (docs/training.md)
     progress: Literal["auto", "bar", "log"] = "auto"  # auto: a bar on a terminal, else log lines
     sample_length: int = 200              # characters printed at the end of a language-model run
     eval_batches: int = 0                 # evaluation batches per evaluation (0: the whole split)
@@ -391,7 +393,8 @@ def _yaml_error(path: str, e: yaml.YAMLError) -> ConfigError:
 
 
 def load_config(path: str, overrides: list[str] = ()) -> Config:
-    """Read ``path`` (YAML) and apply ``overrides``; raises ``ConfigError`` on any mistake."""
+    """Read ``path`` (YAML) and apply ``overrides``; raises ``ConfigError`` on any mistake.
+    Every path in it is made absolute against the current directory (``bpkit.paths``)."""
     text = _read_text(path)
     try:
         raw = yaml.load(text, Loader=StrictLoader)
@@ -403,7 +406,8 @@ def load_config(path: str, overrides: list[str] = ()) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must be a mapping with sections "
                           + ", ".join(_SECTION_CLASSES) + f", not a {type(raw).__name__}")
-    return config_from_dict(raw, list(overrides))
+    from bpkit.paths import resolve_paths
+    return resolve_paths(config_from_dict(raw, list(overrides)))
 
 
 def validate_problems(cfg: Config) -> list[str]:

@@ -116,6 +116,8 @@ DOMAINS: dict[str, Domain] = {
     "run.keep_checkpoints": _count(0, example=3, why="0 keeps all."),
     "run.sample_length": _count(0, 100_000, example=200),
     "run.eval_batches": _count(0, example=0, why="0 evaluates the whole test split."),
+    "run.max_skipped": _count(1, example=10,
+                              why="on_nonfinite=skip stops after this many skips in a row."),
     "data.batch_size": _count(1, example=128),
     "data.eval_batch_size": _count(1, example=500),
     "data.num_train": _count(1, MAX_GENERATED_EXAMPLES, example=4000),

@@ -21,7 +21,7 @@ def test_train_eval_plot_end_to_end(tmp_path, capsys):
                  "done: 30 steps"):
         assert word in out, out
     assert sorted(os.listdir(run)) == ["checkpoints", "config.yaml", "metrics.jsonl", "plots",
-                                       "summary.json"]
+                                       "summary.json", "train.lock"]
     s = summary(run)
     for key in ("steps", "train_loss", "eval_loss", "eval_accuracy", "wall_seconds",
                 "examples_per_second", "engine", "devices"):
