@@ -267,14 +267,29 @@ def _events(logdir):
     return acc
 
 
-def test_tensorboard_events_read_back_with_tensorboard(swept):
+def test_tensorboard_logdir_shows_every_run_of_the_sweep(swept):
+    """``tensorboard --logdir <sweep>`` finds both runs' events, as its multiplexer does."""
+    em = pytest.importorskip("tensorboard.backend.event_processing.plugin_event_multiplexer")
+    mux = em.EventMultiplexer().AddRunsFromDirectory(swept[0])
+    mux.Reload()
+    assert sorted(mux.Runs()) == ["optimizer.name=adam/tb", "optimizer.name=sgd/tb"]
+    for run in mux.Runs():
+        acc = mux.GetAccumulator(run)
+        assert [e.step for e in acc.Tensors("train/learning_rate")] == list(range(1, 31))
+
+
+@pytest.mark.parametrize("exported", [False, True], ids=["written by the run", "export_run"])
+def test_tensorboard_events_read_back_with_tensorboard(swept, exported):
     """Every logged metric, the schedule's learning rate at every step, the backward signals,
-    the config and the plots, as TensorBoard's own event reader sees them."""
+    the config and the plots, as TensorBoard's own event reader sees them: written during the
+    run, or rebuilt from the run directory by ``export_run``."""
     from bpkit.train.tensorboard import export_run
     run = swept[1][1]
     train, ev = read_metrics(run)
-    acc = _events(export_run(run))
+    acc = _events(export_run(run) if exported else os.path.join(run, "tb"))
     tags = acc.Tags()
+    if not exported:  # histograms need the parameters: only the run itself writes them
+        assert {"params/head/w", "grads/dense_0/w"} <= set(tags["histograms"])
     loss = acc.Scalars("train/loss")
     assert [e.step for e in loss] == [r["step"] for r in train]
     assert [e.value for e in loss] == pytest.approx([r["loss"] for r in train], rel=1e-6)
