@@ -85,7 +85,8 @@ def _eval_one(run_dir: str) -> None:
     res = evaluate(eval_step, jax.device_put(loop.eval_inputs(task, restored)),
                    eval_batches(ds, cfg.data.eval_batch_size, cfg.run.eval_batches or None))
     result = {"run_dir": run_dir, "step": step, "eval_loss": res.get("loss"),
-              "eval_accuracy": res.get("accuracy") if task.kind == "classifier" else None}
+              "eval_accuracy": res.get("accuracy") if task.kind in ("classifier", "lm")
+              else None}  # a language model's: next-token accuracy
     if task.kind == "gan":  # held-out d_loss + g_loss, and how close the samples are
         result["eval_chamfer"] = res.get("chamfer")
     from bpkit.train.writers import dumps
