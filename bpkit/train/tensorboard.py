@@ -10,6 +10,7 @@ What goes in (tags):
     train/examples_per_second                          throughput of the logging window
     eval/loss, eval/accuracy, eval/chamfer, ...        each evaluation
     signals/dL_doutput/<layer>, signals/dL_dparams/<layer>   backward signals per layer
+    signals/<key>/<layer>                              any other per-layer number logged there
     params/<path>, grads/<path>                        histograms, at the diagnostics cadence
     config                                             the resolved config.yaml, as text
     plots/<name>                                       the run's plots/*.png at the end
@@ -69,9 +70,10 @@ class TensorBoardLog:
             name = key[5:] if split == "eval" and key.startswith("eval_") else key
             self.writer.add_scalar(f"{split}/{name}", float(value), step)
         for layer, norms in (rec.get("backward_signals") or {}).items():
-            for key, value in norms.items():
-                if key in _SIGNAL_TAGS and _is_number(value):
-                    self.writer.add_scalar(f"{_SIGNAL_TAGS[key]}/{layer}", float(value), step)
+            for key, value in norms.items():  # other per-layer numbers under their own key
+                if _is_number(value):
+                    tag = _SIGNAL_TAGS.get(key, f"signals/{key}")
+                    self.writer.add_scalar(f"{tag}/{layer}", float(value), step)
 
     def _learning_rates(self, step: int) -> set[str]:
         """Write the schedule's rates for the steps not yet written, up to ``step``; the keys
