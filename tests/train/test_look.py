@@ -340,3 +340,22 @@ def test_progress_leaves_compilation_out_of_throughput_and_eta():
     assert lines[-1] == "step     10/100  loss 0.4680  accuracy 1.000  20 ex/s  ETA 0:00:45"
     assert [fmt(x) for x in (0.4563, 1.0, 12345.6, 1e-4, None, 3)] == [
         "0.4563", "1.000", "1.235e+04", "0.0001000", "n/a", "3"]
+
+
+def test_language_model_accuracy_and_sample_reach_summary_and_report(swept, tmp_path):
+    """A language model's held-out next-token accuracy goes to summary.json (it was null), its
+    text sample to sample.txt and the report."""
+    import shutil
+    from types import SimpleNamespace
+
+    from bpkit.report import record_sample, render
+    from bpkit.train.views import summary_extras
+    assert summary_extras(SimpleNamespace(kind="lm"), {"accuracy": 0.5}) == {
+        "eval_accuracy": 0.5}
+    assert summary_extras(SimpleNamespace(kind="gan"), {"chamfer": 0.1}) == {
+        "eval_accuracy": None, "eval_chamfer": 0.1}
+    run = shutil.copytree(swept[1][0], tmp_path / "run", ignore=shutil.ignore_patterns(
+        "checkpoints", "tb"))
+    record_sample(str(run), "def f(x):\n    return <x>\n")
+    page = render(str(run))
+    assert "def f(x):\n    return &lt;x&gt;" in page
