@@ -359,3 +359,18 @@ def test_language_model_accuracy_and_sample_reach_summary_and_report(swept, tmp_
     record_sample(str(run), "def f(x):\n    return <x>\n")
     page = render(str(run))
     assert "def f(x):\n    return &lt;x&gt;" in page
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["sweep", MLP, "run.steps=10"], "no key has several values"),
+    (["sweep", MLP, "optimizer.name=sgd,nadam"], "optimizer.name"),
+    (["train", MLP, "model.name=nowhere.py:small_mlp"], "no file 'nowhere.py'"),
+    (["report", "."], "not a run directory"),
+])
+def test_new_commands_refuse_user_mistakes_with_status_2(argv, words, capsys, tmp_path,
+                                                         monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+    assert os.listdir(tmp_path) == []  # nothing written
