@@ -1,9 +1,12 @@
 """The ``bpkit`` command.
 
     bpkit train CONFIG [key=value ...]        train (or resume) into runs/<name>
-    bpkit eval RUN_DIR                        evaluate a run's latest checkpoint
+    bpkit eval RUN_DIR...                     evaluate each run's latest checkpoint
     bpkit parity CONFIG [key=value ...]       bpkit vs jax.grad vs float64 finite differences
-    bpkit plot RUN_DIR                        plots/*.png from metrics.jsonl
+    bpkit plot RUN_DIR...                     plots/*.png from metrics.jsonl
+    bpkit compare RUN_DIR... [--out FILE]     overlay runs' curves; table of their summaries
+    bpkit sweep CONFIG key=v1,v2 [...]        train a grid of configs, then compare them
+    bpkit report RUN_DIR...                   <run>/report.html, one self-contained page
     bpkit config show CONFIG [key=value ...]  the resolved config, every key commented
     bpkit rules [...]                         the rule coverage table
     bpkit launch --processes N CONFIG [k=v]   N jax.distributed processes on this machine
@@ -58,7 +61,12 @@ def _run_config(run_dir: str):
 
 
 def cmd_eval(args) -> int:
-    run_dir = os.path.abspath(args.run_dir)  # read only: no lock (a run may be training)
+    for run_dir in args.run_dirs:  # one JSON line per run, each with its directory
+        _eval_one(os.path.abspath(run_dir))  # read only: no lock (a run may be training)
+    return 0
+
+
+def _eval_one(run_dir: str) -> None:
     cfg = _run_config(run_dir)
     import jax
 
@@ -73,17 +81,17 @@ def cmd_eval(args) -> int:
     step, restored = ckpt.restore_latest(os.path.join(run_dir, "checkpoints"), state,
                                          warn=lambda m: print(m, file=sys.stderr))
     if restored is None:
-        raise ConfigError(f"no usable checkpoint in {args.run_dir}/checkpoints")
+        raise ConfigError(f"no usable checkpoint in {run_dir}/checkpoints")
     _, eval_step = loop.make_steps(cfg, task, tx, schedule)
     res = evaluate(eval_step, jax.device_put(loop.eval_inputs(task, restored)),
                    eval_batches(ds, cfg.data.eval_batch_size, cfg.run.eval_batches or None))
-    result = {"step": step, "eval_loss": res.get("loss"),
-              "eval_accuracy": res.get("accuracy") if task.kind == "classifier" else None}
+    result = {"run_dir": run_dir, "step": step, "eval_loss": res.get("loss"),
+              "eval_accuracy": res.get("accuracy") if task.kind in ("classifier", "lm")
+              else None}  # a language model's: next-token accuracy
     if task.kind == "gan":  # held-out d_loss + g_loss, and how close the samples are
         result["eval_chamfer"] = res.get("chamfer")
     from bpkit.train.writers import dumps
-    print(dumps(result))  # strict JSON: a NaN is null, named under "nonfinite"
-    return 0
+    print(dumps(result), flush=True)  # strict JSON: a NaN is null, named under "nonfinite"
 
 
 def cmd_parity(args) -> int:
@@ -115,14 +123,35 @@ def cmd_config(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from bpkit.config import ConfigError
+    from bpkit.compare import check_run_dirs
     from bpkit.train.plots import plot_run
-    try:
-        paths = plot_run(args.run_dir)
-    except FileNotFoundError as e:
-        raise ConfigError(str(e)) from None
-    for p in paths:
-        print(p)
+    check_run_dirs(args.run_dirs)
+    for run_dir in args.run_dirs:
+        for p in plot_run(run_dir):
+            print(p)
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from bpkit.compare import compare
+    metrics = [m for group in args.metric or [] for m in group.split(",") if m]
+    figure, table = compare(args.run_dirs, out=args.out, metrics=metrics or None)
+    print(table)
+    print(f"\nfigure: {figure}\ntable:  {os.path.splitext(figure)[0]}.md")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from bpkit.sweep import sweep_command
+    return sweep_command(args)
+
+
+def cmd_report(args) -> int:
+    from bpkit.compare import check_run_dirs
+    from bpkit.report import write_report
+    check_run_dirs(args.run_dirs)
+    for run_dir in args.run_dirs:
+        print(write_report(run_dir))
     return 0
 
 
@@ -198,8 +227,8 @@ def _parser() -> argparse.ArgumentParser:
                        formatter_class=_Formatter,
                        description="Evaluate the latest checkpoint of RUN_DIR on the test split "
                                    "of its config; prints one JSON line.")
-    e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, such as "
-                                                      "runs/mnist1d_mlp")
+    e.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="run directories, such as runs/mnist1d_mlp")
     e.set_defaults(fn=cmd_eval)
     q = sub.add_parser("parity", help="bpkit vs jax.grad vs finite differences on one batch",
                        formatter_class=_Formatter, epilog=_EPILOG,
@@ -210,11 +239,12 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--no-fd", action="store_true",
                    help="skip the finite differences (compare with jax.grad only)")
     q.set_defaults(fn=cmd_parity)
-    g = sub.add_parser("plot", help="write plots/*.png for a run directory",
+    g = sub.add_parser("plot", help="write plots/*.png for run directories",
                        formatter_class=_Formatter)
-    g.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, such as "
-                                                      "runs/mnist1d_mlp")
+    g.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="run directories, such as runs/mnist1d_mlp")
     g.set_defaults(fn=cmd_plot)
+    _compare_parsers(sub)
     c = sub.add_parser("config", help="show a config resolved, every key commented",
                        formatter_class=_Formatter,
                        description="bpkit config show CONFIG [key=value ...]: print the "
@@ -230,6 +260,44 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("launch", help="train with N jax.distributed processes on this machine",
                    add_help=False)
     return p
+
+
+def _compare_parsers(sub) -> None:
+    """``compare``, ``sweep`` and ``report`` (bpkit/compare.py, sweep.py, report.py)."""
+    from bpkit.compare import METRICS
+    m = sub.add_parser(
+        "compare", help="overlay several runs' curves and tabulate their summaries",
+        formatter_class=_Formatter,
+        description="Overlay the curves of RUN_DIRs on shared axes, each run named by run.name "
+                    "and the config keys that differ between the runs, and print a table of "
+                    "their summaries with those keys as columns (also written to FILE.md).")
+    m.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    m.add_argument("--metric", action="append", metavar="M",
+                   help=f"panels to draw, repeated or comma-separated (default all logged: "
+                        f"{', '.join(METRICS)})")
+    m.add_argument("--out", default="compare.png", metavar="FILE",
+                   help="the figure (default compare.png); the table goes to FILE.md")
+    m.set_defaults(fn=cmd_compare)
+    w = sub.add_parser(
+        "sweep", help="train a grid of configs, then compare them",
+        formatter_class=_Formatter, epilog=_EPILOG,
+        description="Train CONFIG once per combination of the swept values "
+                    "(key=v1,v2,... ; several keys make a grid), one after another, each in "
+                    "its own run directory under the sweep directory, then write compare.png "
+                    "and compare.md there. Plain key=value overrides apply to every run. Run "
+                    "the same command again to resume: finished runs are kept, interrupted "
+                    "ones resume from their checkpoints.")
+    _config_args(w)
+    w.add_argument("--out", metavar="DIR", default=None,
+                   help="the sweep directory (default runs/sweep_<config name>)")
+    w.set_defaults(fn=cmd_sweep)
+    r = sub.add_parser("report", help="write a self-contained report.html for run directories",
+                       formatter_class=_Formatter,
+                       description="Write RUN_DIR/report.html: config, summary, every plot, "
+                                   "backward signals, samples, parity and environment in one "
+                                   "file that opens without a network.")
+    r.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories")
+    r.set_defaults(fn=cmd_report)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -268,8 +269,30 @@ def _close(name: str, options) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def user_model_problems(name: str) -> list[str]:
+    """Problems of a ``file.py:factory`` / ``module:factory`` model name, from the text alone
+    (nothing is imported: config mistakes are reported before JAX loads; the factory's
+    arguments are checked against its signature when it is imported)."""
+    where, _, attr = str(name).rpartition(":")
+    fix = ("write model.name as path/to/file.py:factory or package.module:factory, such as "
+           "my_models.py:small_mlp")
+    if not where or not attr.isidentifier():
+        return [f"model.name: {name!r} is not a factory reference; {fix}."]
+    if where.endswith(".py"):
+        if not os.path.isfile(where):
+            return [f"model.name: no file {where!r} (from {os.getcwd()}); give the path of the "
+                    "Python file that defines the factory, relative to the current directory "
+                    "or absolute."]
+    elif not all(part.isidentifier() for part in where.split(".")):
+        return [f"model.name: {where!r} is neither a .py file nor a module name; {fix}."]
+    return []
+
+
 def model_problems(name: str, args: dict) -> list[str]:
-    """``model.name`` and ``model.args`` against the factory's schema."""
+    """``model.name`` and ``model.args`` against the factory's schema (a user's factory,
+    ``file.py:factory``: see ``user_model_problems``)."""
+    if ":" in str(name):
+        return user_model_problems(name)
     factory = ALIASES.get(name, name)
     if factory not in MODEL_ARGS:
         return [f"model.name: unknown model {name!r}{_close(str(name), MODEL_NAMES)}; use one "
@@ -606,6 +629,6 @@ def check_task(cfg, ds, task) -> None:
 
 
 __all__ = ["report", "Domain", "DOMAINS", "Arg", "MODEL_ARGS", "MODEL_NAMES", "ALIASES",
-           "ACTIVATIONS", "model_problems", "config_problems", "npz_problems",
+           "ACTIVATIONS", "model_problems", "user_model_problems", "config_problems", "npz_problems",
            "label_problems", "text_problems", "task_problems", "check_task", "param_counts",
            "describe_params"]

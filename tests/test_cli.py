@@ -20,8 +20,9 @@ def test_train_eval_plot_end_to_end(tmp_path, capsys):
                  "devices", "parity  first batch: max |bpkit - jax.grad|", "OK", "step     30/30",
                  "done: 30 steps"):
         assert word in out, out
-    assert sorted(os.listdir(run)) == ["checkpoints", "config.yaml", "metrics.jsonl", "plots",
-                                       "summary.json", "train.lock"]
+    assert sorted(os.listdir(run)) == ["checkpoints", "config.yaml", "environment.json",
+                                       "metrics.jsonl", "parity.json", "plots", "report.html",
+                                       "summary.json", "tb", "train.lock"]
     s = summary(run)
     for key in ("steps", "train_loss", "eval_loss", "eval_accuracy", "wall_seconds",
                 "examples_per_second", "engine", "devices"):

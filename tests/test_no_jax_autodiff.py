@@ -328,3 +328,31 @@ def test_calling_convention_without_jax_autodiff(no_jax_autodiff):
         STATIC_ARGS[0], 3, *STATIC_ARGS[2:])
     for got in (eager, jitted):
         np.testing.assert_allclose(got, STATIC_REFERENCE, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("factory, lib", [("linen_mlp", "flax"), ("nnx_mlp", "flax"),
+                                          ("equinox_mlp", "equinox"), ("haiku_mlp", "haiku")])
+def test_library_models_without_jax_autodiff(factory, lib, monkeypatch):
+    """A Flax, Equinox or Haiku model trained from a config (bpkit.models.adapters) is
+    differentiated by bpkit's rules alone, with jax.grad's gradient."""
+    pytest.importorskip(lib, reason=f"{lib} is not installed")
+    from bpkit.models.adapters import as_model
+    from tests.models import user_models
+    kwargs = {"num_classes": 3, "hidden": 5}
+    if factory in ("nnx_mlp", "equinox_mlp"):
+        kwargs["in_features"] = 4
+    with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
+        x = jnp.asarray(np.linspace(-1, 1, 8 * 4).reshape(8, 4), jnp.float32)
+        model = as_model(getattr(user_models, factory)(**kwargs), x)
+        params = model.init(jax.random.PRNGKey(0))
+        state = model.init_state() if model.stateful else None
+
+        def loss(p):
+            out = model.apply(p, x, state=state)[0] if model.stateful else model.apply(p, x)
+            return jnp.sum(jnp.tanh(out) ** 2)
+
+        want = jax.grad(loss)(params)
+        forbid_jax_autodiff(monkeypatch)
+        got = bpkit.grad(loss)(params)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)

@@ -31,12 +31,14 @@ from bpkit.paths import resolve_paths
 from bpkit.train import checkpoint as ckpt
 from bpkit.train import resume, stopping
 from bpkit.train.optim import build_optimizer
+from bpkit.train.progress import fmt
 from bpkit.train.rundir import RunDir
 from bpkit.train.signals import make_signals_fn, signals_to_host, warnings_for
 from bpkit.train.state import TrainState
 from bpkit.train.step import evaluate, make_eval_step, make_gan_step, make_train_step
 from bpkit.train.stopping import Interrupted
 from bpkit.train.tasks import Task, build_task
+from bpkit.train.views import PARITY_EXAMPLES, RunViews, summary_extras
 from bpkit.train.window import MetricsWindow, NonFiniteLoss, TooManySkipped  # noqa: F401
 from bpkit.train.writers import Console, last_logged
 
@@ -195,7 +197,8 @@ def make_signals(cfg: Config, task: Task) -> Callable:
         return task.loss_fn(params, batch, key, model_state)
 
     return make_signals_fn(bundled_loss if task.stateful else task.loss_fn,
-                           engine=cfg.run.engine, has_aux=True, compute_dtype=compute)
+                           engine=cfg.run.engine, has_aux=True, compute_dtype=compute,
+                           with_grads=True)  # the gradient: TensorBoard histograms
 
 
 def signal_batch(task: Task, batch, state: TrainState):
@@ -239,24 +242,6 @@ def check_step_parity(task: Task, params, batch, key, *, model_state=None, fd: b
 
 
 # ----------------------------------------------------------------------------- the loop
-
-def _progress(cfg: Config, start: int):
-    mode = cfg.run.progress
-    if mode == "auto":
-        mode = "bar" if sys.stderr.isatty() else "log"
-    if mode == "bar":
-        from tqdm import tqdm
-        return tqdm(total=cfg.run.steps, initial=start, dynamic_ncols=True, unit="step")
-    return None
-
-
-def _fmt(m: dict) -> str:
-    parts = []
-    for k in ("loss", "accuracy", "d_loss", "g_loss", "grad_norm", "learning_rate"):
-        if k in m:
-            parts.append(f"{k} {m[k]:.4g}")
-    return "  ".join(parts)
-
 
 def train(cfg: Config, *, out: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train ``cfg`` into ``cfg.run.out_dir`` (resuming from its checkpoints per
@@ -312,11 +297,14 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
         con.out(f"  resumed from checkpoint at step {start}" + (
             f" (changed: {resume.describe_changes(run.changes)})" if run.changes else ""))
 
+    views = RunViews(cfg, run, con, start)  # progress, TensorBoard, report (train/views.py)
     first = train_batch(ds, start, cfg.data.batch_size, cfg.run.seed)
     if cfg.run.check_parity and start < cfg.run.steps:
         report = check_step_parity(task, state.params, first,
                                    jax.random.fold_in(state.key, start),
-                                   model_state=state.model_state, fd=False, max_examples=16)
+                                   model_state=state.model_state, fd=False,
+                                   max_examples=PARITY_EXAMPLES)
+        views.parity(report)
         if report.ok:
             con.out(f"  parity  first batch: max |bpkit - jax.grad| = {report.max_jax_abs:.2e} "
                     f"over {len(report.leaves)} parameter arrays: OK")
@@ -335,29 +323,24 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
             host = jax.tree_util.tree_map(lambda x: x[rows], host)
         return sharding.global_batch(host, mesh, cfg.data.batch_size)
 
-    con.bar = _progress(cfg, start) if run.main else None
     window = MetricsWindow(cfg.run.on_nonfinite, cfg.run.max_skipped, run.newest_checkpoint,
                            con.warn)
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     pending_signals: list[tuple[int, Any]] = []
     warned: set[tuple[str, str]] = set()
-    t_loop, step_at_t = time.time(), start
-    bs = cfg.data.batch_size
 
     def flush(step: int) -> None:
         """Read the pending device metrics (applying the non-finite policy); log the window."""
-        nonlocal last_train, t_loop, step_at_t
+        nonlocal last_train
         window_rec = window.take(step)
         if window_rec is None:
             return
         del window_rec["step"]
-        now = time.time()
-        rate = (step - step_at_t) * bs / max(now - t_loop, 1e-9)
-        t_loop, step_at_t = now, step
         last_train = window_rec
+        rate = views.window(step, window_rec)  # the log line; compilation left out
         rec = {"step": step, "split": "train", **window_rec, "examples_per_second": rate,
-               "wall_seconds": now - t_start}
+               "wall_seconds": time.time() - t_start}
         if pending_signals:
             s_step, s_dev = pending_signals.pop()
             pending_signals.clear()
@@ -365,10 +348,6 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
             rec["backward_signals"] = host_signals
             report_signals(s_step, host_signals)
         run.metrics.write(rec)
-        if con.bar is not None:
-            con.bar.set_postfix_str(f"loss {window_rec['loss']:.4f}  {rate:,.0f} ex/s")
-        else:
-            con.out(f"step {step:>6}/{cfg.run.steps}  {_fmt(window_rec)}  {rate:,.0f} ex/s")
 
     def report_signals(step: int, host_signals: dict) -> None:
         """One warning line per kind (vanishes/explodes/not finite) naming the layers that are
@@ -400,8 +379,8 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
         last_eval = res
         run.metrics.write({"step": step, "split": "eval",
                            **{f"eval_{k}": v for k, v in res.items()}})
-        con.out(f"eval  {step:>6}/{cfg.run.steps}  loss {res.get('loss', float('nan')):.4f}"
-                + "".join(f"  {k} {res[k]:.4f}" for k in ("accuracy", "chamfer") if k in res))
+        con.out(f"eval  {step:>6}/{cfg.run.steps}  loss {fmt(res.get('loss'))}"
+                + "".join(f"  {k} {fmt(res[k])}" for k in ("accuracy", "chamfer") if k in res))
 
     def save(step: int) -> None:
         if step == start and start:
@@ -418,16 +397,18 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
                 stopping.raise_if_received(step, cfg.run.log_every)  # all processes agree
                 if signals_fn is not None and (step == 0 or (step + 1) % every == 0):
                     # Before the step: it donates the state. Same params, batch and key.
-                    pending_signals.append((step + 1, signals_fn(
-                        state.params, signal_batch(task, batch, state), state.step_key())))
+                    signals, grads = signals_fn(state.params, signal_batch(task, batch, state),
+                                                state.step_key())
+                    pending_signals.append((step + 1, signals))
+                    views.histograms(step + 1, state.params, grads)
+                views.stepping(steps_run)
                 state, metrics = step_fn(state, batch)
                 step += 1
                 steps_run += 1
+                views.stepped(step, steps_run)
                 window.add(step, metrics)
                 if step < cfg.run.steps:
                     batch = load(step)  # overlaps the device work
-                if con.bar is not None:
-                    con.bar.update(1)
                 done = step == cfg.run.steps
                 if step % cfg.run.log_every == 0 or done or pending_signals:
                     flush(step)
@@ -447,6 +428,7 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
             last = window.record()  # the window up to the step that stopped the run
             if last is not None:
                 run.metrics.write({"step": last.pop("step"), "split": "train", **last})
+            views.close()
             raise
         except Interrupted as e:
             if e.saved_step is None:
@@ -454,26 +436,30 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
                 save(step)
             con.out(f"\n{e.name} received: checkpoint saved at step {step} in {run.ckpt_dir}; "
                     "run the same command again to resume")
+            views.close()
             raise Interrupted(e.signum, saved_step=step) from None
         summary = _finish(cfg, run, con, task, state, ds, start, step, steps_run, t_start,
-                          last_train, last_eval, window.skipped_total, len(devices))
+                          last_train, last_eval, window.skipped_total, len(devices), views)
         if stopping.received():  # arrived after the last step: the run is saved and complete
             raise Interrupted(stopping.received(), saved_step=step)
     return summary
 
 
 def _finish(cfg, run, con, task, state, ds, start, step, steps_run, t_start, last_train,
-            last_eval, skipped, n_devices) -> dict[str, Any]:
-    """summary.json, the closing line, plots and (language models) a sample."""
+            last_eval, skipped, n_devices, views) -> dict[str, Any]:
+    """summary.json, the closing line, then plots, the language model's sample, TensorBoard
+    images and report.html (``views.finish``)."""
     wall = time.time() - t_start
     if not last_train:  # already complete: read the last logged values
         last_train, last_eval = last_logged(run.metrics_path)
+    p = views.progress  # throughput after the first step: compilation left out
+    timed = p.t0 is not None and step > p.step0
     summary = {
         "name": cfg.run.name, "steps": step, "train_loss": last_train.get("loss"),
-        "eval_loss": last_eval.get("loss"), "eval_accuracy":
-            last_eval.get("accuracy") if task.kind == "classifier" else None,
-        "wall_seconds": wall,
-        "examples_per_second": steps_run * cfg.data.batch_size / wall if steps_run else None,
+        "eval_loss": last_eval.get("loss"), **summary_extras(task, last_eval),
+        "wall_seconds": wall, "compile_seconds": p.compile_seconds,
+        "examples_per_second": (step - p.step0) * cfg.data.batch_size / max(
+            time.time() - p.t0, 1e-9) if timed else None,
         "engine": cfg.run.engine, "devices": n_devices,
         "mesh": {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp},
         "processes": jax.process_count(), "parameters": _param_count(state.params),
@@ -483,22 +469,14 @@ def _finish(cfg, run, con, task, state, ds, start, step, steps_run, t_start, las
     if not run.main:
         return summary
     run.write_summary(summary)
-    con.out(f"done: {step} steps in {wall:.1f}s; train loss {_num(summary['train_loss'])}, "
-            f"eval loss {_num(summary['eval_loss'])}"
-            + (f", eval accuracy {summary['eval_accuracy']:.4f}"
+    con.out(f"done: {step} steps in {wall:.1f}s; train loss {fmt(summary['train_loss'])}, "
+            f"eval loss {fmt(summary['eval_loss'])}"
+            + (f", eval accuracy {fmt(summary['eval_accuracy'])}"
                if summary["eval_accuracy"] is not None else ""))
-    try:
-        from bpkit.train.plots import plot_run
-        plot_run(run.path)
-    except Exception as e:  # plots are a convenience: never fail a finished run on them
-        con.warn(f"warning: plots not written ({type(e).__name__}: {e})")
-    if task.kind == "lm" and cfg.run.sample_length:
-        con.out("sample:\n" + sample_text(task, state.params, ds, cfg))
+    sample = views.finish(task, state, ds, step)
+    if sample is not None:
+        con.out("sample:\n" + sample)
     return summary
-
-
-def _num(x) -> str:
-    return "n/a" if x is None or x != x else f"{x:.4f}"
 
 
 def sample_text(task: Task, params, ds, cfg: Config) -> str:

@@ -1,10 +1,22 @@
-"""``plot_run(run_dir)``: ``plots/*.png`` from ``metrics.jsonl`` (loss, accuracy, learning rate,
-gradient norm, and ``gradient_flow.png`` when the run logged backward signals), with
-matplotlib's non-interactive Agg backend."""
+"""``plot_run(run_dir)``: ``plots/*.png`` from ``metrics.jsonl`` (matplotlib's non-interactive
+Agg backend), drawn so they can be read at a glance and do not mislead:
+
+* loss (a GAN's discriminator and generator losses apart, never their sum), accuracy (only
+  with two or more points; a single evaluation is a marked, labelled point), gradient norm,
+  learning rate **from the schedule at every step** (not the logging window's mean), a GAN's
+  held-out chamfer distance, and ``gradient_flow.png`` when backward signals were logged;
+* ``samples.png`` (a GAN's generated vs real points) and ``fit.png`` (a regression model's
+  curve over the data) from the parameters (``bpkit.train.outputs``);
+* titles name ``run.name``; steps are integers; log axes carry plain decimal labels
+  (0.2, 0.5, 1, 2) with enough ticks to read a value off.
+"""
 from __future__ import annotations
 
 import json
+import math
 import os
+
+import numpy as np
 
 
 def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
@@ -26,39 +38,178 @@ def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
     return train, ev
 
 
-def plot_run(run_dir: str) -> list[str]:
-    """Write the plots; returns their paths."""
+def plain_number(v: float, _pos=None) -> str:
+    """A tick label in plain decimals with up to 4 significant digits (0.0005, 0.2, 3, 1500),
+    or ``1e-7``-style beyond 1e-4 .. 1e6."""
+    if v == 0 or not math.isfinite(v):
+        return "0" if v == 0 else str(v)
+    if 1e-4 <= abs(v) < 1e6:
+        return np.format_float_positional(float(f"{v:.4g}"), trim="-")
+    mantissa, exp = f"{v:.3g}".split("e") if "e" in f"{v:.3g}" else (f"{v:.3g}", "0")
+    return f"{mantissa}e{int(exp)}"
+
+
+def log_axis(ax, values, *, axis: str = "y", min_ratio: float = 2.5) -> bool:
+    """A log scale on ``axis`` when ``values`` (the plotted ones) are positive and span at
+    least ``min_ratio``; ticks at 1-2-5 (every integer within a decade, only decades beyond
+    four), labelled in plain decimals. Returns whether the axis became logarithmic."""
+    import matplotlib.ticker as mt
+    v = np.asarray([x for x in values if x is not None], np.float64)
+    v = v[np.isfinite(v)]
+    if v.size == 0 or (v <= 0).any() or v.max() / v.min() < min_ratio:
+        getattr(ax, f"{axis}axis").set_major_formatter(mt.FuncFormatter(plain_number))
+        return False
+    decades = math.log10(v.max() / v.min())
+    subs = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0) if decades < 1.3 else (
+        (1.0, 2.0, 5.0) if decades < 4 else (1.0,))
+    (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    a = getattr(ax, f"{axis}axis")
+    a.set_major_locator(mt.LogLocator(base=10, subs=subs, numticks=40))
+    a.set_major_formatter(mt.FuncFormatter(plain_number))
+    a.set_minor_locator(mt.LogLocator(base=10, subs="all", numticks=40))
+    a.set_minor_formatter(mt.NullFormatter())
+    return True
+
+
+def step_axis(ax, last_step: int | None = None) -> None:
+    """Integer step ticks, from 0."""
+    import matplotlib.ticker as mt
+    ax.xaxis.set_major_locator(mt.MaxNLocator(integer=True, min_n_ticks=3))
+    ax.xaxis.set_major_formatter(mt.FuncFormatter(lambda v, _p: f"{int(round(v)):,}"))
+    ax.set_xlim(left=0, right=(last_step * 1.02 if last_step else None))
+    ax.set_xlabel("step")
+
+
+def style_step_title(ax, name: str, what: str) -> None:
+    title = f"{name}: {what}"
+    ax.set_title(title, fontsize=11 if len(title) < 60 else 9)
+
+
+def series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """``(steps, values)`` of ``key`` where the records hold a number for it."""
+    pts = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
+    return [s for s, _ in pts], [v for _, v in pts]
+
+
+def mark_single(ax, xs, ys, color, label) -> None:
+    """One point: a marker with its value written beside it (a line needs two)."""
+    ax.plot(xs, ys, "o", ms=8, color=color, label=f"{label} (one point)")
+    ax.annotate(f"{ys[0]:.4g} at step {xs[0]:,}", (xs[0], ys[0]), textcoords="offset points",
+                xytext=(-9, -4), ha="right", va="top", fontsize=9, color=color)
+
+
+def _draw(ax, xs, ys, label, color, *, eval_style: bool = False) -> bool:
+    if not xs:
+        return False
+    if len(xs) == 1:
+        mark_single(ax, xs, ys, color, label)
+    elif eval_style:
+        ax.plot(xs, ys, "o--", ms=5, color=color, label=label)
+    else:
+        ax.plot(xs, ys, "-", color=color, label=label)
+    return True
+
+
+def _panel_loss(ax, train, ev, run_dir):
+    gan = any("d_loss" in r for r in train)
+    keys = ([("d_loss", "discriminator"), ("g_loss", "generator")] if gan
+            else [("loss", "")])
+    values = []
+    for i, (key, who) in enumerate(keys):
+        color = f"C{i}"
+        xs, ys = series(train, key)
+        exs, eys = series(ev, f"eval_{key}")
+        _draw(ax, xs, ys, f"{who} train".strip(), color)
+        _draw(ax, exs, eys, f"{who} eval (held-out)".strip(), color if gan else "C1",
+              eval_style=True)
+        values += ys + eys
+    if not values:
+        return None
+    log_axis(ax, values)
+    return "loss" if not gan else "losses (discriminator, generator)"
+
+
+def _panel_accuracy(ax, train, ev, run_dir):
+    xs, ys = series(train, "accuracy")
+    exs, eys = series(ev, "eval_accuracy")
+    if not xs and not exs:
+        return None
+    _draw(ax, xs, ys, "train (window mean)", "C0")
+    _draw(ax, exs, eys, "eval (held-out)", "C1", eval_style=True)
+    log_axis(ax, [], min_ratio=math.inf)  # plain labels
+    return "accuracy"
+
+
+def _panel_learning_rate(ax, train, ev, run_dir):
+    from bpkit.train.history import learning_rate_curves
+    last = max((r["step"] for r in train), default=0)
+    curves = learning_rate_curves(run_dir, last, train)
+    if curves:
+        names = {"learning_rate": "learning rate", "d_learning_rate": "discriminator"}
+        for i, (key, (steps, rates)) in enumerate(curves.items()):
+            ax.plot(steps, rates, color=f"C{i}", lw=1.6,
+                    label=names[key] + " (schedule, every step)")
+        values = np.concatenate([r for _, r in curves.values()])
+    else:  # no config: what was logged, which is each window's mean
+        xs, ys = series(train, "learning_rate")
+        if not xs:
+            return None
+        _draw(ax, xs, ys, "logged (mean over each logging window)", "C0")
+        values = ys
+    log_axis(ax, [], min_ratio=math.inf)  # linear from 0: warmup and decay read as they are
+    ax.set_ylim(bottom=0)
+    return "learning rate"
+
+
+def _panel_grad_norm(ax, train, ev, run_dir):
+    xs, ys = series(train, "grad_norm")
+    if not xs:
+        return None
+    _draw(ax, xs, ys, "||gradient|| (window mean)", "C0")
+    log_axis(ax, ys)
+    return "gradient norm"
+
+
+def _panel_chamfer(ax, train, ev, run_dir):
+    xs, ys = series(ev, "eval_chamfer")
+    if not xs:
+        return None
+    _draw(ax, xs, ys, "held-out chamfer distance", "C2", eval_style=True)
+    log_axis(ax, ys)
+    return "sample distance (generated vs real, lower is better)"
+
+
+PANELS = {"loss": _panel_loss, "accuracy": _panel_accuracy,
+          "learning_rate": _panel_learning_rate, "grad_norm": _panel_grad_norm,
+          "chamfer": _panel_chamfer}
+
+
+def plot_run(run_dir: str, *, trained=None, outputs: bool = True) -> list[str]:
+    """Write the plots; returns their paths. ``outputs``: also ``samples.png``/``fit.png``
+    from ``trained`` (a ``bpkit.train.outputs.Trained``) or the latest checkpoint."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from bpkit.train.history import run_name
     train, ev = read_metrics(run_dir)
+    title = run_name(run_dir)
+    last = max((r["step"] for r in train + ev), default=0)
     out_dir = os.path.join(run_dir, "plots")
     os.makedirs(out_dir, exist_ok=True)
     written = []
-    panels = [("loss", "loss", "eval_loss", True), ("accuracy", "accuracy", "eval_accuracy", False),
-              ("learning_rate", "learning_rate", None, False),
-              ("grad_norm", "grad_norm", None, True)]
-    for name, key, eval_key, logy in panels:
-        xs = [r["step"] for r in train if key in r]
-        exs = [r["step"] for r in ev if eval_key and eval_key in r]
-        if not xs and not exs:
+    for name, panel in PANELS.items():
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        what = panel(ax, train, ev, run_dir)
+        if what is None:
+            plt.close(fig)
             continue
-        fig, ax = plt.subplots(figsize=(6, 4))
-        if xs:
-            ax.plot(xs, [r[key] for r in train if key in r], label="train")
-        if exs:
-            ax.plot(exs, [r[eval_key] for r in ev if eval_key in r], "o-", label="eval")
-        if name == "loss" and any("d_loss" in r for r in train):
-            ax.plot(xs, [r["d_loss"] for r in train], label="discriminator")
-            ax.plot(xs, [r["g_loss"] for r in train], label="generator")
-        ax.set_xlabel("step")
-        ax.set_ylabel(name.replace("_", " "))
-        if logy and all(r.get(key, 1) > 0 for r in train):
-            ax.set_yscale("log")
-        ax.set_title(f"{os.path.basename(os.path.normpath(run_dir))}: {name.replace('_', ' ')}")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        step_axis(ax, last)
+        ax.set_ylabel(what if len(what) < 30 else name.replace("_", " "))
+        style_step_title(ax, title, what)
+        ax.grid(alpha=0.3, which="major")
+        ax.grid(alpha=0.1, which="minor")
+        ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
         path = os.path.join(out_dir, f"{name}.png")
         fig.savefig(path, dpi=100)
@@ -67,6 +218,9 @@ def plot_run(run_dir: str) -> list[str]:
     path = plot_gradient_flow(run_dir, train)
     if path:
         written.append(path)
+    if outputs:
+        from bpkit.train.outputs import plot_outputs
+        written += plot_outputs(run_dir, trained, title=title)
     return written
 
 
@@ -100,7 +254,7 @@ def plot_gradient_flow(run_dir: str, train: list[dict] | None = None, *,
         vals = [rec["backward_signals"].get(name, {}).get(key) for name in layers]
         return np.array([v if v is not None and v > 0 else np.nan for v in vals], float)
 
-    any_act = False
+    any_act, drawn = False, []
     for rec in logged:
         color = cmap(norm(rec["step"]))
         act, par = series(rec, "activation_grad_norm"), series(rec, "param_grad_norm")
@@ -110,7 +264,9 @@ def plot_gradient_flow(run_dir: str, train: list[dict] | None = None, *,
         if np.isfinite(par).any():
             ok = np.isfinite(par)
             ax.plot(xs[ok], par[ok], "--", marker="x", ms=3, color=color, lw=1.0)
-    ax.set_yscale("log")
+        drawn += [v for v in np.concatenate([act, par]) if np.isfinite(v)]
+    if not log_axis(ax, drawn, min_ratio=1.0):
+        ax.set_yscale("log")
     ax.set_xticks(xs)
     ax.set_xticklabels(layers, rotation=70, ha="right", fontsize=7)
     ax.set_xlabel("layer (input -> output)")
@@ -123,7 +279,8 @@ def plot_gradient_flow(run_dir: str, train: list[dict] | None = None, *,
     ax.legend(handles=handles, fontsize=8, loc="best")
     sm = matplotlib.cm.ScalarMappable(cmap=cmap, norm=norm)
     fig.colorbar(sm, ax=ax, label="step")
-    ax.set_title(f"{os.path.basename(os.path.normpath(run_dir))}: gradient flow")
+    from bpkit.train.history import run_name
+    style_step_title(ax, run_name(run_dir), "gradient flow")
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     out_dir = os.path.join(run_dir, "plots")

@@ -19,10 +19,12 @@ from bpkit.train.step import value_and_grad_for, with_compute_dtype
 
 
 def make_signals_fn(loss_fn: Callable, *, engine: str = "bpkit", has_aux: bool = True,
-                    compute_dtype=None, jit: bool = True) -> Callable:
+                    compute_dtype=None, jit: bool = True, with_grads: bool = False) -> Callable:
     """``signals(params, batch, key) -> {layer: {"activation_grad_norm", "param_grad_norm"}}``
     (device scalars; layers in depth order, nested ones as ``block_0/attn``; with
-    ``engine="jax"`` only ``param_grad_norm``, for the layers that own parameters)."""
+    ``engine="jax"`` only ``param_grad_norm``, for the layers that own parameters).
+    ``with_grads``: ``(signals, gradient)``, the parameter gradient it computed on the way
+    (for histograms)."""
     f = with_compute_dtype(loss_fn, compute_dtype, has_aux)
 
     def scalar_loss(params, batch, key):
@@ -34,10 +36,10 @@ def make_signals_fn(loss_fn: Callable, *, engine: str = "bpkit", has_aux: bool =
         run = backward_signals(scalar_loss)
 
         def signals(params, batch, key):
-            _, _, sig = run(params, batch, key)
+            _, grads, sig = run(params, batch, key)
             names[:] = list(sig)
             return [{"activation_grad_norm": s.activation_grad_norm,
-                     "param_grad_norm": s.param_grad_norm} for s in sig.values()]
+                     "param_grad_norm": s.param_grad_norm} for s in sig.values()], grads
     else:
         vg = value_and_grad_for(engine)(scalar_loss)
 
@@ -46,13 +48,17 @@ def make_signals_fn(loss_fn: Callable, *, engine: str = "bpkit", has_aux: bool =
             _, grads = vg(params, batch, key)
             norms = param_grad_norms(grads, layers)
             names[:] = [n for n in layers if n in norms]
-            return [{"param_grad_norm": norms[n]} for n in names]
+            return [{"param_grad_norm": norms[n]} for n in names], grads
 
-    compiled = jax.jit(signals) if jit else signals
+    def outputs(params, batch, key):  # the gradient leaves the jitted function only if asked
+        values, grads = signals(params, batch, key)
+        return (values, grads) if with_grads else (values, None)
+
+    compiled = jax.jit(outputs) if jit else outputs
 
     def ordered(params, batch, key):
-        values = compiled(params, batch, key)
-        return dict(zip(names, values))
+        values, grads = compiled(params, batch, key)
+        return (dict(zip(names, values)), grads) if with_grads else dict(zip(names, values))
 
     ordered.compiled = compiled
     return ordered

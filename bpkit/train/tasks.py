@@ -16,6 +16,7 @@ and returns the running statistics, as ``make_train_step(has_state=True)`` expec
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -25,6 +26,7 @@ import jax.numpy as jnp
 
 from bpkit.config import ConfigError
 from bpkit.data import Dataset, validate_dataset
+from bpkit.models.adapters import call_factory, check_factory_args, is_user_model, load_factory
 from bpkit.validate import ALIASES, MODEL_NAMES, model_problems, report  # noqa: F401
 
 
@@ -72,7 +74,10 @@ def _task(kind: str, model, loss_core: Callable, metric_core: Callable, args: di
 
 
 def _factory(name: str):
-    """``(factory name, factory)`` of ``model.name`` (aliases resolved)."""
+    """``(factory name, factory)`` of ``model.name`` (aliases resolved; a user's
+    ``file.py:factory`` imported)."""
+    if is_user_model(name):
+        return name, load_factory(name)
     problems = model_problems(name, {})
     if problems:
         raise ConfigError(report(problems), problems)
@@ -84,7 +89,11 @@ def _factory(name: str):
 def _check_args(name: str, fn, args: dict) -> dict:
     """``args`` checked against the factory's schema (``bpkit.validate.MODEL_ARGS``: unknown
     keys, types, sizes; config loading has already done this for a config), with lists
-    turned into tuples where the factory's default is a tuple."""
+    turned into tuples where the factory's default is a tuple. A user's factory: against its
+    signature."""
+    if is_user_model(name):
+        check_factory_args(name, fn, args)
+        return dict(args)
     problems = model_problems(name, args)
     if problems:
         raise ConfigError(report(problems), problems)
@@ -114,6 +123,19 @@ def build_task(cfg, ds: Dataset) -> Task:
     """The model, loss and metrics of ``cfg`` for ``ds``; validates that they fit."""
     name, fn = _factory(cfg.model.name)
     args = _check_args(name, fn, dict(cfg.model.args))
+    if is_user_model(name):  # any library's model, as a bpkit Model (bpkit.models.adapters)
+        if cfg.model.loss == "gan" or ds.kind == "sampler":
+            raise ConfigError("model.name: a GAN needs a generator and a discriminator; "
+                              "your own factory is supported for classifiers, language "
+                              "models and regression (use model.name=gan_2d)")
+        args = _fill(fn, args, seed=cfg.run.seed)
+        user_fn = fn
+
+        @functools.wraps(user_fn)  # keeps the signature: _fill sees the factory's arguments
+        def fn(**kw):
+            example = (ds.x_train[:ds.context][None] if ds.kind == "lm"
+                       else ds.x_train[:1])
+            return call_factory(name, user_fn, kw, example)
     if name == "gan_2d" or cfg.model.loss == "gan":
         return _gan_task(cfg, name, fn, args, ds)
     if ds.kind == "lm":

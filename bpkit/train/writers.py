@@ -108,6 +108,7 @@ class MetricsFile:
 
     def __init__(self, path: str, enabled: bool = True):
         self.path, self.enabled, self._f = path, enabled, None
+        self.listeners: list[Callable[[dict], Any]] = []  # each record also goes to these
 
     def keep_until(self, step: int) -> None:
         """Drop the records after ``step`` (a resumed run rewrites them); ``step=0`` drops
@@ -134,6 +135,8 @@ class MetricsFile:
             self._f.flush()
         except OSError as e:
             raise os_failure("write", self.path, e) from None
+        for listener in self.listeners:  # TensorBoard (train/views.py)
+            listener(rec)
 
     def close(self) -> None:
         if self._f is not None:
