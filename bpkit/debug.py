@@ -35,52 +35,41 @@ import jax
 import jax.extend.core.primitives as prims
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from bpkit.engine import api, compat, core
 
 MAX_SCANS = 4        # nesting depth of scans whose step is reported
 N_OPERANDS = 4       # operands whose value at the bad position is reported
-# Layout of ``Origin.values``: the bad value, the cotangent that arrived (backward), the
-# primal output at the same position, then the operands.
-_BAD, _CT_OUT, _OUT, _OPS = 0, 1, 2, 3
+NONE = np.iinfo(np.int32).max  # the code of a finite value
+_NAN, _POS_INF, _NEG_INF = 0, 1, 2
+# Layout of the details vector (second run, for one equation): the cotangent that arrived
+# (backward), the primal output at the bad position, then the operands there.
+_CT_OUT, _OUT, _OPS = 0, 1, 2
 
 
 def _value_dtype():
     return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
 
 
-class Origin(NamedTuple):
-    """The dynamic half of a report for one pass (arrays; a pytree).
-
-    ``found``: a non-finite value appeared; ``index``: the entry of the first one in the
-    report's table; ``position``: flat index of the first bad element of the offending value;
-    ``steps``: the step of each enclosing scan (outermost first, -1 unused); ``values``: see
-    ``_BAD``...; ``operand``: which input's cotangent (backward) or which output (forward) is
-    bad; ``nonfinite_operands``: bit j set when operand j already held a NaN/inf; ``count``:
-    non-finite elements of the offending value; ``total``: equations with a non-finite result.
-    """
-
-    found: Any
-    index: Any
-    position: Any
-    steps: Any
-    values: Any
-    operand: Any
-    nonfinite_operands: Any
-    count: Any
-    total: Any
-
-    @classmethod
-    def empty(cls) -> "Origin":
-        i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
-        return cls(jnp.asarray(False), i32(-1), i32(-1), jnp.full((MAX_SCANS,), -1, jnp.int32),
-                   jnp.full((_OPS + N_OPERANDS,), jnp.nan, _value_dtype()), i32(-1), i32(0),
-                   i32(0), i32(0))
+def _code(x):
+    """``4·position + kind`` of the first NaN/inf of ``x`` (kind: NaN, +inf, -inf), or
+    ``NONE`` when ``x`` is finite: one fused elementwise pass and one reduction."""
+    n = int(np.size(x))
+    if n == 0 or 4 * n >= NONE:
+        return jnp.asarray(NONE, jnp.int32)
+    flat = jnp.ravel(jnp.real(x) if jnp.iscomplexobj(x) else x)
+    kind = jnp.where(jnp.isnan(flat), _NAN, jnp.where(flat > 0, _POS_INF, _NEG_INF))
+    if n == 1:
+        return jnp.where(jnp.isfinite(flat[0]), NONE, kind[0]).astype(jnp.int32)
+    codes = jnp.where(jnp.isfinite(flat), NONE, 4 * lax.iota(jnp.int32, n) + kind)
+    return jnp.min(codes)
 
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """The static half: one observed equation (or input) of a pass."""
+    """One observed value of a pass: an equation's output (forward), an equation's input
+    cotangent (backward), or a function input. Static: it is the report's table row."""
 
     primitive: str                  # primitive name, or "input"
     where: str                      # file:line (function), or the input's path
@@ -88,7 +77,31 @@ class Entry:
     within: tuple                   # enclosing equations, outermost first: (primitive, where)
     operands: tuple                 # operand types, e.g. ("f32[32,10]", "f32[]")
     outputs: tuple                  # output types
-    explain_key: Any = None         # the primitive object (explanation table), or None
+    operand: int                    # which output (forward) / input cotangent (backward)
+    slots: tuple = ()               # the pass's scan-step slots of its enclosing scans
+    counts: bool = True             # counted in ``total`` (not a call around counted ones)
+    key: tuple = ()                 # identity of (enclosing equations, equation, operand)
+    explain_key: Any = None         # the primitive object (explanation table)
+
+    @property
+    def type(self) -> str:
+        types = self.operands if self.primitive == "input" else (
+            self.outputs if self.key and self.key[-1][0] == "forward" else self.operands)
+        return types[self.operand] if 0 <= self.operand < len(types) else ""
+
+
+class Summary(NamedTuple):
+    """A pass's result (arrays; a pytree): ``index`` of the first non-finite entry (-1: none)
+    and its ``code``, the ``steps`` of its enclosing scans (outermost first, -1 unused),
+    ``total`` equations with a non-finite result, and for the detail target (second run)
+    ``details`` (see ``_CT_OUT``...; NaN where unknown) and ``nonfinite_operands`` (bits)."""
+
+    index: Any
+    code: Any
+    steps: Any
+    total: Any
+    details: Any
+    nonfinite_operands: Any
 
 
 def _type_str(x) -> str:
@@ -100,20 +113,16 @@ def _is_float(x) -> bool:
     return x is not None and compat.is_inexact(compat.typeof(x))
 
 
-def _all_finite(x):
-    return jnp.all(jnp.isfinite(x))
-
-
 def _value_at(x, position, shape):
-    """``x``'s element at flat ``position`` of an array of ``shape`` (NaN if it has another
-    shape; its one element if it is a scalar), as the report's float dtype."""
+    """``x``'s element at flat ``position`` of an array of ``shape`` (its one element if it is
+    a scalar; NaN if it has another shape), in the report's float dtype."""
     dtype = None if x is None else compat.typeof(x).dtype
-    if dtype is None or not any(jnp.issubdtype(dtype, k) for k in (jnp.inexact, jnp.integer,
-                                                                    jnp.bool_)):
+    if dtype is None or not any(jnp.issubdtype(dtype, k)
+                                for k in (jnp.inexact, jnp.integer, jnp.bool_)):
         return jnp.asarray(jnp.nan, _value_dtype())
-    x = jnp.real(x) if jnp.iscomplexobj(x) else x
-    if tuple(np.shape(x)) == tuple(shape):
-        v = jnp.ravel(x)[position]
+    x = jnp.real(x) if jnp.iscomplexobj(x) else jnp.asarray(x)
+    if tuple(np.shape(x)) == tuple(shape) and np.size(x) > 0:
+        v = lax.dynamic_index_in_dim(jnp.ravel(x), position, keepdims=False)
     elif np.size(x) == 1:
         v = jnp.ravel(x)[0]
     else:
@@ -121,68 +130,60 @@ def _value_at(x, position, shape):
     return v.astype(_value_dtype())
 
 
-def _nonfinite_bits(invals) -> Any:
-    bits = jnp.asarray(0, jnp.int32)
-    for j, x in enumerate(invals[:N_OPERANDS]):
-        if _is_float(x):
-            bits = bits | jnp.where(_all_finite(x), 0, 1 << j).astype(jnp.int32)
-    return bits
-
-
-def _candidate(bad_value, invals, ct_out, out, operand: int):
-    """The ``Origin`` fields describing ``bad_value`` (a cotangent or an output)."""
-    bad = ~jnp.isfinite(bad_value)
-    position = jnp.argmax(jnp.ravel(bad)).astype(jnp.int32)
-    shape = np.shape(bad_value)
-    values = [_value_at(bad_value, position, shape), _value_at(ct_out, position, shape),
-              _value_at(out, position, shape)]
-    ops = list(invals[:N_OPERANDS]) + [None] * (N_OPERANDS - len(invals[:N_OPERANDS]))
-    values += [_value_at(x, position, shape) for x in ops]
-    return dict(position=position, values=jnp.stack(values),
-                operand=jnp.asarray(operand, jnp.int32),
-                count=jnp.sum(bad).astype(jnp.int32))
-
-
-def _select_first(cands: list[tuple[Any, dict]]):
-    """``(any_bad, fields)`` of the first candidate whose flag is set."""
-    flag, fields = cands[-1]
-    for f, c in reversed(cands[:-1]):
-        fields = jax.tree_util.tree_map(lambda a, b: jnp.where(f, a, b), c, fields)
-        flag = flag | f
-    return flag, fields
+def _no_details():
+    return (jnp.full((_OPS + N_OPERANDS,), jnp.nan, _value_dtype()), jnp.asarray(-1, jnp.int32))
 
 
 class _PassLog:
-    """Static table and dynamic state of one pass (forward or backward)."""
+    """One pass's entries (static) and their codes (arrays), scan-step slots, and the details
+    of the detail target when it is seen here."""
 
     def __init__(self):
-        self.table: list[Entry] = []
-        self.state = Origin.empty()
+        self.entries: list[Entry] = []
+        self.pieces: list = []          # codes: scalars, or blocks from nested traces
+        self.slots: list = []           # scan steps (int32 scalars)
+        self.totals: list = []          # totals of nested traces
+        self.details = None             # (values, bits) once the detail target is seen
 
-    def record(self, entry: Entry, hit, fields: dict, *, counts: bool = True, bad=None):
-        """Add ``entry``; if ``hit`` (dynamic) and nothing was found before, it is the origin.
-        ``bad`` (default ``hit``) counts the entry towards ``total``."""
-        k = len(self.table)
-        self.table.append(entry)
-        s = self.state
-        first = hit & ~s.found
-        new = s._replace(index=jnp.asarray(k, jnp.int32), steps=jnp.full((MAX_SCANS,), -1,
-                                                                          jnp.int32),
-                         nonfinite_operands=fields.pop("nonfinite_operands", s.nonfinite_operands),
-                         **fields)
-        merged = jax.tree_util.tree_map(lambda a, b: jnp.where(first, a, b), new, s)
-        total = s.total + ((hit if bad is None else bad) & counts).astype(jnp.int32)
-        self.state = merged._replace(found=s.found | hit, total=total)
+    def add(self, entry: Entry, code) -> None:
+        self.entries.append(entry)
+        self.pieces.append(code)
 
-    def merge(self, entries: Sequence[Entry], origin: Origin):
-        """Append a child's ``entries`` whose state (already reduced to one) is ``origin``."""
-        offset = len(self.table)
-        self.table.extend(entries)
-        s = self.state
-        first = origin.found & ~s.found
-        new = origin._replace(index=origin.index + offset)
-        merged = jax.tree_util.tree_map(lambda a, b: jnp.where(first, a, b), new, s)
-        self.state = merged._replace(found=s.found | origin.found, total=s.total + origin.total)
+    def summary(self) -> Summary:
+        n = len(self.entries)
+        details, bits = self.details if self.details is not None else _no_details()
+        if n == 0:
+            return Summary(jnp.asarray(-1, jnp.int32), jnp.asarray(NONE, jnp.int32),
+                           jnp.full((MAX_SCANS,), -1, jnp.int32),
+                           sum(self.totals, jnp.asarray(0, jnp.int32)), details, bits)
+        codes = jnp.concatenate([jnp.reshape(c, (-1,)) for c in self.pieces])
+        bad = codes < NONE
+        first = jnp.argmax(bad).astype(jnp.int32)
+        index = jnp.where(jnp.any(bad), first, -1)
+        counted = np.array([e.counts for e in self.entries])
+        total = jnp.sum(bad & counted).astype(jnp.int32) + sum(
+            self.totals, jnp.asarray(0, jnp.int32))
+        # The slots of each entry's enclosing scans, padded with -1 (a static table).
+        table = np.full((n, MAX_SCANS), -1, np.int32)
+        for i, e in enumerate(self.entries):
+            table[i, :len(e.slots[:MAX_SCANS])] = e.slots[:MAX_SCANS]
+        slot_values = jnp.stack(self.slots + [jnp.asarray(-1, jnp.int32)])  # [-1] -> -1
+        steps = slot_values[jnp.asarray(table)[first]]
+        return Summary(index, codes[first], steps, total, details, bits)
+
+    def merge(self, entries: Sequence[Entry], summary: Summary, new_slots: list,
+              matched: bool, offset=0) -> None:
+        """Append a nested trace's ``entries``, whose first non-finite one is
+        ``summary.index - offset`` ... within them; ``new_slots`` are the step slots that
+        the entries' ``slots`` (renumbered by the caller) refer to."""
+        n = len(entries)
+        self.entries.extend(entries)
+        self.slots.extend(new_slots)
+        hit = jnp.arange(n, dtype=jnp.int32) == summary.index + offset
+        self.pieces.append(jnp.where(hit & (summary.index >= 0), summary.code, NONE))
+        self.totals.append(summary.total)
+        if matched:
+            self.details = (summary.details, summary.nonfinite_operands)
 
 
 # Equations whose rule evaluates nested equations that are observed themselves: not counted
@@ -193,12 +194,20 @@ _CONTAINERS = {p for p in (getattr(prims, "pjit_p", None), getattr(prims, "jit_p
 
 
 class NonfiniteObserver:
-    """The equation observer behind ``nonfinite_origin`` (see ``bpkit.engine.core``)."""
+    """The equation observer behind ``nonfinite_origin`` (see ``bpkit.engine.core``).
 
-    def __init__(self, backward_only: bool = False):
-        self.fwd, self.bwd = _PassLog(), _PassLog()
-        self.frames: list[tuple[Any, bool]] = []  # (eqn, in its backward rule)
+    Per observed value it adds one fused reduction (``_code``). ``targets`` (phase -> entry
+    key) asks for the operand values of one entry per pass instead: the second run, made
+    eagerly once the origins are known, which computes nothing for the other entries."""
+
+    def __init__(self, targets: dict | None = None, backward_only: bool = False,
+                 key_prefix: tuple = ()):
+        self.logs = {"forward": _PassLog(), "backward": _PassLog()}
+        self.frames: list[tuple[Any, bool]] = []  # (eqn, inside its backward rule)
+        self.targets = targets or {}
         self.backward_only = backward_only
+        self.key_prefix = key_prefix
+        self.matched = {"forward": False, "backward": False}
 
     # -- the engine's hooks ---------------------------------------------------------------
     @contextlib.contextmanager
@@ -213,95 +222,121 @@ class NonfiniteObserver:
         """Inside a pullback, forward passes are recomputations (remat): not observed."""
         return self.backward_only or any(b for _, b in self.frames)
 
-    def _entry(self, eqn, invals, outs) -> Entry:
+    def _frame_key(self) -> tuple:
+        return self.key_prefix + tuple(id(f) for f, _ in self.frames)
+
+    def _add(self, phase, eqn, invals, outs, operand: int, value, ct_out=None):
+        key = self._frame_key() + ((phase, id(eqn), operand),)
         within = tuple((f.primitive.name, compat.user_frame(f)) for f, _ in self.frames)
         scopes = [compat.name_stack(f) for f, _ in self.frames] + [compat.name_stack(eqn)]
-        return Entry(eqn.primitive.name, compat.user_frame(eqn),
-                     "/".join(s for s in scopes if s), within,
-                     tuple(_type_str(x) for x in invals), tuple(_type_str(x) for x in outs),
-                     eqn.primitive)
+        entry = Entry(eqn.primitive.name, compat.user_frame(eqn),
+                      "/".join(s for s in scopes if s), within,
+                      tuple(_type_str(x) for x in invals), tuple(_type_str(x) for x in outs),
+                      operand, counts=eqn.primitive not in _CONTAINERS, key=key,
+                      explain_key=eqn.primitive)
+        target = self.targets.get(phase) == key
+        code = _code(value) if target or not self.targets else jnp.asarray(NONE, jnp.int32)
+        log = self.logs[phase]
+        log.add(entry, code)
+        if target:
+            self.matched[phase] = True
+            log.details = _details(code, value, invals, ct_out,
+                                   outs[0] if phase == "backward" and outs else None)
 
     def forward(self, eqn, invals, outs):
         if self._recomputing():
             return
-        floats = [(o, x) for o, x in enumerate(outs) if _is_float(x)]
-        if not floats:
-            return
-        cands = [(~_all_finite(x), _candidate(x, invals, None, None, o)) for o, x in floats]
-        hit, fields = _select_first(cands)
-        fields["nonfinite_operands"] = _nonfinite_bits(invals)
-        self.fwd.record(self._entry(eqn, invals, outs), hit, fields,
-                        counts=eqn.primitive not in _CONTAINERS)
+        for o, x in enumerate(outs):
+            if _is_float(x):
+                self._add("forward", eqn, invals, outs, o, x)
 
     def backward(self, eqn, invals, outs, cts_out, cts_in):
-        cts_out = [c for c in cts_out if _is_float(c)]
-        cands = [(~_all_finite(ct), _candidate(ct, invals, cts_out[0] if cts_out else None,
-                                               outs[0] if outs else None, i))
-                 for i, ct in enumerate(cts_in) if _is_float(ct)]
-        if not cands:
-            return
-        out_ok = jnp.asarray(True)
-        for c in cts_out:
-            out_ok = out_ok & _all_finite(c)
-        bad, fields = _select_first(cands)
-        fields["nonfinite_operands"] = _nonfinite_bits(invals)
-        self.bwd.record(self._entry(eqn, invals, outs), out_ok & bad, fields,
-                        counts=eqn.primitive not in _CONTAINERS, bad=bad)
+        # The first equation (in backward order) with a non-finite input cotangent is where
+        # the NaN/inf was born: its output cotangents are sums of the finite cotangents pulled
+        # back before it (an overflow in that sum aside).
+        ct_out = next((c for c in cts_out if _is_float(c)), None)
+        for i, ct in enumerate(cts_in):
+            if _is_float(ct):
+                self._add("backward", eqn, invals, outs, i, ct, ct_out)
 
     def fork(self, backward_only: bool):
-        return NonfiniteObserver(backward_only=backward_only or self._recomputing())
+        return NonfiniteObserver(self.targets, backward_only or self._recomputing(),
+                                 self._frame_key())
 
     def state(self, phase: str) -> list:
-        return list(self._log(phase).state)
+        return list(self.logs[phase].summary())
 
-    def _log(self, phase: str) -> _PassLog:
-        return self.fwd if phase == "forward" else self.bwd
-
-    def _prefix(self, entries: Sequence[Entry]) -> list[Entry]:
+    def _prefixed(self, entries: Sequence[Entry], slot_base: int, scan: bool) -> list[Entry]:
+        """``entries`` of a nested trace seen from here: enclosing equations and scope
+        prefixed; slots renumbered to ``slot_base + ...`` (after this scan's own slot)."""
         within = tuple((f.primitive.name, compat.user_frame(f)) for f, _ in self.frames)
         scope = "/".join(s for s in (compat.name_stack(f) for f, _ in self.frames) if s)
+        first = (slot_base,) if scan else ()
+        shift = slot_base + (1 if scan else 0)
         return [dataclasses.replace(
-            e, within=within + e.within,
-            scope="/".join(s for s in (scope, e.scope) if s)) for e in entries]
+            e, within=within + e.within, scope="/".join(x for x in (scope, e.scope) if x),
+            slots=(first + tuple(shift + j for j in range(len(e.slots))))[:MAX_SCANS])
+            for e in entries]
 
     def join_scan(self, child: "NonfiniteObserver", phase: str, stacked: list, *,
                   reverse: bool):
-        """Fold a scan body's per-step states (``stacked``: leading axis = step) into this
-        observer: the first step (in the order the loop ran) that found something wins."""
+        """Fold a scan body's per-step summaries (``stacked``: leading axis = step) in: the
+        first step, in the order the loop ran, with a non-finite value gives the origin."""
         if phase == "forward" and self._recomputing():
             return
-        per_step = Origin(*stacked)
-        length = per_step.found.shape[0]
+        per_step = Summary(*stacked)
+        length = per_step.index.shape[0]
         order = jnp.arange(length)[::-1] if reverse else jnp.arange(length)
-        found_in_order = per_step.found[order]
-        t = order[jnp.argmax(found_in_order)]
-        pick = jax.tree_util.tree_map(lambda a: a[t], per_step)
-        steps = jnp.concatenate([t[None].astype(jnp.int32), pick.steps[:-1]])
-        origin = pick._replace(found=jnp.any(per_step.found), steps=steps,
-                               total=jnp.sum(per_step.total).astype(jnp.int32))
-        self._log(phase).merge(self._prefix(child._log(phase).table), origin)
+        t = order[jnp.argmax(per_step.index[order] >= 0)].astype(jnp.int32)
+        pick = Summary(*(x[t] for x in per_step))._replace(
+            total=jnp.sum(per_step.total).astype(jnp.int32))
+        log = self.logs[phase]
+        base = len(log.slots)
+        new_slots = [t] + [pick.steps[j] for j in range(MAX_SCANS - 1)]
+        log.merge(self._prefixed(child.logs[phase].entries, base, scan=True), pick, new_slots,
+                  child.matched[phase])
+        self.matched[phase] |= child.matched[phase]
 
     def join_switch(self, children: Sequence["NonfiniteObserver"], phase: str, state: list,
                     index):
-        """Fold the state of the branch ``index`` took (``state``) into this observer."""
-        origin = Origin(*state)
-        sizes = [len(c._log(phase).table) for c in children]
+        """Fold in the summary of the branch ``index`` took (``state``)."""
+        summary = Summary(*state)
+        sizes = [len(c.logs[phase].entries) for c in children]
         offsets = jnp.asarray(np.cumsum([0] + sizes[:-1]), jnp.int32)
-        entries = [e for c in children for e in c._log(phase).table]
         branch = jnp.clip(index, 0, len(children) - 1)
-        origin = origin._replace(index=origin.index + offsets[branch])
-        self._log(phase).merge(self._prefix(entries), origin)
+        log = self.logs[phase]
+        base = len(log.slots)
+        entries = [e for c in children for e in c.logs[phase].entries]
+        matched = any(c.matched[phase] for c in children)
+        log.merge(self._prefixed(entries, base, scan=False), summary,
+                  [summary.steps[j] for j in range(MAX_SCANS)], matched,
+                  offset=offsets[branch])
+        self.matched[phase] |= matched
 
     # -- inputs -----------------------------------------------------------------------------
     def inputs(self, names: Sequence[str], values: Sequence[Any]):
         """Check the function's inputs (and closed-over constants) before its first equation."""
-        for name, x in zip(names, values):
-            if not _is_float(x):
-                continue
-            fields = _candidate(x, [x], None, None, 0)
-            fields["nonfinite_operands"] = jnp.asarray(0, jnp.int32)
-            self.fwd.record(Entry("input", name, "", (), (_type_str(x),), (_type_str(x),)),
-                            ~_all_finite(x), fields)
+        log = self.logs["forward"]
+        for i, (name, x) in enumerate(zip(names, values)):
+            if _is_float(x):
+                t = _type_str(x)
+                log.add(Entry("input", name, "", (), (t,), (t,), 0, key=(("input", i),)),
+                        _code(x))
+
+
+def _details(code, value, invals, ct_out, out):
+    """``(values, bits)`` for the detail target: the cotangent that arrived, the primal
+    output and the operands at the bad position; bit j set when operand j holds a NaN/inf."""
+    position = jnp.clip(code // 4, 0, max(int(np.size(value)) - 1, 0))
+    shape = np.shape(value)
+    ops = list(invals[:N_OPERANDS]) + [None] * (N_OPERANDS - len(invals[:N_OPERANDS]))
+    values = jnp.stack([_value_at(ct_out, position, shape), _value_at(out, position, shape)]
+                       + [_value_at(x, position, shape) for x in ops])
+    bits = jnp.asarray(0, jnp.int32)
+    for j, x in enumerate(invals[:N_OPERANDS]):
+        if _is_float(x):
+            bits = bits | jnp.where(jnp.all(jnp.isfinite(x)), 0, 1 << j).astype(jnp.int32)
+    return values, bits
 
 
 # ----------------------------------------------------------------------------- the report
@@ -315,10 +350,6 @@ def _fmt(v: float) -> str:
     if float(v).is_integer() and abs(v) < 1e6:
         return str(int(v))
     return f"{v:.4g}"
-
-
-def _kind(v: float) -> str:
-    return "NaN" if np.isnan(v) else ("inf" if v > 0 else "-inf")
 
 
 _UNARY = ("x",)
@@ -369,30 +400,30 @@ _FORWARD_WHY: dict = {
 }
 
 
-def _operand_text(names: tuple, values: Sequence[float], types: tuple) -> str:
+def _operand_text(names: tuple, values: Sequence[float]) -> str:
     parts = []
     for j, name in enumerate(names):
-        if j < len(types) and j < len(values) and not np.isnan(values[j]):
+        if j < len(values) and not np.isnan(values[j]):
             parts.append(f"{name} = {_fmt(values[j])}")
     return ", ".join(parts)
 
 
 @dataclasses.dataclass
 class PassOrigin:
-    """One pass's origin, read back on the host."""
+    """One pass's origin, read back on the host. The operand values (``cotangent_in``,
+    ``output_value``, ``operand_values``, ``nonfinite_operands``) are known when the report
+    was made eagerly (a second, targeted run); under ``jax.jit`` they are NaN / ``None``."""
 
     pass_name: str                  # "forward" or "backward"
     entry: Entry
     position: tuple                 # index of the first bad element of the offending value
     steps: tuple                    # step of each enclosing scan, outermost first
-    bad_value: float
-    cotangent_in: float             # the cotangent that arrived (backward), else NaN
-    output_value: float
-    operand_values: tuple
-    operand: int
-    nonfinite_operands: tuple       # operands that already held NaN/inf
-    count: int                      # non-finite elements of the offending value
+    kind: str                       # "NaN", "inf" or "-inf"
     total: int                      # equations of this pass with a non-finite result
+    cotangent_in: float = float("nan")   # the cotangent that arrived (backward)
+    output_value: float = float("nan")
+    operand_values: tuple = ()
+    nonfinite_operands: tuple | None = None  # operands that already held NaN/inf
 
     @property
     def layer(self) -> str:
@@ -402,12 +433,16 @@ class PassOrigin:
     def location(self) -> str:
         return self.entry.where
 
+    @property
+    def operand(self) -> int:
+        return self.entry.operand
+
     def explanation(self) -> str:
-        """Why this equation turned finite values into ``bad_value``, as a clause."""
+        """Why this equation turned finite values into a NaN/inf, as a clause."""
         e = self.entry
         prim, vals = e.explain_key, self.operand_values
         if e.primitive == "input":
-            return f"the input {e.where} already contains {_kind(self.bad_value)}"
+            return f"the input {e.where} already contains {self.kind}"
         if self.nonfinite_operands:
             ops = ", ".join(f"operand {j} ({e.operands[j]})" for j in self.nonfinite_operands
                             if j < len(e.operands))
@@ -415,29 +450,34 @@ class PassOrigin:
         if self.pass_name == "backward":
             names, why = _BACKWARD_WHY.get(prim, (None, None))
             if why is not None:
-                at = _operand_text(names, vals, e.operands)
+                at = _operand_text(names, vals)
                 text = f"{e.primitive} at {at}: {why}" if at else f"{e.primitive}: {why}"
-                if self.cotangent_in == 0 and np.isnan(self.bad_value):
+                if self.cotangent_in == 0 and self.kind == "NaN":
                     text += ("; the cotangent arriving here was 0 (this value is masked out "
                              "further on, e.g. by jnp.where) and 0 · inf = NaN: keep the "
                              "masked inputs away from the bad point too (the 'double where' "
                              "trick)")
                 return text
-            if np.isinf(self.bad_value):
-                return (f"its vector-Jacobian product overflowed: finite values (cotangent "
-                        f"{_fmt(self.cotangent_in)}) multiplied past the largest "
-                        f"{e.operands[0].split('[')[0] if e.operands else 'float'}")
-            return (f"its vector-Jacobian product formed {_kind(self.bad_value)} from finite "
-                    f"values (inf - inf or 0 · inf inside the rule; cotangent "
-                    f"{_fmt(self.cotangent_in)})")
+            arrived = ("" if np.isnan(self.cotangent_in)
+                       else f" (the cotangent arriving was {_fmt(self.cotangent_in)})")
+            if self.nonfinite_operands is None:
+                return (f"its vector-Jacobian product gave {self.kind}{arrived}; if the "
+                        "forward pass was not finite, the forward origin below is the cause")
+            if self.kind != "NaN":
+                return (f"its vector-Jacobian product overflowed{arrived}: finite values "
+                        "multiplied past the largest float")
+            return (f"its vector-Jacobian product formed NaN from finite values (inf - inf or "
+                    f"0 · inf inside the rule){arrived}")
         names = _BACKWARD_WHY.get(prim, (("x", "y", "z", "w"), None))[0]
-        at = _operand_text(names, vals, e.operands)
+        at = _operand_text(names, vals)
         why = _FORWARD_WHY.get(prim)
         head = f"{e.primitive} at {at}" if at else e.primitive
         if why is not None:
             return f"{head}: {why}"
-        return f"{head} produced {_kind(self.bad_value)} from finite operands (overflow)" \
-            if np.isinf(self.bad_value) else f"{head} produced NaN from finite operands"
+        if self.nonfinite_operands is None:
+            return f"{head} produced {self.kind}"
+        return (f"{head} produced {self.kind} from finite operands"
+                + (" (overflow)" if self.kind != "NaN" else ""))
 
     def where_text(self) -> str:
         """``file:line in function, layer 'scope', inside step t of the scan at ...``."""
@@ -445,19 +485,20 @@ class PassOrigin:
         parts = [_frame_text(e.where)]
         if e.scope:
             parts.append(f"layer '{e.scope}'")
-        scans = iter(s for s in self.steps if s >= 0)
+        scans = iter(self.steps)
         inside = []
         for prim, where in e.within:
             where = _frame_text(where)
             if prim == "scan":
-                step = next(scans, None)
-                inside.append(f"step {step} of the scan at {where}" if step is not None
+                step = next(scans, -1)
+                inside.append(f"step {step} of the scan at {where}" if step >= 0
                               else f"the scan at {where}")
             elif prim in ("jit", "pjit"):
                 inside.append(f"the jit at {where}")
             elif prim.startswith("remat") or prim == "checkpoint":
                 inside.append(f"the jax.checkpoint at {where}")
             elif prim == "cond":
+                next(scans, None)  # a cond has a slot too (its branch's scans follow)
                 inside.append(f"a branch of the cond at {where}")
             else:
                 inside.append(f"the {prim} at {where}")
@@ -469,11 +510,10 @@ class PassOrigin:
         e = self.entry
         at = f" at index {list(self.position)}" if self.position else ""
         if e.primitive == "input":
-            n = "1 element" if self.count == 1 else f"{self.count} elements"
-            return f"{e.where} already holds {_kind(self.bad_value)} ({n}; the first{at})"
+            return f"{e.where} already holds {self.kind} (the first{at})"
         subject = ("the gradient became " if self.pass_name == "backward"
                    else "the forward pass first produced ")
-        return (f"{subject}{_kind(self.bad_value)} at `{e.primitive}` ({self.where_text()}): "
+        return (f"{subject}{self.kind} at `{e.primitive}` ({self.where_text()}): "
                 f"{self.explanation()}")
 
     @property
@@ -490,25 +530,23 @@ def _frame_text(where: str) -> str:
     return where
 
 
-def _read(origin: Origin, table: list[Entry], pass_name: str) -> PassOrigin | None:
-    if not bool(np.asarray(origin.found)):
+def _read(summary: Summary, table: Sequence[Entry], pass_name: str) -> PassOrigin | None:
+    index = int(np.asarray(summary.index))
+    if index < 0:
         return None
-    entry = table[int(origin.index)]
-    vals = np.asarray(origin.values, np.float64)
-    operand = int(origin.operand)
-    if pass_name == "backward":
-        shape = _shape_of(entry.operands[operand]) if operand < len(entry.operands) else ()
-    else:
-        shape = _shape_of(entry.outputs[operand]) if operand < len(entry.outputs) else ()
-    pos = int(origin.position)
-    position = tuple(int(i) for i in np.unravel_index(pos, shape)) if shape else ()
-    bits = int(origin.nonfinite_operands)
-    return PassOrigin(pass_name, entry, position,
-                      tuple(int(s) for s in np.asarray(origin.steps)), float(vals[_BAD]),
-                      float(vals[_CT_OUT]), float(vals[_OUT]),
-                      tuple(float(v) for v in vals[_OPS:]), operand,
-                      tuple(j for j in range(N_OPERANDS) if bits >> j & 1),
-                      int(origin.count), int(origin.total))
+    entry = table[index]
+    code = int(np.asarray(summary.code))
+    shape = _shape_of(entry.type)
+    position = tuple(int(i) for i in np.unravel_index(code // 4, shape)) if shape else ()
+    kind = {_NAN: "NaN", _POS_INF: "inf", _NEG_INF: "-inf"}[code % 4]
+    depth = sum(p in ("scan", "cond") for p, _ in entry.within)
+    steps = tuple(int(t) for t in np.asarray(summary.steps)[:depth])
+    details = np.asarray(summary.details, np.float64)
+    bits = int(np.asarray(summary.nonfinite_operands))
+    return PassOrigin(pass_name, entry, position, steps, kind, int(np.asarray(summary.total)),
+                      float(details[_CT_OUT]), float(details[_OUT]),
+                      tuple(float(v) for v in details[_OPS:]),
+                      None if bits < 0 else tuple(j for j in range(N_OPERANDS) if bits >> j & 1))
 
 
 def _shape_of(type_str: str) -> tuple:
@@ -523,13 +561,13 @@ class NonfiniteReport:
 
     ``backward`` / ``forward``: a ``PassOrigin`` (or ``None`` where that pass stayed finite);
     ``grad_nonfinite`` / ``grad_size``: non-finite gradient entries, all gradient entries;
-    ``value_finite``. ``str(report)`` is a sentence. Returned by ``nonfinite_origin`` (``None``
-    instead when all is finite, except under ``jax.jit``, where ``bool(report)`` says whether
-    anything is non-finite). A pytree of arrays, so it can leave a jitted function.
+    ``value_finite``. ``str(report)`` is a sentence; ``to_dict()`` gives plain values. A
+    pytree of arrays, so it can leave a jitted function; ``bool(report)`` says whether
+    anything is non-finite.
     """
 
-    def __init__(self, fwd: Origin, bwd: Origin, value_finite, grad_nonfinite, grad_size: int,
-                 fwd_table: tuple, bwd_table: tuple):
+    def __init__(self, fwd: Summary, bwd: Summary, value_finite, grad_nonfinite,
+                 grad_size: int, fwd_table: tuple, bwd_table: tuple):
         self._fwd, self._bwd = fwd, bwd
         self.value_finite, self.grad_nonfinite = value_finite, grad_nonfinite
         self.grad_size = grad_size
@@ -545,27 +583,44 @@ class NonfiniteReport:
 
     @property
     def forward(self) -> PassOrigin | None:
-        return _read(self._fwd, list(self._fwd_table), "forward")
+        return _read(self._fwd, self._fwd_table, "forward")
 
     @property
     def backward(self) -> PassOrigin | None:
-        return _read(self._bwd, list(self._bwd_table), "backward")
+        return _read(self._bwd, self._bwd_table, "backward")
+
+    def with_details(self, detailed: "NonfiniteReport") -> "NonfiniteReport":
+        """This report with the operand values of ``detailed`` (the targeted run)."""
+        def take(mine: Summary, theirs: Summary) -> Summary:
+            return mine._replace(details=theirs.details,
+                                 nonfinite_operands=theirs.nonfinite_operands)
+        return NonfiniteReport(take(self._fwd, detailed._fwd), take(self._bwd, detailed._bwd),
+                               self.value_finite, self.grad_nonfinite, self.grad_size,
+                               self._fwd_table, self._bwd_table)
+
+    def targets(self) -> dict:
+        """The entry keys of the two origins (what the second, detailed run looks at)."""
+        out = {}
+        for phase, o in (("forward", self.forward), ("backward", self.backward)):
+            if o is not None:
+                out[phase] = o.entry.key
+        return out
 
     def __bool__(self) -> bool:
-        return bool(np.asarray(self._fwd.found) | np.asarray(self._bwd.found)
-                    | ~np.asarray(self.value_finite) | (np.asarray(self.grad_nonfinite) > 0))
+        return bool(int(np.asarray(self._fwd.index)) >= 0 or int(np.asarray(self._bwd.index)) >= 0
+                    or not bool(np.asarray(self.value_finite))
+                    or int(np.asarray(self.grad_nonfinite)) > 0)
 
     def to_dict(self) -> dict:
-        """Plain values for metrics.jsonl."""
+        """Plain values (for metrics.jsonl)."""
         out: dict = {"message": str(self), "grad_nonfinite": int(self.grad_nonfinite),
                      "grad_size": self.grad_size, "value_finite": bool(self.value_finite)}
         for name, o in (("backward", self.backward), ("forward", self.forward)):
             if o is not None:
                 out[name] = {"primitive": o.entry.primitive, "location": o.location,
                              "layer": o.layer, "position": list(o.position),
-                             "scan_steps": [s for s in o.steps if s >= 0],
-                             "bad_value": _fmt(o.bad_value), "explanation": o.explanation(),
-                             "nonfinite_elements": o.count, "equations_nonfinite": o.total}
+                             "scan_steps": list(o.steps), "kind": o.kind,
+                             "explanation": o.explanation(), "equations_nonfinite": o.total}
         return out
 
     def __str__(self) -> str:
@@ -573,12 +628,10 @@ class NonfiniteReport:
             return "The value and the gradient are finite."
         b, f = self.backward, self.forward
         sentences = [str(o) for o in (b, f) if o is not None]
-        if b is not None and f is not None and b.propagated:
+        if b is not None and f is not None and (b.propagated or f.entry.primitive == "input"):
             sentences.reverse()  # the forward origin is the cause: say it first
         if f is None:
             sentences.append("the forward pass was finite")
-        elif b is None:
-            sentences.append("no backward equation turned finite cotangents non-finite")
         n = int(self.grad_nonfinite)
         tail = f"{n:,} of {self.grad_size:,} gradient entries are non-finite"
         if b is not None:
@@ -596,15 +649,15 @@ def nonfinite_origin(fun: Callable, argnums: int | Sequence[int] = 0) -> Callabl
 
     ``value`` and ``grad`` are what ``bpkit.value_and_grad(fun, argnums)`` returns; ``report``
     is ``None`` when both are finite, else a ``NonfiniteReport`` naming where the gradient
-    (backward origin) and the value (forward origin) first became non-finite. Called on
-    concrete arrays it compiles the checks with ``jax.jit`` itself; called inside a traced
-    function (``jax.jit(nonfinite_origin(loss))``) it returns the report as arrays, always
-    (test it with ``bool(report)``).
+    (backward origin) and the value (forward origin) first became non-finite.
+
+    Called on concrete arrays, it compiles the checks itself and, when something is found,
+    runs once more with the origin known to read the operand values there (``sqrt at x =
+    0``). Called inside a traced function (``jax.jit(nonfinite_origin(loss))``) it returns
+    the report as arrays, always (test it with ``bool(report)``), without operand values.
 
         >>> value, grad, report = bpkit.debug.nonfinite_origin(loss)(params, batch)
         >>> if report: print(report)
-        The gradient became NaN at `sqrt` (layer 'mlp/norm', model.py:41 (norm)): sqrt at x = 0:
-        its derivative 1/(2·sqrt(x)) is infinite at x = 0 ...
     """
     argnums_tuple = api._check_argnums(argnums)
 
@@ -626,20 +679,19 @@ def nonfinite_origin(fun: Callable, argnums: int | Sequence[int] = 0) -> Callabl
         names += [f"a constant closed over by {getattr(fun, '__name__', 'the function')} "
                   f"({_type_str(c)})" for c in traced.consts]
         spans = api._leaf_spans(args)
-        wrt = sorted({i for n in argnums_tuple for i in range(*spans[n])})
-
-        def run(consts, leaves):
-            return _run(traced, consts, leaves, wrt, names)
+        wrt = tuple(sorted({i for n in argnums_tuple for i in range(*spans[n])}))
 
         if any(compat.is_tracer(x) for x in list(flat_args) + list(traced.consts)):
-            value, cts, report = run(traced.consts, flat_args)
+            value, cts, report = _run(traced, traced.consts, flat_args, wrt, names, {})
         else:
-            key = (id(traced.jaxpr), tuple(wrt))
-            if key not in _compiled or _compiled[key][0] is not traced.jaxpr:
-                _compiled[key] = (traced.jaxpr, jax.jit(run))
-            value, cts, report = _compiled[key][1](traced.consts, flat_args)
+            value, cts, report = _compiled_run(traced, wrt, names)(traced.consts, flat_args)
             if not report:
                 report = None
+            else:  # again, reading the operand values at the origins (only there)
+                targets = report.targets()
+                _, _, detailed = jax.jit(lambda consts, leaves: _run(
+                    traced, consts, leaves, wrt, names, targets))(traced.consts, flat_args)
+                report = report.with_details(detailed)
         grads = []
         for n in argnums_tuple:
             lo, hi = spans[n]
@@ -656,10 +708,21 @@ def nonfinite_origin(fun: Callable, argnums: int | Sequence[int] = 0) -> Callabl
 _compiled: dict = {}
 
 
-def _run(traced, consts, leaves, wrt: list[int], names: list[str]):
+def _compiled_run(traced, wrt: tuple, names: list):
+    key = (id(traced.jaxpr), wrt)
+    hit = _compiled.get(key)
+    if hit is None or hit[0] is not traced.jaxpr:
+        if len(_compiled) > 64:
+            _compiled.clear()
+        run = jax.jit(lambda consts, leaves: _run(traced, consts, leaves, wrt, names, {}))
+        _compiled[key] = hit = (traced.jaxpr, run)
+    return hit[1]
+
+
+def _run(traced, consts, leaves, wrt: tuple, names: list[str], targets: dict):
     """Forward and backward pass of ``traced`` under a ``NonfiniteObserver``."""
-    obs = NonfiniteObserver()
-    active = [i in set(wrt) and _is_float(x) for i, x in enumerate(leaves)]
+    obs = NonfiniteObserver(targets)
+    active = [i in wrt and _is_float(x) for i, x in enumerate(leaves)]
     with core.observing(obs):
         obs.inputs(names, list(leaves) + list(consts))
         outs, backward, _ = core.vjp_jaxpr(traced.jaxpr, consts, leaves, active)
@@ -669,13 +732,13 @@ def _run(traced, consts, leaves, wrt: list[int], names: list[str]):
             raise TypeError("nonfinite_origin needs a function returning a real scalar; this "
                             f"one returned {aval.str_short()}.")
         cts = backward([jnp.ones((), aval.dtype)] + [None] * (len(outs) - 1))
-    cts = [cts[i] if i in set(wrt) else None for i in range(len(leaves))]
-    grad_leaves = [c for c in cts if c is not None]
-    grad_nonfinite = sum((jnp.sum(~jnp.isfinite(c)).astype(jnp.int32) for c in grad_leaves),
-                         jnp.asarray(0, jnp.int32))
+    cts = [cts[i] if i in wrt else None for i in range(len(leaves))]
+    grad_nonfinite = sum((jnp.sum(~jnp.isfinite(c)).astype(jnp.int32) for c in cts
+                          if c is not None), jnp.asarray(0, jnp.int32))
     grad_size = int(sum(np.size(leaves[i]) for i in wrt if _is_float(leaves[i])))
-    report = NonfiniteReport(obs.fwd.state, obs.bwd.state, jnp.isfinite(value), grad_nonfinite,
-                             grad_size, tuple(obs.fwd.table), tuple(obs.bwd.table))
+    fwd, bwd = obs.logs["forward"], obs.logs["backward"]
+    report = NonfiniteReport(fwd.summary(), bwd.summary(), jnp.isfinite(value), grad_nonfinite,
+                             grad_size, tuple(fwd.entries), tuple(bwd.entries))
     return value, cts, report
 
 
