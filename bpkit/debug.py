@@ -381,7 +381,7 @@ _BACKWARD_WHY: dict = {
     prims.acos_p: (_UNARY, "its derivative -1/sqrt(1 - x²) is infinite at x = ±1"),
     prims.atanh_p: (_UNARY, "its derivative 1/(1 - x²) is infinite at x = ±1"),
     prims.acosh_p: (_UNARY, "its derivative 1/sqrt(x² - 1) is infinite at x = 1"),
-    prims.atan2_p: (_BINARY, "its derivatives y/(x² + y²) and -x/(x² + y²) are 0/0 at "
+    prims.atan2_p: (("y", "x"), "its derivatives x/(x² + y²) and -y/(x² + y²) are 0/0 at "
                              "x = y = 0"),
     prims.erf_inv_p: (_UNARY, "its derivative is infinite at x = ±1"),
     prims.lgamma_p: (_UNARY, "its derivative digamma(x) is infinite at x = 0, -1, -2, ..."),
