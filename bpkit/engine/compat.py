@@ -95,6 +95,11 @@ def name_stack(eqn) -> str:
     return str(eqn.source_info.name_stack)
 
 
+def with_outvars(jaxpr, outvars):
+    """``jaxpr`` returning ``outvars`` (e.g. an intermediate value as an extra output)."""
+    return jaxpr.replace(outvars=list(outvars))
+
+
 def custom_jvp_jaxpr(params: dict, tangent_is_zero: Sequence[bool]):
     """The user's custom JVP rule of a ``custom_jvp_call`` as ``(jaxpr, consts, out_zeros)``.
 
