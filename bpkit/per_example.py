@@ -451,7 +451,11 @@ def _gather_axis(eqn, cls_in, shapes_in, out_shape) -> _Cls:
 
 # ---------------------------------------------------------------------------------- plans
 def _float_dtype(*xs):
-    return jnp.promote_types(jnp.result_type(*xs), jnp.float32)
+    """The dtype the norms are computed in: the widest float of ``xs``, at least float32."""
+    widest = max((jnp.dtype(compat.typeof(x).dtype) for x in xs),
+                 key=lambda d: d.itemsize if jnp.issubdtype(d, jnp.floating) else 0)
+    return widest if jnp.issubdtype(widest, jnp.floating) and widest.itemsize >= 4 \
+        else jnp.dtype(jnp.float32)
 
 
 def _split_batch(x, axis: int, inner: int, B: int):
@@ -905,7 +909,7 @@ def _assemble(sq: dict, flat_args, args, argnums_tuple, spans, argnums, B, dtype
 
 
 def _value_dtype(value):
-    return jnp.promote_types(compat.typeof(value).dtype, jnp.float32)
+    return _float_dtype(value)
 
 
 def per_example_grad_norms(fun: Callable, argnums: int | Sequence[int] = 0,
