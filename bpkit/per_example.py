@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -547,7 +548,9 @@ def _dense_plan(an, eqn, cls_in, ui, out_cls):
 
 @dataclasses.dataclass
 class _ConvPlan:
-    """Convolution of per-example ``lhs`` with a parameter kernel: unfolded patches."""
+    """Convolution of per-example ``lhs`` with a parameter kernel: ``X_b`` holds the input
+    patches (one row per output position, ``C_in · prod(kernel)`` columns), cut out by strided
+    slices."""
 
     leaf: int
     params: dict
@@ -559,15 +562,41 @@ class _ConvPlan:
         dt = _float_dtype(x, d)
         dn = p["dimension_numbers"]
         filt = tuple(invals[1].shape[i] for i in dn.rhs_spec[2:])
-        patches = lax.conv_general_dilated_patches(
-            x.astype(dt), filt, p["window_strides"], p["padding"], p["lhs_dilation"],
-            p["rhs_dilation"], dimension_numbers=dn, precision=lax.Precision.HIGHEST)
+        a = _patches(x.astype(dt), p, filt)                      # (B, out spatial..., C·K)
         perm = (dn.out_spec[0],) + tuple(dn.out_spec[2:]) + (dn.out_spec[1],)
-        a = jnp.transpose(patches, perm)
-        g = jnp.transpose(d.astype(dt), perm)
-        a = a.reshape(self.B, 1, -1, a.shape[-1])
-        g = g.reshape(self.B, 1, -1, g.shape[-1])
-        acc.add(self.leaf, _pair_norms_sq(a, g))
+        g = jnp.transpose(d.astype(dt), perm)                    # (B, out spatial..., C_out)
+        acc.add(self.leaf, _pair_norms_sq(a.reshape(self.B, 1, -1, a.shape[-1]),
+                                          g.reshape(self.B, 1, -1, g.shape[-1])))
+
+
+def _patches(x, p, filt):
+    """The convolution's input patches, ``(N, out spatial..., C_in · prod(filt))``: the padded
+    input (channels last) sliced once per kernel offset with the window strides."""
+    dn = p["dimension_numbers"]
+    x = jnp.transpose(x, (dn.lhs_spec[0],) + tuple(dn.lhs_spec[2:]) + (dn.lhs_spec[1],))
+    if any(d != 1 for d in p["lhs_dilation"]):  # transposed convolutions: XLA's own unfold
+        return lax.conv_general_dilated_patches(
+            x, filt, p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"],
+            dimension_numbers=lax.conv_dimension_numbers(
+                x.shape, (1, 1) + tuple(filt), _channels_last(len(filt))),
+            precision=lax.Precision.HIGHEST)
+    strides, dil = tuple(p["window_strides"]), tuple(p["rhs_dilation"])
+    zero = jnp.zeros((), x.dtype)
+    x = lax.pad(x, zero, [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in p["padding"]] + [(0, 0, 0)])
+    spatial = x.shape[1:-1]
+    out = [(n - (f - 1) * r - 1) // s + 1 for n, f, r, s in zip(spatial, filt, dil, strides)]
+    cols = []
+    for offset in itertools.product(*(range(f) for f in filt)):
+        start = [0] + [o * r for o, r in zip(offset, dil)] + [0]
+        limit = ([x.shape[0]] + [b + (m - 1) * s + 1 for b, m, s in zip(start[1:], out, strides)]
+                 + [x.shape[-1]])
+        cols.append(lax.slice(x, start, limit, (1,) + strides + (1,)))
+    return jnp.concatenate(cols, axis=-1)
+
+
+def _channels_last(nd: int) -> tuple:
+    spatial = "HWDXYZ"[:nd]
+    return (f"N{spatial}C", f"OI{spatial}", f"N{spatial}C")
 
 
 def _conv_plan(an, eqn, cls_in, ui, out_cls):
