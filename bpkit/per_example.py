@@ -465,20 +465,26 @@ def _split_batch(x, axis: int, inner: int, B: int):
     return x.reshape(shape[:axis] + (B, inner) + shape[axis + 1:])
 
 
-def _pair_norms_sq(a, d):
-    """``Σ_h ||A_bh^T D_bh||²`` for ``a (B, H, T, C)`` and ``d (B, H, T, G)``: the ghost form
-    ``Σ_{t,s}(a_t·a_s)(d_t·d_s)`` or the direct product, whichever costs fewer flops."""
-    B, H, T, C = a.shape
-    G = d.shape[-1]
+def _pair_norms_sq(parts, d):
+    """``Σ_h ||A_bh^T D_bh||²`` for ``A = [parts...]`` (each ``(B, H, T, C_k)``, joined along
+    the last axis) and ``d (B, H, T, G)``: the pairwise ("ghost") form
+    ``Σ_{t,s} (a_t·a_s)(d_t·d_s)`` or the direct product, whichever costs fewer flops. ``A`` is
+    never joined: both forms are sums over its parts."""
+    B, H, T, _ = d.shape
+    C, G = sum(a.shape[-1] for a in parts), d.shape[-1]
     hi = lax.Precision.HIGHEST
     if T == 1:
-        return jnp.sum(jnp.sum(a * a, axis=(2, 3)) * jnp.sum(d * d, axis=(2, 3)), axis=1)
+        aa = sum(jnp.sum(a * a, axis=(2, 3)) for a in parts)
+        return jnp.sum(aa * jnp.sum(d * d, axis=(2, 3)), axis=1)
     if T * (C + G) <= C * G:
-        aa = jnp.einsum("bhtc,bhsc->bhts", a, a, precision=hi)
+        aa = sum(jnp.einsum("bhtc,bhsc->bhts", a, a, precision=hi) for a in parts)
         dd = jnp.einsum("bhtg,bhsg->bhts", d, d, precision=hi)
         return jnp.sum(aa * dd, axis=(1, 2, 3))
-    g = jnp.einsum("bhtc,bhtg->bhcg", a, d, precision=hi)
-    return jnp.sum(g * g, axis=(1, 2, 3))
+    total = 0
+    for a in parts:
+        g = jnp.einsum("bhtc,bhtg->bhcg", a, d, precision=hi)
+        total = total + jnp.sum(g * g, axis=(1, 2, 3))
+    return total
 
 
 @dataclasses.dataclass
@@ -501,7 +507,7 @@ class _DensePlan:
         nb, T, C, G = self.sizes
         a = jnp.transpose(_split_batch(x.astype(dt), self.k, self.inner, self.B), self.x_perm)
         g = jnp.transpose(_split_batch(d.astype(dt), self.pk, self.inner, self.B), self.d_perm)
-        acc.add(self.leaf, _pair_norms_sq(a.reshape(self.B, nb, T, C),
+        acc.add(self.leaf, _pair_norms_sq([a.reshape(self.B, nb, T, C)],
                                           g.reshape(self.B, nb, T, G)))
 
 
@@ -549,8 +555,8 @@ def _dense_plan(an, eqn, cls_in, ui, out_cls):
 @dataclasses.dataclass
 class _ConvPlan:
     """Convolution of per-example ``lhs`` with a parameter kernel: ``X_b`` holds the input
-    patches (one row per output position, ``C_in · prod(kernel)`` columns), cut out by strided
-    slices."""
+    patches (one row per output position, ``C_in · prod(kernel)`` columns), taken one kernel
+    offset at a time (strided slices) and never joined."""
 
     leaf: int
     params: dict
@@ -562,24 +568,39 @@ class _ConvPlan:
         dt = _float_dtype(x, d)
         dn = p["dimension_numbers"]
         filt = tuple(invals[1].shape[i] for i in dn.rhs_spec[2:])
-        a = _patches(x.astype(dt), p, filt)                      # (B, out spatial..., C·K)
         perm = (dn.out_spec[0],) + tuple(dn.out_spec[2:]) + (dn.out_spec[1],)
         g = jnp.transpose(d.astype(dt), perm)                    # (B, out spatial..., C_out)
-        acc.add(self.leaf, _pair_norms_sq(a.reshape(self.B, 1, -1, a.shape[-1]),
-                                          g.reshape(self.B, 1, -1, g.shape[-1])))
+        g = g.reshape(self.B, 1, -1, g.shape[-1])
+        T, G = g.shape[2], g.shape[3]
+        c_in = x.shape[dn.lhs_spec[1]]
+        C = c_in * int(np.prod(filt))
+        padded = [n + lo + hi for n, (lo, hi) in zip((x.shape[i] for i in dn.lhs_spec[2:]),
+                                                     p["padding"])]
+        pairwise = T * (C + G) <= C * G and T > 1
+        if pairwise and int(np.prod(padded)) ** 2 <= T * C and \
+                all(r == 1 for r in p["lhs_dilation"]):
+            # a_t·a_s from the Gram matrix of the padded input positions (smaller than the
+            # patches): the sum over kernel offsets of its strided diagonal blocks
+            aa = _patch_gram(x.astype(dt), p, filt).reshape(self.B, 1, T, T)
+            dd = jnp.einsum("bhtg,bhsg->bhts", g, g, precision=lax.Precision.HIGHEST)
+            acc.add(self.leaf, jnp.sum(aa * dd, axis=(1, 2, 3)))
+            return
+        taps = [a.reshape(self.B, 1, T, a.shape[-1])              # (B, 1, T, C) each
+                for a in _patches(x.astype(dt), p, filt)]
+        acc.add(self.leaf, _pair_norms_sq(taps, g))
 
 
 def _patches(x, p, filt):
-    """The convolution's input patches, ``(N, out spatial..., C_in · prod(filt))``: the padded
-    input (channels last) sliced once per kernel offset with the window strides."""
+    """The convolution's input patches as one ``(N, out spatial..., C_in)`` array per kernel
+    offset: the padded input (channels last) sliced with the window strides."""
     dn = p["dimension_numbers"]
     x = jnp.transpose(x, (dn.lhs_spec[0],) + tuple(dn.lhs_spec[2:]) + (dn.lhs_spec[1],))
     if any(d != 1 for d in p["lhs_dilation"]):  # transposed convolutions: XLA's own unfold
-        return lax.conv_general_dilated_patches(
+        return [lax.conv_general_dilated_patches(
             x, filt, p["window_strides"], p["padding"], p["lhs_dilation"], p["rhs_dilation"],
             dimension_numbers=lax.conv_dimension_numbers(
                 x.shape, (1, 1) + tuple(filt), _channels_last(len(filt))),
-            precision=lax.Precision.HIGHEST)
+            precision=lax.Precision.HIGHEST)]
     strides, dil = tuple(p["window_strides"]), tuple(p["rhs_dilation"])
     zero = jnp.zeros((), x.dtype)
     x = lax.pad(x, zero, [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in p["padding"]] + [(0, 0, 0)])
@@ -591,7 +612,32 @@ def _patches(x, p, filt):
         limit = ([x.shape[0]] + [b + (m - 1) * s + 1 for b, m, s in zip(start[1:], out, strides)]
                  + [x.shape[-1]])
         cols.append(lax.slice(x, start, limit, (1,) + strides + (1,)))
-    return jnp.concatenate(cols, axis=-1)
+    return cols
+
+
+def _patch_gram(x, p, filt):
+    """``(N, T, T)``: the dot products of every two input patches of the convolution, from
+    the Gram matrix of the padded input's positions (``(N, P, P)``, ``P`` positions)."""
+    dn = p["dimension_numbers"]
+    x = jnp.transpose(x, (dn.lhs_spec[0],) + tuple(dn.lhs_spec[2:]) + (dn.lhs_spec[1],))
+    strides, dil = tuple(p["window_strides"]), tuple(p["rhs_dilation"])
+    zero = jnp.zeros((), x.dtype)
+    x = lax.pad(x, zero, [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in p["padding"]] + [(0, 0, 0)])
+    n, spatial, c = x.shape[0], x.shape[1:-1], x.shape[-1]
+    flat = x.reshape(n, -1, c)
+    gram = jnp.einsum("npc,nqc->npq", flat, flat, precision=lax.Precision.HIGHEST)
+    gram = gram.reshape((n,) + spatial + spatial)
+    nd = len(spatial)
+    out = [(m - (f - 1) * r - 1) // s + 1 for m, f, r, s in zip(spatial, filt, dil, strides)]
+    total = 0
+    for offset in itertools.product(*(range(f) for f in filt)):
+        start = [o * r for o, r in zip(offset, dil)]
+        limit = [b + (m - 1) * s + 1 for b, m, s in zip(start, out, strides)]
+        block = lax.slice(gram, [0] + start + start, [n] + limit + limit,
+                          (1,) + strides + strides)
+        total = total + block
+    t = int(np.prod(out))
+    return jnp.reshape(total, (n, t, t)) if nd else total
 
 
 def _channels_last(nd: int) -> tuple:

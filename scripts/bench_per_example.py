@@ -15,7 +15,7 @@ cross-entropy loss, four jitted functions of ``(params, batch)``:
   pass seeded with the clip factors), against the baseline.
 
 Times are medians of interleaved runs (all functions run in turn, so machine noise hits each
-alike); memory is XLA's scratch memory of each compiled function
+alike; at least 2 s of baseline runs per model); memory is XLA's scratch memory of each compiled function
 (``memory_analysis().temp_size_in_bytes``). Ratios are against value_and_grad.
 """
 from __future__ import annotations
@@ -69,7 +69,8 @@ def temp_mib(compiled) -> float:
     return stats.temp_size_in_bytes / 2**20 if stats is not None else float("nan")
 
 
-def bench(name: str, bm, reps: int, batch_size: int | None) -> list[dict]:
+def bench(name: str, bm, reps: int, batch_size: int | None, min_seconds: float = 2.0
+          ) -> list[dict]:
     rng = np.random.default_rng(0)
     batch = tuple(jnp.asarray(a) for a in bm.batch(rng))
     if batch_size:
@@ -87,23 +88,35 @@ def bench(name: str, bm, reps: int, batch_size: int | None) -> list[dict]:
     ghost = compiled["ghost norms"](params, batch)
     ref = compiled["vmap(jax.grad) norms"](params, batch)
     err = float(jnp.max(jnp.abs(ghost - ref) / ref))
-    for _ in range(2):
-        for c in compiled.values():
-            jax.block_until_ready(c(params, batch))
-    for _ in range(reps):
-        for fname, c in compiled.items():
-            t = time.perf_counter()
-            jax.block_until_ready(c(params, batch))
-            rows[fname]["times"].append(time.perf_counter() - t)
-    base = rows["value_and_grad"]
-    base_ms = 1e3 * statistics.median(base["times"])
+    t = time.perf_counter()
+    jax.block_until_ready(compiled["value_and_grad"](params, batch))
+    reps = max(reps, int(min_seconds / max(time.perf_counter() - t, 1e-6)))  # fast models: more
+    # Two groups, each interleaved with its own baseline runs: a 200 ms vmap run just before
+    # a 5 ms step slows that step (measured up to 3x on the MLP), so the cheap functions are
+    # not timed between the expensive ones.
+    groups = [["value_and_grad", "ghost norms", "DP-SGD step (clipped grad)"],
+              ["value_and_grad", "vmap(bpkit.grad) norms", "vmap(jax.grad) norms"]]
     out = []
-    for r in rows.values():
-        ms = 1e3 * statistics.median(r.pop("times"))
-        r.update(ms=ms, time_ratio=ms / base_ms,
-                 memory_ratio=r["temp_mib"] / base["temp_mib"] if base["temp_mib"] else None,
-                 max_rel_err_vs_vmap=err)
-        out.append(r)
+    for g, names in enumerate(groups):
+        times = {n: [] for n in names}
+        for _ in range(2):
+            for n in names:
+                jax.block_until_ready(compiled[n](params, batch))
+        for _ in range(reps if g == 0 else max(3, reps // 10)):
+            for n in names:
+                t = time.perf_counter()
+                jax.block_until_ready(compiled[n](params, batch))
+                times[n].append(time.perf_counter() - t)
+        base_ms = 1e3 * statistics.median(times["value_and_grad"])
+        for n in names[(1 if g else 0):]:
+            r = dict(rows[n])
+            r.pop("times")
+            ms = 1e3 * statistics.median(times[n])
+            base_mem = rows["value_and_grad"]["temp_mib"]
+            r.update(ms=ms, time_ratio=ms / base_ms, reps=len(times[n]),
+                     memory_ratio=r["temp_mib"] / base_mem if base_mem else None,
+                     max_rel_err_vs_vmap=err)
+            out.append(r)
     return out
 
 

@@ -88,7 +88,7 @@ def test_weights_on_the_left_and_batch_not_first():
 
 
 def test_conv1d():
-    model = models.cnn1d(in_length=12, channels=(3, 2), kernel_size=3, num_classes=4)
+    model = models.cnn1d(in_length=12, channels=(8, 4), kernel_size=3, num_classes=4)
     params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), model.init(K[5]))
     batch = {"x": _normal(K[6], (3, 12), 1.0), "y": jnp.array([0, 3, 1])}
     loss = lambda p, b: jnp.mean(ce(model.apply(p, b["x"]), b["y"]))  # noqa: E731
