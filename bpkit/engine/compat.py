@@ -11,6 +11,15 @@ The rest of bpkit reads jaxprs only through these helpers:
 * ``custom_vjp_parts`` / ``custom_jvp_jaxpr``: reading the user's rules out of the
   ``custom_vjp_call`` / ``custom_jvp_call`` equations (their shapes changed between releases).
 * ``CHOLESKY_TANGENT_FROM_LOWER``: which part of its input JAX's Cholesky derivative reads.
+* ``shard_map_params`` / ``shard_map`` / ``parallel_primitive`` / ``varying_axes``: explicit SPMD
+  (``check_rep`` became ``check_vma``; the collectives are not exported by ``jax.extend``; the
+  replication types of values inside a ``shard_map`` body), see the section at the end.
+* ``COMPLEX_SIGN_IS_DIFFERENTIABLE``: JAX 0.12 differentiates ``sign`` of a complex number (its
+  angle), JAX 0.10 takes it to be constant.
+
+The complex, FFT and special-function primitives (``real imag complex conj fft igamma
+igammac polygamma zeta bessel_i0e bessel_i1e regularized_incomplete_beta random_gamma``) and
+their parameters are the same on both ends; ``random_gamma_grad`` is no primitive on either.
 
 None of these touch JAX's differentiation machinery: they read jaxprs and call the user's own
 custom rules.
@@ -74,6 +83,11 @@ def eval_eqn(eqn, invals: Sequence[Any]) -> list:
     with source_context(eqn), eqn.ctx.manager:
         out = eqn.primitive.bind(*invals, **bind_params)
     return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def eval_jaxpr(jaxpr, consts: Sequence[Any], *args) -> list:
+    """Evaluate an open jaxpr (as ``jax.core.eval_jaxpr``), e.g. a reduction's computation."""
+    return _core.eval_jaxpr(jaxpr, list(consts), *args)
 
 
 def source_context(eqn):
@@ -172,15 +186,53 @@ def float0_zeros(aval):
     return np.zeros(aval.shape, dtype=jax.dtypes.float0)
 
 
+def current_trace():
+    """The trace JAX is recording into now (``EvalTrace`` when eager); compared by identity to
+    tell a nested trace (a loop body being traced) from the one an observer watches."""
+    return _core.trace_ctx.trace
+
+
 def is_tracer(x) -> bool:
     return isinstance(x, _core.Tracer)
 
 
-def internal_primitive(name: str):
-    """A lax primitive that ``jax.extend`` does not export (e.g. ``unstack_p``, new in 0.11),
-    or ``None`` on releases that do not have it."""
+def _complex_sign_is_differentiable() -> bool:
+    """JAX 0.10 takes the derivative of ``sign`` to be zero everywhere; JAX 0.12 differentiates
+    ``sign`` of a complex number (its angle moves). Detected by the presence of JAX's own
+    complex-aware JVP function (only its presence is read; bpkit never calls it)."""
     from jax._src.lax import lax as _lax_internal
-    return getattr(_lax_internal, name, None)
+    return hasattr(_lax_internal, "_sign_jvp_rule")
+
+
+COMPLEX_SIGN_IS_DIFFERENTIABLE = _complex_sign_is_differentiable()
+# Where JAX keeps the primitives that neither jax.lax nor jax.extend exports on every release.
+_INTERNAL_MODULES = ("jax._src.lax.lax", "jax._src.lax.control_flow", "jax._src.lax.ann",
+                     "jax._src.lax.windowed_reductions", "jax._src.ad_util",
+                     "jax._src.ad_checkpoint", "jax._src.custom_derivatives", "jax._src.pjit",
+                     "jax._src.lax.scaled_dot", "jax._src.lax.control_flow.loops",
+                     "jax._src.lax.eval_jaxpr", "jax._src.debugging", "jax._src.callback",
+                     "jax._src.hijax", "jax._src.interpreters.ad", "jax._src.core",
+                     "jax._src.state.primitives",
+                     "jax._src.random.prng", "jax._src.random.core",
+                     "jax._src.random.threefry4x32", "jax._src.random.philox2x32",
+                     "jax._src.random.philox4x32")
+
+
+def internal_primitive(name: str):
+    """A primitive that ``jax.extend`` does not export on every release (e.g. ``unstack_p``,
+    new in 0.11, or ``name_p`` of ``checkpoint_name``), looked up by its attribute name in
+    JAX's internal modules; ``None`` on releases that do not have it."""
+    import importlib
+    import jax.extend.core.primitives as prims
+    for module in (prims, jax.lax, *_INTERNAL_MODULES):
+        try:
+            mod = importlib.import_module(module) if isinstance(module, str) else module
+        except ImportError:
+            continue
+        p = getattr(mod, name, None)
+        if isinstance(p, Primitive):
+            return p
+    return None
 
 
 # The Cholesky derivative of JAX 0.10.2 uses the whole tangent dΣ; JAX 0.12 first builds the
@@ -192,3 +244,89 @@ CHOLESKY_TANGENT_FROM_LOWER = JAX_VERSION >= (0, 11, 0)
 def as_array(x):
     """Python scalars become (weakly typed) JAX arrays so rules can rely on ``.dtype``."""
     return jax.numpy.asarray(x) if isinstance(x, (bool, int, float, complex)) else x
+
+
+# --- explicit SPMD: shard_map and the collectives ------------------------------------------------
+# ``jax.shard_map`` (public from 0.10) stages the primitive ``shard_map`` with parameters ``mesh,
+# in_specs, out_specs, check_vma, newly_manual_axes, jaxpr``; older releases (the
+# ``jax.experimental.shard_map`` module) called ``check_vma`` ``check_rep`` and named the axes
+# left automatic (``auto``) instead of the manual ones. ``jax.pmap`` lowers to ``jit`` of a
+# ``shard_map`` on every supported release (there is no ``xla_pmap`` primitive any more), so the
+# shard_map rule differentiates pmap too. The collectives live in ``jax._src.lax.parallel``
+# (``jax.extend`` does not export them); ``pvary`` (invariant -> varying over mesh axes, the
+# type cast that ``check_vma`` inserts) lives in ``jax._src.core``.
+from jax._src import config as _config  # noqa: E402
+from jax._src import shard_map as _shard_map_module  # noqa: E402
+from jax._src.lax import parallel as _parallel  # noqa: E402
+
+shard_map_p = _shard_map_module.shard_map_p
+pvary_p = getattr(_core, "pvary_p", None)
+
+
+def parallel_primitive(name: str):
+    """A collective's primitive object (``psum_p``, ``all_gather_p``...), ``None`` if absent."""
+    return getattr(_parallel, name, None)
+
+
+def shard_map_params(params: dict):
+    """``(body, consts, check_vma, manual_axes)`` of a ``shard_map`` equation: the per-shard
+    body as an open jaxpr with its constants, whether replication is type-checked, and the mesh
+    axes the body is manual over (the axes its collectives may name)."""
+    body = params["jaxpr"]
+    body, consts = open_jaxpr(body) if hasattr(body, "jaxpr") else (body, [])
+    check_vma = params["check_vma"] if "check_vma" in params else params["check_rep"]
+    if "newly_manual_axes" in params:
+        manual = frozenset(params["newly_manual_axes"])
+    else:
+        manual = frozenset(params["mesh"].axis_names) - frozenset(params.get("auto", ()))
+    return body, list(consts), bool(check_vma), manual
+
+
+def shard_map(fun, *, mesh, in_specs, out_specs, check_vma: bool, manual_axes):
+    """``jax.shard_map`` over ``manual_axes`` of ``mesh`` (with the older spelling on releases
+    that predate it)."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(fun, mesh=mesh, in_specs=tuple(in_specs),
+                             out_specs=tuple(out_specs), check_vma=check_vma,
+                             axis_names=set(manual_axes))
+    from jax.experimental.shard_map import shard_map as _legacy  # pragma: no cover
+    return _legacy(fun, mesh=mesh, in_specs=tuple(in_specs), out_specs=tuple(out_specs),
+                   check_rep=check_vma,
+                   auto=frozenset(mesh.axis_names) - frozenset(manual_axes))
+
+
+def varying_axes(aval) -> frozenset:
+    """The mesh axes over which a value inside a ``check_vma`` shard_map may differ per shard."""
+    mat = getattr(aval, "mat", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def cotangent_spec(spec):
+    """The partition spec of a cotangent of a value laid out by ``spec`` (reduced and unreduced
+    axes swap roles; a plain spec is its own cotangent spec)."""
+    return spec.to_ct_spec() if hasattr(spec, "to_ct_spec") else spec
+
+
+def shape_struct(aval) -> jax.ShapeDtypeStruct:
+    """A ``jax.ShapeDtypeStruct`` for tracing a function on values of type ``aval``, keeping the
+    mesh axes it varies over (inside a ``check_vma`` shard_map the type includes them)."""
+    mat = getattr(aval, "mat", None)
+    if mat is not None and mat.varying:
+        return jax.ShapeDtypeStruct(aval.shape, aval.dtype, sharding=aval.sharding,
+                                    manual_axis_type=mat)
+    return jax.ShapeDtypeStruct(aval.shape, aval.dtype)
+
+
+def match_varying(x, like):
+    """``x`` cast to vary over the mesh axes ``like`` varies over (zeros and constants built
+    inside a ``check_vma`` shard_map are invariant until cast; outside one this is ``x``)."""
+    missing = varying_axes(typeof(like)) - varying_axes(typeof(x))
+    return jax.lax.pcast(x, tuple(sorted(missing, key=str)), to="varying") if missing else x
+
+
+def trace_context() -> tuple:
+    """What a trace depends on besides its input types: the named axes in scope (inside a
+    shard_map body, with their sizes) and whether replication is type-checked there."""
+    sizes = getattr(_core.get_axis_env(), "axis_sizes", {})
+    check = getattr(getattr(_config, "_check_vma", None), "value", None)
+    return tuple(sorted(sizes.items(), key=lambda kv: str(kv[0]))), check

@@ -6,8 +6,10 @@ The whole algorithm (compare JAX's autodidax, ``eval_jaxpr_transposed``):
    types, so eager calls with the same shapes do not trace again).
 2. **Forward pass**: evaluate the equations in order, keeping every value in ``primal_env``.
    An input is *active* when it is differentiated and floating point; an equation with an
-   active input is *on the tape*: its rule is looked up, and its outputs become active.
-   Everything else (integer index arithmetic, random bits, masks) is evaluated and forgotten.
+   active input and a floating-point output is *on the tape*: its rule is looked up, and its
+   outputs become active. Everything else (integer index arithmetic, random bits, masks,
+   comparisons) is evaluated and forgotten: an equation without a floating-point output can
+   carry no cotangent, so it never needs a rule.
 3. **Backward pass**: seed the output cotangents, walk the tape in reverse, pull each
    equation's output cotangents back through its hand-written rule, and accumulate the input
    cotangents in ``ct_env`` by addition. A cotangent that is known to be zero is simply absent
@@ -43,9 +45,11 @@ CHECK_RULE_OUTPUTS = False
 #   nested(eqn, backward) -> context manager      around the rule of ``eqn`` (its forward rule,
 #                                                 or with backward=True its pullback), inside
 #                                                 which nested jaxprs (jit, remat...) are seen.
-# Rules that trace a nested function in a separate trace (scan, cond) use ``fork``/``join`` of
-# the observer, or suspend it (``observing(None)``) where it has none; see rules/control.py.
-_observer = None
+# An observer sees only equations evaluated in the trace it was installed in: inside a nested
+# trace (a loop body that a rule traces) it is not current, so no tracer can leak out. The scan
+# and cond rules follow it in explicitly (``fork``, ``join_scan``/``join_switch``, see
+# rules/control.py) when it can (``fork`` returns None where it cannot).
+_observer = None   # (observer, the trace it watches) or None
 # Calls whose body an observer sees even off the differentiated path (evaluated by their
 # forward rule instead of being bound whole).
 _CALLS = {p for p in (getattr(_prims, "jit_p", None), getattr(_prims, "pjit_p", None),
@@ -53,16 +57,20 @@ _CALLS = {p for p in (getattr(_prims, "jit_p", None), getattr(_prims, "pjit_p", 
 
 
 def current_observer():
-    """The active equation observer, or ``None`` (see ``observing``)."""
-    return _observer
+    """The active equation observer, or ``None`` (none, or JAX is tracing a nested function
+    now, not the computation the observer watches; see ``observing``)."""
+    if _observer is None or _observer[1] is not compat.current_trace():
+        return None
+    return _observer[0]
 
 
 @contextlib.contextmanager
 def observing(observer):
-    """Make ``observer`` see every equation the engine evaluates inside this context
-    (``None``: nothing is observed, e.g. inside a nested trace the observer cannot follow)."""
+    """Make ``observer`` see every equation the engine evaluates inside this context, in the
+    current trace (``None``: nothing is observed)."""
     global _observer
-    saved, _observer = _observer, observer
+    saved = _observer
+    _observer = None if observer is None else (observer, compat.current_trace())
     try:
         yield observer
     finally:
@@ -91,7 +99,7 @@ def trace(fun: Callable, flat_args: Sequence[Any], in_tree) -> Traced:
 
     ``flat_args`` are the leaves of the pytree ``(args, kwargs)`` whose structure is ``in_tree``.
     """
-    key = (in_tree, tuple(_type_key(x) for x in flat_args))
+    key = (in_tree, tuple(_type_key(x) for x in flat_args), compat.trace_context())
     try:
         per_fun = _trace_cache.setdefault(fun, {})
     except TypeError:  # not weak-referenceable (e.g. some builtins): no caching
@@ -113,7 +121,8 @@ def trace(fun: Callable, flat_args: Sequence[Any], in_tree) -> Traced:
 
 def _type_key(x):
     aval = compat.typeof(x)
-    return (aval.shape, aval.dtype, getattr(aval, "weak_type", False))
+    return (aval.shape, aval.dtype, getattr(aval, "weak_type", False),
+            compat.varying_axes(aval))
 
 
 def vjp_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any], active_in: Sequence[bool]):
@@ -136,14 +145,15 @@ def vjp_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any], active_in: Sequ
         if a and compat.is_inexact(v.aval):
             active.add(v)
 
-    obs = _observer
+    obs = current_observer()
     # (eqn, pullback, record) for each equation on the differentiated path, in order; the
     # record (inputs, outputs) is kept only for an observer.
     tape = []
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         active_mask = [isinstance(v, compat.Var) and v in active for v in eqn.invars]
-        if not any(active_mask) or eqn.primitive in registry.nondiff_primitives:
+        if (not any(active_mask) or eqn.primitive in registry.nondiff_primitives
+                or not any(compat.is_inexact(v.aval) for v in eqn.outvars)):
             if obs is not None and eqn.primitive in _CALLS:  # let the observer see inside
                 with obs.nested(eqn, backward=False):
                     outs, _ = _forward_with_rule(eqn, invals, active_mask)
@@ -169,7 +179,7 @@ def vjp_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any], active_in: Sequ
         """Pull ``cts_out`` back to the inputs; ``observe(var, ct)``, if given, sees the final
         cotangent of every variable on the tape (the hook behind backward-signal diagnostics)."""
         ct_env: dict = {}
-        obs = _observer
+        obs = current_observer()
         for v, ct, a in zip(jaxpr.outvars, cts_out, active_out):
             if a and ct is not None:
                 _accumulate(ct_env, v, ct)
