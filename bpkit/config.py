@@ -140,6 +140,11 @@ class DiagnosticsConfig:
     every: int = 0                        # steps between backward-signal logs (0: off)
     vanish_ratio: float = 1e-3            # warn below this x the top layer's signal
     explode_ratio: float = 1e3            # warn above this x the top layer's signal
+    health: bool = True                   # per-layer health with the signals (every > 0)
+    dead_fraction: float = 0.25           # warn when a larger fraction of a layer's units is dead
+    update_ratio_min: float = 1e-4        # warn when a layer's ||update|| / ||params|| is below
+    update_ratio_max: float = 1e-1        # ... or above this (Karpathy's rule of thumb: ~1e-3)
+    explain_nonfinite: bool = True        # on a non-finite update: trace where it came from
 
 
 @dataclass

@@ -150,6 +150,9 @@ DOMAINS: dict[str, Domain] = {
     "diagnostics.every": _count(0, example=100, why="0 turns backward-signal logging off."),
     "diagnostics.vanish_ratio": Domain(**_POSITIVE, example=1e-3),
     "diagnostics.explode_ratio": Domain(**_POSITIVE, example=1e3),
+    "diagnostics.dead_fraction": Domain(0.0, 1.0, lo_open=True, example=0.25),
+    "diagnostics.update_ratio_min": Domain(**_POSITIVE, example=1e-4),
+    "diagnostics.update_ratio_max": Domain(**_POSITIVE, example=1e-1),
 }
 
 
@@ -339,6 +342,12 @@ def config_problems(cfg) -> list[str]:
         problems.append(f"diagnostics.vanish_ratio ({g.vanish_ratio}) and "
                         f"diagnostics.explode_ratio ({g.explode_ratio}) must satisfy "
                         "0 < vanish_ratio < explode_ratio; swap or change them.")
+    if DOMAINS["diagnostics.update_ratio_min"].contains(g.update_ratio_min) and \
+            DOMAINS["diagnostics.update_ratio_max"].contains(g.update_ratio_max) and \
+            not g.update_ratio_min < g.update_ratio_max:
+        problems.append(f"diagnostics.update_ratio_min ({g.update_ratio_min}) and "
+                        f"diagnostics.update_ratio_max ({g.update_ratio_max}) must satisfy "
+                        "update_ratio_min < update_ratio_max; swap or change them.")
     return problems
 
 

@@ -29,7 +29,7 @@ from bpkit.config import Config, ConfigError
 from bpkit.data import dataset_from_config, eval_batches, train_batch
 from bpkit.paths import resolve_paths
 from bpkit.train import checkpoint as ckpt
-from bpkit.train import resume, stopping
+from bpkit.train import explain, resume, stopping
 from bpkit.train.optim import build_optimizer
 from bpkit.train.rundir import RunDir
 from bpkit.train.signals import make_signals_fn, signals_to_host, warnings_for
@@ -335,6 +335,8 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
             host = jax.tree_util.tree_map(lambda x: x[rows], host)
         return sharding.global_batch(host, mesh, cfg.data.batch_size)
 
+    replay = explain.Replay(lambda: init_state(cfg, task, tx), lambda s: place_state(s, mesh),
+                            step_fn, load, run.ckpt_dir, set())
     con.bar = _progress(cfg, start) if run.main else None
     window = MetricsWindow(cfg.run.on_nonfinite, cfg.run.max_skipped, run.newest_checkpoint,
                            con.warn)
@@ -349,6 +351,7 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
         """Read the pending device metrics (applying the non-finite policy); log the window."""
         nonlocal last_train, t_loop, step_at_t
         window_rec = window.take(step)
+        explain.explain_update(cfg, task, window.first_skipped, replay, con, run.metrics)
         if window_rec is None:
             return
         del window_rec["step"]
@@ -443,10 +446,11 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
                 run_eval(step)
             if start < cfg.run.steps or not ckpt.complete_steps(run.ckpt_dir):
                 save(step)
-        except NonFiniteLoss:
+        except NonFiniteLoss as e:
             last = window.record()  # the window up to the step that stopped the run
             if last is not None:
                 run.metrics.write({"step": last.pop("step"), "split": "train", **last})
+            explain.explain_update(cfg, task, e.step, replay, con, run.metrics)
             raise
         except Interrupted as e:
             if e.saved_step is None:
