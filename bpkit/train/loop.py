@@ -32,7 +32,7 @@ from bpkit.train import checkpoint as ckpt
 from bpkit.train import explain, resume, stopping
 from bpkit.train.optim import build_optimizer
 from bpkit.train.rundir import RunDir
-from bpkit.train.signals import make_signals_fn, signals_to_host, warnings_for
+from bpkit.train.signals import SignalReporter, make_signals_fn, signals_to_host
 from bpkit.train.state import TrainState
 from bpkit.train.step import evaluate, make_eval_step, make_gan_step, make_train_step
 from bpkit.train.stopping import Interrupted
@@ -186,16 +186,17 @@ def eval_inputs(task: Task, state: TrainState):
     return (state.params, state.model_state) if task.stateful else state.params
 
 
-def make_signals(cfg: Config, task: Task) -> Callable:
+def make_signals(cfg: Config, task: Task, tx=None) -> Callable:
     """The jitted backward-signals function of ``cfg``'s train loss (see train/signals.py):
-    ``signals(params, signal_batch(task, batch, state), key)``."""
+    ``signals(params, signal_batch(task, batch, state), key, opt_state)``."""
     compute = jnp.bfloat16 if cfg.model.compute_dtype == "bfloat16" else None
     def bundled_loss(params, bundle, key):  # the model state travels with the batch
         batch, model_state = bundle
         return task.loss_fn(params, batch, key, model_state)
 
     return make_signals_fn(bundled_loss if task.stateful else task.loss_fn,
-                           engine=cfg.run.engine, has_aux=True, compute_dtype=compute)
+                           engine=cfg.run.engine, has_aux=True, compute_dtype=compute,
+                           optimizer=tx, health=cfg.diagnostics.health)
 
 
 def signal_batch(task: Task, batch, state: TrainState):
@@ -293,7 +294,7 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
     start, state = resume.restore_or_start(run.ckpt_dir, state, cfg.run.resume, con.warn)
     run.begin(cfg, start)  # the first write into the run directory
     step_fn, eval_step = make_steps(cfg, task, tx, schedule)
-    signals_fn = make_signals(cfg, task) if every else None
+    signals_fn = make_signals(cfg, task, tx) if every else None
 
     devices = [str(d) for d in mesh.devices.flat]
     con.out(f"  model   {cfg.model.name} {task.model_args or ''}: "
@@ -343,7 +344,8 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     pending_signals: list[tuple[int, Any]] = []
-    warned: set[tuple[str, str]] = set()
+    reporter = SignalReporter(cfg.diagnostics, lambda s: float(schedule(
+        (s - 1) // cfg.optimizer.accumulate_steps)) / cfg.optimizer.learning_rate)
     t_loop, step_at_t = time.time(), start
     bs = cfg.data.batch_size
 
@@ -374,23 +376,7 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
             con.out(f"step {step:>6}/{cfg.run.steps}  {_fmt(window_rec)}  {rate:,.0f} ex/s")
 
     def report_signals(step: int, host_signals: dict) -> None:
-        """One warning line per kind (vanishes/explodes/not finite) naming the layers that are
-        new to it: the first (deepest from the top) in full, the others by name."""
-        new: dict[str, list[tuple[str, str]]] = {}
-        for msg in warnings_for(host_signals, vanish_ratio=cfg.diagnostics.vanish_ratio,
-                                explode_ratio=cfg.diagnostics.explode_ratio):
-            layer = msg.split("'")[1]
-            kind = next((k for k in ("vanishes", "explodes", "not finite") if k in msg), msg)
-            if (layer, kind) not in warned:
-                warned.add((layer, kind))
-                new.setdefault(kind, []).append((layer, msg))
-        for kind, items in new.items():
-            line = f"warning: step {step}: {items[0][1]}"
-            others = [layer for layer, _ in items[1:]]
-            if others:
-                shown = ", ".join(others[:6]) + (f", ... ({len(others) - 6} more)"
-                                                 if len(others) > 6 else "")
-                line += f" Also {kind} at {len(others)} more layers: {shown}."
+        for line in reporter.lines(step, host_signals):
             con.warn(line)
 
     def run_eval(step: int) -> None:
@@ -422,7 +408,8 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
                 if signals_fn is not None and (step == 0 or (step + 1) % every == 0):
                     # Before the step: it donates the state. Same params, batch and key.
                     pending_signals.append((step + 1, signals_fn(
-                        state.params, signal_batch(task, batch, state), state.step_key())))
+                        state.params, signal_batch(task, batch, state), state.step_key(),
+                        state.opt_state)))
                 state, metrics = step_fn(state, batch)
                 step += 1
                 steps_run += 1
