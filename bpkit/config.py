@@ -116,6 +116,9 @@ class OptimizerConfig:
     accumulate_steps: int = 1             # gradient accumulation (optax.MultiSteps)
     freeze: list = field(default_factory=list)      # path patterns kept fixed (fnmatch)
     trainable: list = field(default_factory=list)   # if given: all other params are frozen
+    # DP-SGD: {l2_clip: C, noise_multiplier: sigma[, delta: 1e-5]} clips every example's
+    # gradient to norm C and adds N(0, (sigma C)^2) noise to their sum ({}: off)
+    dp: dict = field(default_factory=dict)
     # GAN only: the discriminator's optimizer learning rate (same name and other settings).
     d_learning_rate: float | None = None
 

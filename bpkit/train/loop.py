@@ -29,7 +29,7 @@ from bpkit.config import Config, ConfigError
 from bpkit.data import dataset_from_config, eval_batches, train_batch
 from bpkit.paths import resolve_paths
 from bpkit.train import checkpoint as ckpt
-from bpkit.train import explain, resume, stopping
+from bpkit.train import dp, explain, resume, stopping
 from bpkit.train.optim import build_optimizer
 from bpkit.train.rundir import RunDir
 from bpkit.train.signals import SignalReporter, make_signals_fn, signals_to_host
@@ -174,7 +174,9 @@ def make_steps(cfg: Config, task: Task, tx, schedule) -> tuple[Callable, Callabl
                            has_state=task.stateful, schedule=schedule,
                            accumulate_steps=cfg.optimizer.accumulate_steps,
                            compute_dtype=compute,
-                           skip_nonfinite=cfg.run.on_nonfinite == "skip")
+                           skip_nonfinite=cfg.run.on_nonfinite == "skip",
+                           dp=(cfg.optimizer.dp["l2_clip"], cfg.optimizer.dp["noise_multiplier"])
+                           if cfg.optimizer.dp else None)
     if task.stateful:  # eval_step((params, model_state), batch): see eval_inputs
         return step, make_eval_step(lambda inputs, b: task.metric_fn(inputs[0], b, inputs[1]))
     return step, make_eval_step(task.metric_fn)
@@ -305,6 +307,8 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
     con.out(f"  engine  {cfg.run.engine}; devices {', '.join(devices)}"
             + (f" (mesh data={cfg.mesh.data} x fsdp={cfg.mesh.fsdp})" if len(devices) > 1 else "")
             + (f"; {jax.process_count()} processes" if jax.process_count() > 1 else ""))
+    if cfg.optimizer.dp:
+        con.out(dp.describe(cfg, ds))
     if every:
         con.out(f"  signals backward signals every {every} steps"
                 + (" (engine jax: parameter-gradient norms only)"
@@ -471,6 +475,7 @@ def _finish(cfg, run, con, task, state, ds, start, step, steps_run, t_start, las
         "resumed_from": start or None}
     if cfg.run.on_nonfinite == "skip":
         summary["skipped_steps"] = skipped
+    summary.update(dp.summary(cfg, step, ds))
     if not run.main:
         return summary
     run.write_summary(summary)
