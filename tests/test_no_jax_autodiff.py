@@ -297,3 +297,21 @@ def test_while_loop_without_jax_autodiff(monkeypatch):
     got = jax.jit(bpkit.grad(loss, (0, 1), while_checkpoints=3))(w, x)
     for a, b in zip(got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
+
+
+def test_debug_and_per_example_without_jax_autodiff(no_jax_autodiff):
+    """nonfinite_origin (forward, backward, the scan observer) and per-example gradient
+    norms and DP clipping (ghost plans, the second seeded backward pass) use bpkit only."""
+    from bpkit.debug import nonfinite_origin
+    from bpkit.per_example import clipped_value_and_grad, per_example_grad_norms
+    p, xs = GRU_ARGS
+    value, grad, report = nonfinite_origin(gru)(p, xs.at[2, 1, 0].set(jnp.inf))
+    assert bool(report) and report.forward.entry.primitive == "input"
+    _, _, report = nonfinite_origin(lambda w, x: jnp.sum(jnp.sqrt(x @ w)))(
+        jnp.ones((3, 2)), jnp.zeros((4, 3)))
+    assert report.backward.entry.primitive == "sqrt"
+    batch = (MLP_ARGS[1], MLP_ARGS[2])
+    norms = per_example_grad_norms(lambda p, b: mlp(p, *b))(MLP_ARGS[0], batch).norms
+    assert norms.shape == (6,) and bool(jnp.all(norms > 0))
+    _, g, _ = clipped_value_and_grad(lambda p, b: mlp(p, *b), 0.1)(MLP_ARGS[0], batch)
+    assert jax.tree_util.tree_structure(g) == jax.tree_util.tree_structure(MLP_ARGS[0])
