@@ -476,8 +476,11 @@ class PassOrigin:
             return f"{head}: {why}"
         if self.nonfinite_operands is None:
             return f"{head} produced {self.kind}"
-        return (f"{head} produced {self.kind} from finite operands"
-                + (" (overflow)" if self.kind != "NaN" else ""))
+        if self.kind != "NaN":
+            return (f"{head} produced {self.kind} from finite operands: the result overflows "
+                    f"{_dtype_of(e.outputs[e.operand] if e.operand < len(e.outputs) else '')}"
+                    " (values grew too large, e.g. a too-high learning rate)")
+        return f"{head} produced NaN from finite operands (inf - inf or 0 · inf inside it)"
 
     def where_text(self) -> str:
         """``file:line in function, layer 'scope', inside step t of the scan at ...``."""
@@ -547,6 +550,15 @@ def _read(summary: Summary, table: Sequence[Entry], pass_name: str) -> PassOrigi
                       float(details[_CT_OUT]), float(details[_OUT]),
                       tuple(float(v) for v in details[_OPS:]),
                       None if bits < 0 else tuple(j for j in range(N_OPERANDS) if bits >> j & 1))
+
+
+def _dtype_of(type_str: str) -> str:
+    """``"float32 (max 3.4e38)"`` from ``"f32[3,4]"`` or ``"float32[3,4]"``."""
+    name = type_str.partition("[")[0]
+    name = {"f16": "float16", "bf16": "bfloat16", "f32": "float32", "f64": "float64"}.get(
+        name, name)
+    top = {"float16": "6.5e4", "bfloat16": "3.4e38", "float32": "3.4e38", "float64": "1.8e308"}
+    return f"{name} (max {top[name]})" if name in top else (name or "float")
 
 
 def _shape_of(type_str: str) -> tuple:
