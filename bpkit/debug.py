@@ -453,10 +453,10 @@ class PassOrigin:
                 at = _operand_text(names, vals)
                 text = f"{e.primitive} at {at}: {why}" if at else f"{e.primitive}: {why}"
                 if self.cotangent_in == 0 and self.kind == "NaN":
-                    text += ("; the cotangent arriving here was 0 (this value is masked out "
-                             "further on, e.g. by jnp.where) and 0 · inf = NaN: keep the "
-                             "masked inputs away from the bad point too (the 'double where' "
-                             "trick)")
+                    text += ("; the cotangent arriving here was 0, and 0 · inf = NaN: a "
+                             "zero derivative further on (a jnp.where masking this value, say) "
+                             "does not cancel an infinite one here. Keep the input away from "
+                             "the bad point (sqrt(x + eps), or the 'double where' trick)")
                 return text
             arrived = ("" if np.isnan(self.cotangent_in)
                        else f" (the cotangent arriving was {_fmt(self.cotangent_in)})")

@@ -116,6 +116,7 @@ def test_division_by_zero_in_the_backward_only():
     assert "0/0 at x = y = 0" in str(report) and "The forward pass was finite." in str(report)
 
 
+@pytest.mark.slow
 def test_masked_division_names_the_double_where_trick():
     x = jnp.array([1.0, 2.0, 3.0], F32)
     y = jnp.array([2.0, 0.0, 1.0], F32)
@@ -167,6 +168,7 @@ def test_inside_remat_and_jit():
     assert report.forward.entry.primitive == "log1p"   # seen inside the remat's jit too
 
 
+@pytest.mark.slow
 def test_inside_cond_branch():
     x = jnp.array([1.0, 0.0], F32)
     _, _, report = nonfinite_origin(cond_loss)(x)
@@ -175,8 +177,9 @@ def test_inside_cond_branch():
     assert "a branch of the cond" in str(report)
 
 
-@pytest.mark.parametrize("fun,args", [(sqrt_norm, (jnp.array([[1.0, 2.0], [0.0, 0.0]], F32),)),
-                                      (scan_loss, (jnp.array([1.0, 0.0, 2.0], F32),))])
+@pytest.mark.parametrize("fun,args", [
+    (sqrt_norm, (jnp.array([[1.0, 2.0], [0.0, 0.0]], F32),)),
+    pytest.param(scan_loss, (jnp.array([1.0, 0.0, 2.0], F32),), marks=pytest.mark.slow)])
 def test_under_jit_the_report_leaves_as_arrays(fun, args):
     eager = nonfinite_origin(fun)(*args)[2]
     value, grad, report = jax.jit(nonfinite_origin(fun))(*args)
@@ -189,6 +192,7 @@ def test_under_jit_the_report_leaves_as_arrays(fun, args):
     assert not finite and str(finite) == "The value and the gradient are finite."
 
 
+@pytest.mark.slow
 def test_report_to_dict_is_plain():
     import json
     _, _, report = nonfinite_origin(log_loss)(jnp.array([0.0, 1.0], F32))
@@ -197,6 +201,7 @@ def test_report_to_dict_is_plain():
     assert d["grad_nonfinite"] == 1 and d["message"] == str(report)
 
 
+@pytest.mark.slow
 def test_the_compiled_program_is_unchanged_without_an_observer():
     x = jnp.ones((2, 3), F32)
     before = jax.jit(bpkit.grad(scan_loss)).lower(x[0]).as_text()

@@ -65,7 +65,8 @@ def test_dense_and_biases_mlp():
                                               "['dense_0']['b']": "ghost: elementwise"})
 
 
-@pytest.mark.parametrize("t,c,g", [(6, 3, 2), (2, 5, 6)], ids=["pairwise", "direct"])
+@pytest.mark.parametrize("t,c,g", [(6, 3, 2), pytest.param(2, 5, 6, marks=pytest.mark.slow)],
+                         ids=["pairwise", "direct"])
 def test_dense_over_a_sequence(t, c, g):
     w, b = _normal(K[2], (c, g)), _normal(K[3], (g,))
     x = _normal(K[4], (4, t, c), 1.0)
@@ -78,6 +79,7 @@ def test_dense_over_a_sequence(t, c, g):
                         loss_reduction="sum")
 
 
+@pytest.mark.slow
 def test_weights_on_the_left_and_batch_not_first():
     w = _normal(K[2], (3, 4))
     x = _normal(K[4], (4, 5), 1.0)                          # examples on axis 1
@@ -162,6 +164,7 @@ def test_fallbacks_are_exact_for_their_leaves_only():
     assert "scan" in plan["['w']"]
 
 
+@pytest.mark.slow
 def test_batch_axis_per_argument_and_under_jit():
     w = _normal(K[3], (4, 2))
     x = _normal(K[4], (6, 4), 1.0)

@@ -34,7 +34,8 @@ def make_signals_fn(loss_fn: Callable, *, engine: str = "bpkit", has_aux: bool =
     ``health=True`` adds per-layer health (``bpkit.diagnostics.health``): ``param_norm``, and
     with engine bpkit ``act_mean``, ``act_std``, ``dead_fraction``; with an ``optimizer`` and
     the step's ``opt_state``, ``update_norm`` and ``update_ratio`` of the update the train step
-    applies to these same parameters and gradients (``optimizer.update`` is pure)."""
+    applies to these same parameters and gradients (``optimizer.update`` is pure; with
+    ``optimizer.dp`` it is the update the unclipped, noiseless gradient would make)."""
     f = with_compute_dtype(loss_fn, compute_dtype, has_aux)
 
     def scalar_loss(params, batch, key):

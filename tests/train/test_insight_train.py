@@ -39,13 +39,15 @@ def test_diverging_run_names_the_origin_of_its_nan(tmp_path):
     assert "The forward pass first produced" in line and "inf at `dot_general`" in line
 
 
-def test_layer_health_is_logged_and_plotted(tmp_path):
+def test_layer_health_and_dp_sgd(tmp_path):
+    """One run: DP-SGD trains and reports its privacy parameters; layer health is logged and
+    plotted."""
     recs, lines, _ = _train("mnist1d_mlp.yaml", [
         "run.steps=4", "run.log_every=2", "run.eval_every=0", "run.checkpoint_every=0",
         "run.progress=log", "run.check_parity=false", "data.batch_size=32",
         "data.eval_batch_size=500", "model.args.hidden=[16]", "model.args.activation=relu",
-        "diagnostics.every=2", "optimizer.warmup_steps=0", "optimizer.schedule=constant"],
-        tmp_path)
+        "diagnostics.every=2", "optimizer.warmup_steps=0", "optimizer.schedule=constant",
+        "optimizer.dp={l2_clip: 0.5, noise_multiplier: 1.0}"], tmp_path)
     health = [r for r in recs if "backward_signals" in r][-1]["backward_signals"]
     assert set(health) == {"dense_0", "relu_0", "head"}
     for name in ("dense_0", "head"):
@@ -56,19 +58,12 @@ def test_layer_health_is_logged_and_plotted(tmp_path):
     assert health["dense_0"]["act_std"] > 0
     assert os.path.getsize(tmp_path / "plots" / "layer_health.png") > 10_000
 
-
-def test_dp_sgd_trains_and_reports_its_privacy_parameters(tmp_path):
-    recs, lines, _ = _train("mnist1d_mlp.yaml", [
-        "run.steps=3", "run.log_every=3", "run.eval_every=0", "run.checkpoint_every=0",
-        "run.progress=log", "run.check_parity=false", "data.batch_size=32",
-        "data.eval_batch_size=500", "model.args.hidden=[16]",
-        "optimizer.dp={l2_clip: 0.5, noise_multiplier: 1.0}"], tmp_path)
     train = [r for r in recs if r.get("split") == "train"]
     assert 0 <= train[-1]["dp_clipped_fraction"] <= 1
     assert any("DP-SGD: per-example clip 0.5, noise multiplier 1" in m for m in lines)
     with open(tmp_path / "summary.json") as f:
         dp = json.load(f)["dp"]
-    assert dp["noise_multiplier"] == 1.0 and dp["steps"] == 3
+    assert dp["noise_multiplier"] == 1.0 and dp["steps"] == 4
     assert dp["sampling_rate"] == pytest.approx(32 / 4000)
 
 
