@@ -18,6 +18,11 @@ The whole algorithm (compare JAX's autodidax, ``eval_jaxpr_transposed``):
 Rules are written with ordinary ``jax.lax``/``jax.numpy`` operations, so the backward pass is
 itself a JAX program: it runs eagerly, under ``jax.jit``/``vmap``, and can be differentiated
 again by bpkit (second derivatives) or by ``jax.grad``.
+
+An *equation observer* (``observing``) sees every equation of both passes with its values and
+cotangents: ``bpkit.debug`` (where a NaN is born), ``bpkit.per_example`` (per-example gradient
+norms) and ``bpkit.diagnostics.health`` are built on it. Without one, the engine only checks
+for it at trace time: the traced program is the same.
 """
 from __future__ import annotations
 

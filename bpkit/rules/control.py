@@ -21,6 +21,11 @@ because what their backward pass needs is produced by their forward pass in a sp
 * ``while`` loops have their own module, ``loops.py`` (checkpointed reverse mode).
 * **linear_call** (``jax.custom_derivatives.linear_call``): the user's transpose function gives
   the cotangent of the linear arguments.
+
+An equation observer (``bpkit.engine.core.observing``) follows into scan and cond bodies, which
+are traced separately: the rules ``fork`` a child observer for the body and ``join`` what it
+found (for scan, one summary per step, carried out of both loops as extra outputs); observers
+that cannot follow (``fork`` returns None) see nothing inside.
 """
 from __future__ import annotations
 
