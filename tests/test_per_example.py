@@ -90,11 +90,18 @@ def test_weights_on_the_left_and_batch_not_first():
 
 
 def test_conv1d():
-    model = models.cnn1d(in_length=12, channels=(8, 4), kernel_size=3, num_classes=4)
-    params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), model.init(K[5]))
-    batch = {"x": _normal(K[6], (3, 12), 1.0), "y": jnp.array([0, 3, 1])}
-    loss = lambda p, b: jnp.mean(ce(model.apply(p, b["x"]), b["y"]))  # noqa: E731
-    assert_matches_vmap(loss, params, batch, {"['conv_0']['w']": "ghost: conv"})
+    def conv(x, k):
+        return lax.conv_general_dilated(x, k, (2,), "SAME",
+                                        dimension_numbers=("NWC", "WIO", "NWC"))
+
+    def loss(p, x):                                        # x (B, 12, 1)
+        h = jax.nn.relu(conv(x, p["k0"]) + p["b0"][None, None, :])   # 1 -> 16: patches
+        return jnp.mean(jnp.sum(jnp.tanh(conv(h, p["k1"])) ** 2, axis=(1, 2)))  # 16 -> 8: Gram
+    params = {"k0": _normal(K[5], (3, 1, 16)), "b0": _normal(K[6], (16,)),
+              "k1": _normal(K[7], (3, 16, 8))}
+    assert_matches_vmap(loss, params, _normal(K[8], (3, 12, 1), 1.0),
+                        {"['k0']": "ghost: conv", "['k1']": "ghost: conv",
+                         "['b0']": "ghost: elementwise"})
 
 
 @pytest.mark.slow
