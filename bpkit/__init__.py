@@ -20,14 +20,15 @@ _EXPORTS = {
     "UnsupportedPrimitiveError": "bpkit.engine",
     "check_parity": "bpkit.check", "ParityReport": "bpkit.check",
     "while_checkpoints": "bpkit.rules.loops",
+    "per_example_grad_norms": "bpkit.per_example",
 }
 _SUBMODULES = ("testing", "models", "nn", "ops", "train", "rules", "engine", "check", "data",
-               "config", "validate", "sharding", "diagnostics")
+               "config", "validate", "sharding", "diagnostics", "debug", "per_example")
 
 __all__ = [
     "vjp", "grad", "value_and_grad", "register_vjp", "register_fwd_bwd", "register_nondiff",
     "registered_primitives", "UnsupportedPrimitiveError", "check_parity", "ParityReport",
-    "testing", "while_checkpoints",
+    "testing", "while_checkpoints", "per_example_grad_norms",
 ]
 
 

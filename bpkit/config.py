@@ -116,6 +116,9 @@ class OptimizerConfig:
     accumulate_steps: int = 1             # gradient accumulation (optax.MultiSteps)
     freeze: list = field(default_factory=list)      # path patterns kept fixed (fnmatch)
     trainable: list = field(default_factory=list)   # if given: all other params are frozen
+    # DP-SGD: {l2_clip: C, noise_multiplier: sigma[, delta: 1e-5]} clips every example's
+    # gradient to norm C and adds N(0, (sigma C)^2) noise to their sum ({}: off)
+    dp: dict = field(default_factory=dict)
     # GAN only: the discriminator's optimizer learning rate (same name and other settings).
     d_learning_rate: float | None = None
 
@@ -140,6 +143,11 @@ class DiagnosticsConfig:
     every: int = 0                        # steps between backward-signal logs (0: off)
     vanish_ratio: float = 1e-3            # warn below this x the top layer's signal
     explode_ratio: float = 1e3            # warn above this x the top layer's signal
+    health: bool = True                   # per-layer health with the signals (every > 0)
+    dead_fraction: float = 0.25           # warn when a larger fraction of a layer's units is dead
+    update_ratio_min: float = 1e-4        # warn when a layer's ||update|| / ||params|| is below
+    update_ratio_max: float = 1e-1        # ... or above this (Karpathy's rule of thumb: ~1e-3)
+    explain_nonfinite: bool = True        # on a non-finite update: trace where it came from
 
 
 @dataclass

@@ -151,6 +151,9 @@ DOMAINS: dict[str, Domain] = {
     "diagnostics.every": _count(0, example=100, why="0 turns backward-signal logging off."),
     "diagnostics.vanish_ratio": Domain(**_POSITIVE, example=1e-3),
     "diagnostics.explode_ratio": Domain(**_POSITIVE, example=1e3),
+    "diagnostics.dead_fraction": Domain(0.0, 1.0, lo_open=True, example=0.25),
+    "diagnostics.update_ratio_min": Domain(**_POSITIVE, example=1e-4),
+    "diagnostics.update_ratio_max": Domain(**_POSITIVE, example=1e-1),
 }
 
 
@@ -362,6 +365,47 @@ def config_problems(cfg) -> list[str]:
         problems.append(f"diagnostics.vanish_ratio ({g.vanish_ratio}) and "
                         f"diagnostics.explode_ratio ({g.explode_ratio}) must satisfy "
                         "0 < vanish_ratio < explode_ratio; swap or change them.")
+    problems += _dp_problems(cfg)
+    if DOMAINS["diagnostics.update_ratio_min"].contains(g.update_ratio_min) and \
+            DOMAINS["diagnostics.update_ratio_max"].contains(g.update_ratio_max) and \
+            not g.update_ratio_min < g.update_ratio_max:
+        problems.append(f"diagnostics.update_ratio_min ({g.update_ratio_min}) and "
+                        f"diagnostics.update_ratio_max ({g.update_ratio_max}) must satisfy "
+                        "update_ratio_min < update_ratio_max; swap or change them.")
+    return problems
+
+
+def _dp_problems(cfg) -> list[str]:
+    """``optimizer.dp``: known keys in their domains, and a model and engine it works with."""
+    dp = cfg.optimizer.dp
+    if not dp:
+        return []
+    problems = []
+    known = {"l2_clip": "a positive number", "noise_multiplier": "a number >= 0",
+             "delta": "a number in (0, 1)"}
+    for key in dp:
+        if key not in known:
+            problems.append(f"optimizer.dp.{key}: unknown key; optimizer.dp takes "
+                            + ", ".join(known) + ".")
+    def number(key):
+        v = dp.get(key)
+        return v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+    for key, ok in (("l2_clip", lambda v: v > 0), ("noise_multiplier", lambda v: v >= 0),
+                    ("delta", lambda v: 0 < v < 1)):
+        if key == "delta" and key not in dp:
+            continue
+        v = number(key)
+        if v is None or not ok(v):
+            problems.append(f"optimizer.dp.{key}: got {dp.get(key)!r}, expected {known[key]} "
+                            "(for example optimizer.dp={l2_clip: 1.0, noise_multiplier: 1.1}).")
+    if cfg.run.engine != "bpkit":
+        problems.append("optimizer.dp: DP-SGD needs per-example gradient norms, which only "
+                        "bpkit's engine gives; set run.engine=bpkit.")
+    if cfg.model.args.get("batch_norm"):
+        problems.append("optimizer.dp: a batch_norm model mixes the examples of a batch, so "
+                        "it has no per-example gradients; set model.args.batch_norm=false.")
+    if cfg.model.loss == "gan" or cfg.model.name in ("gan", "gan_2d"):
+        problems.append("optimizer.dp: DP-SGD is not available for GAN runs (two losses).")
     return problems
 
 

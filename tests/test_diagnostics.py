@@ -86,3 +86,44 @@ def test_layer_and_its_last_sublayer_share_an_output():
     assert float(sig["block"].activation_grad_norm) > 0
     np.testing.assert_allclose(float(sig["block"].activation_grad_norm),
                                float(sig["block/proj"].activation_grad_norm))
+
+
+def test_layer_health_dead_units_activations_and_updates():
+    from bpkit.diagnostics.health import health_warnings, layer_health, update_health
+    w = jax.random.normal(jax.random.key(2), (3, 4))
+    b = jnp.array([0.0, -100.0, 0.0, -100.0])              # units 1 and 3 never fire
+    x = jax.random.normal(jax.random.key(3), (5, 3))
+
+    def loss(p, x):
+        with jax.named_scope("dense"):
+            h = x @ p["dense"]["w"] + p["dense"]["b"][None, :]
+        with jax.named_scope("relu"):
+            a = jax.nn.relu(h)
+        with jax.named_scope("head"):
+            return jnp.sum((a @ p["head"]["w"]) ** 2)
+    params = {"dense": {"w": w, "b": b}, "head": {"w": jnp.ones((4, 2))}}
+    value, grads, health = jax.jit(layer_health(loss))(params, x)
+    assert set(health) == {"dense", "relu", "head"}        # (jit returns dicts sorted)
+    assert float(health["relu"].dead_fraction) == 0.5       # exactly the two dead units
+    assert float(health["head"].dead_fraction) == 0.0       # δ W^T cotangents are not zero
+    assert np.isnan(float(health["dense"].dead_fraction))   # its input is data: no cotangent
+    h = x @ w + b[None, :]
+    np.testing.assert_allclose(health["dense"].act_mean, jnp.mean(h), rtol=1e-6)
+    np.testing.assert_allclose(health["relu"].act_std, jnp.std(jax.nn.relu(h)), rtol=1e-6)
+    np.testing.assert_allclose(health["dense"].param_norm,
+                               jnp.sqrt(jnp.sum(w ** 2) + jnp.sum(b ** 2)), rtol=1e-6)
+    assert np.isnan(float(health["relu"].param_norm))
+    np.testing.assert_allclose(grads["dense"]["w"], jax.grad(loss)(params, x)["dense"]["w"],
+                               rtol=1e-6)
+    updates = jax.tree_util.tree_map(lambda g: -1e-2 * g, grads)
+    up = update_health(params, updates, list(health))
+    assert set(up) == {"dense", "head"}
+    np.testing.assert_allclose(up["head"]["update_ratio"],
+                               jnp.linalg.norm(updates["head"]["w"]) / jnp.linalg.norm(
+                                   params["head"]["w"]), rtol=1e-6)
+    host = {"relu": {"dead_fraction": 0.5}, "dense": {"update_ratio": 0.5},
+            "head": {"update_ratio": 1e-6}, "warm": {"update_ratio": 0.0}}
+    msgs = health_warnings(host, dead_fraction=0.25, update_ratio_min=1e-4, update_ratio_max=0.1)
+    assert len(msgs) == 3                                   # a zero update is not warned about
+    assert "50% of the units entering layer 'relu' are dead" in msgs[0]
+    assert "layer 'dense' moves fast" in msgs[1] and "layer 'head' barely moves" in msgs[2]

@@ -356,3 +356,21 @@ def test_library_models_without_jax_autodiff(factory, lib, monkeypatch):
         got = bpkit.grad(loss)(params)
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_debug_and_per_example_without_jax_autodiff(no_jax_autodiff):
+    """nonfinite_origin (forward, backward, the scan observer) and per-example gradient
+    norms and DP clipping (ghost plans, the second seeded backward pass) use bpkit only."""
+    from bpkit.debug import nonfinite_origin
+    from bpkit.per_example import clipped_value_and_grad, per_example_grad_norms
+
+    def scan_sqrt(w, xs):
+        c, _ = lax.scan(lambda c, x: (c + jnp.sqrt(x * w), None), jnp.zeros(()), xs)
+        return c
+    _, _, report = nonfinite_origin(scan_sqrt)(jnp.ones(()), jnp.array([1.0, 0.0, 2.0]))
+    assert report.backward.entry.primitive == "sqrt" and report.backward.steps == (1,)
+    batch = (MLP_ARGS[1], MLP_ARGS[2])
+    norms = per_example_grad_norms(lambda p, b: mlp(p, *b))(MLP_ARGS[0], batch).norms
+    assert norms.shape == (6,) and bool(jnp.all(norms > 0))
+    _, g, _ = clipped_value_and_grad(lambda p, b: mlp(p, *b), 0.1)(MLP_ARGS[0], batch)
+    assert jax.tree_util.tree_structure(g) == jax.tree_util.tree_structure(MLP_ARGS[0])

@@ -137,6 +137,11 @@ def name_stack(eqn) -> str:
     return str(eqn.source_info.name_stack)
 
 
+def with_outvars(jaxpr, outvars):
+    """``jaxpr`` returning ``outvars`` (e.g. an intermediate value as an extra output)."""
+    return jaxpr.replace(outvars=list(outvars))
+
+
 def custom_jvp_jaxpr(params: dict, tangent_is_zero: Sequence[bool]):
     """The user's custom JVP rule of a ``custom_jvp_call`` as ``(jaxpr, consts, out_zeros)``.
 
@@ -224,6 +229,12 @@ def jit_jaxpr(params: dict):
 def float0_zeros(aval):
     """JAX's cotangent for an integer, boolean or key input: an array of dtype float0."""
     return np.zeros(aval.shape, dtype=jax.dtypes.float0)
+
+
+def current_trace():
+    """The trace JAX is recording into now (``EvalTrace`` when eager); compared by identity to
+    tell a nested trace (a loop body being traced) from the one an observer watches."""
+    return _core.trace_ctx.trace
 
 
 def is_tracer(x) -> bool:

@@ -20,21 +20,69 @@ The whole algorithm (compare JAX's autodidax, ``eval_jaxpr_transposed``):
 Rules are written with ordinary ``jax.lax``/``jax.numpy`` operations, so the backward pass is
 itself a JAX program: it runs eagerly, under ``jax.jit``/``vmap``, and can be differentiated
 again by bpkit (second derivatives) or by ``jax.grad``.
+
+An *equation observer* (``observing``) sees every equation of both passes with its values and
+cotangents: ``bpkit.debug`` (where a NaN is born), ``bpkit.per_example`` (per-example gradient
+norms) and ``bpkit.diagnostics.health`` are built on it. Without one, the engine only checks
+for it at trace time: the traced program is the same.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import jax
+import jax.extend.core.primitives as _prims
 
 from bpkit.engine import compat, registry
 
 # When true, every rule's cotangents are checked against the shapes and dtypes of the primals
 # they belong to (the test suite turns this on; it costs nothing under jit but a Python check).
 CHECK_RULE_OUTPUTS = False
+
+
+# The equation observer (bpkit.debug, bpkit.per_example): ``None`` in normal use, so that the
+# engine's only extra work is this check, at trace time (the traced program is unchanged).
+# An observer has three methods:
+#   forward(eqn, invals, outs)                    after each equation of a forward pass;
+#   backward(eqn, invals, outs, cts_out, cts_in)  after each equation's pullback (cts_in: one
+#                                                 per input, None where no cotangent flows);
+#   nested(eqn, backward) -> context manager      around the rule of ``eqn`` (its forward rule,
+#                                                 or with backward=True its pullback), inside
+#                                                 which nested jaxprs (jit, remat...) are seen.
+# An observer sees only equations evaluated in the trace it was installed in: inside a nested
+# trace (a loop body that a rule traces) it is not current, so no tracer can leak out. The scan
+# and cond rules follow it in explicitly (``fork``, ``join_scan``/``join_switch``, see
+# rules/control.py) when it can (``fork`` returns None where it cannot).
+_observer = None   # (observer, the trace it watches) or None
+# Calls whose body an observer sees even off the differentiated path (evaluated by their
+# forward rule instead of being bound whole).
+_CALLS = {p for p in (getattr(_prims, "jit_p", None), getattr(_prims, "pjit_p", None),
+                      _prims.closed_call_p, _prims.remat_p) if p is not None}
+
+
+def current_observer():
+    """The active equation observer, or ``None`` (none, or JAX is tracing a nested function
+    now, not the computation the observer watches; see ``observing``)."""
+    if _observer is None or _observer[1] is not compat.current_trace():
+        return None
+    return _observer[0]
+
+
+@contextlib.contextmanager
+def observing(observer):
+    """Make ``observer`` see every equation the engine evaluates inside this context, in the
+    current trace (``None``: nothing is observed)."""
+    global _observer
+    saved = _observer
+    _observer = None if observer is None else (observer, compat.current_trace())
+    try:
+        yield observer
+    finally:
+        _observer = saved
 
 
 class RuleContractError(AssertionError):
@@ -131,19 +179,30 @@ def vjp_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any], active_in: Sequ
         if a and compat.is_inexact(v.aval):
             active.add(v)
 
-    tape = []  # (eqn, pullback) for each equation on the differentiated path, in order
+    obs = current_observer()
+    # (eqn, pullback, record) for each equation on the differentiated path, in order; the
+    # record (inputs, outputs) is kept only for an observer.
+    tape = []
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         active_mask = [isinstance(v, compat.Var) and v in active for v in eqn.invars]
         outs = None if known is None else known.get(eqn)
         if (not any(active_mask) or eqn.primitive in registry.nondiff_primitives
                 or not any(compat.is_inexact(v.aval) for v in eqn.outvars)):
-            outs = compat.eval_eqn(eqn, invals) if outs is None else outs
+            if obs is not None and eqn.primitive in _CALLS:  # let the observer see inside
+                with obs.nested(eqn, backward=False):
+                    outs, _ = _forward_with_rule(eqn, invals, active_mask, outs)
+            else:
+                outs = compat.eval_eqn(eqn, invals) if outs is None else outs
         else:
-            outs, pullback = _forward_with_rule(eqn, invals, active_mask, outs)
-            tape.append((eqn, pullback))
+            with (obs.nested(eqn, backward=False) if obs is not None
+                  else contextlib.nullcontext()):
+                outs, pullback = _forward_with_rule(eqn, invals, active_mask, outs)
+            tape.append((eqn, pullback, None if obs is None else (invals, outs)))
             active.update(v for v in eqn.outvars
                           if not isinstance(v, compat.DropVar) and compat.is_inexact(v.aval))
+        if obs is not None:
+            obs.forward(eqn, invals, outs)
         for v, x in zip(eqn.outvars, outs):
             if not isinstance(v, compat.DropVar):
                 primal_env[v] = x
@@ -155,10 +214,11 @@ def vjp_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any], active_in: Sequ
         """Pull ``cts_out`` back to the inputs; ``observe(var, ct)``, if given, sees the final
         cotangent of every variable on the tape (the hook behind backward-signal diagnostics)."""
         ct_env: dict = {}
+        obs = current_observer()
         for v, ct, a in zip(jaxpr.outvars, cts_out, active_out):
             if a and ct is not None:
                 _accumulate(ct_env, v, ct)
-        for eqn, pullback in reversed(tape):
+        for eqn, pullback, record in reversed(tape):
             cts = [ct_env.pop(v, None) if isinstance(v, compat.Var) else None
                    for v in eqn.outvars]
             if all(ct is None for ct in cts):
@@ -167,7 +227,8 @@ def vjp_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any], active_in: Sequ
                 for v, ct in zip(eqn.outvars, cts):
                     if ct is not None:
                         observe(v, ct)
-            with compat.source_context(eqn):
+            with compat.source_context(eqn), (obs.nested(eqn, backward=True) if obs is not None
+                                              else contextlib.nullcontext()):
                 try:
                     cts_in = pullback(cts if eqn.primitive.multiple_results else cts[0])
                 except registry.UnsupportedPrimitiveError as e:
@@ -175,6 +236,10 @@ def vjp_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any], active_in: Sequ
                     raise
             if CHECK_RULE_OUTPUTS:
                 _check_rule_outputs(eqn, cts_in)
+            if obs is not None and record is not None:
+                obs.backward(eqn, record[0], record[1], cts,
+                             [ct if isinstance(v, compat.Var) and v in active else None
+                              for v, ct in zip(eqn.invars, cts_in)])
             for v, ct in zip(eqn.invars, cts_in):
                 if ct is not None and isinstance(v, compat.Var) and v in active:
                     _accumulate(ct_env, v, ct)

@@ -23,6 +23,11 @@ because what their backward pass needs is produced by their forward pass in a sp
 * ``while`` loops have their own module, ``loops.py`` (checkpointed reverse mode).
 * **linear_call** (``jax.custom_derivatives.linear_call``): the user's transpose function gives
   the cotangent of the linear arguments.
+
+An equation observer (``bpkit.engine.core.observing``) follows into scan and cond bodies, which
+are traced separately: the rules ``fork`` a child observer for the body and ``join`` what it
+found (for scan, one summary per step, carried out of both loops as extra outputs); observers
+that cannot follow (``fork`` returns None) see nothing inside.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ import numpy as np
 from jax import lax
 from jax.ad_checkpoint import Offloadable, Saveable
 
-from bpkit.engine import compat, registry
+from bpkit.engine import compat, core, registry
 from bpkit.engine.core import vjp_jaxpr
 from bpkit.engine.registry import fwd_bwd_rules, register_fwd_bwd
 from bpkit.rules.helpers import instantiate_zeros, zeros_like
@@ -329,14 +334,25 @@ def _scan_fwd_bwd(primals, active, *, reverse, length, jaxpr, unroll, **params):
     in_avals = [v.aval for v in body.invars]
     out_avals = [v.aval for v in body.outvars]
 
+    # An equation observer (bpkit.debug) follows into the body through a child observer whose
+    # per-step state leaves the two scans as extra outputs; any other observer is suspended.
+    obs = core.current_observer()
+    child = obs.fork(backward_only=False) if obs is not None else None
+    n_fwd_state = n_bwd_state = 0
+
     # Trace forward and backward of one step together, then split them apart.
     def step_fwd_bwd(*args):
+        nonlocal n_fwd_state, n_bwd_state
         step_in, cts = args[:n_in], args[n_in:]
-        outs, backward, _ = vjp_jaxpr(body, body_consts, step_in, in_active)
-        cts_iter = iter(cts)
-        full_cts = [next(cts_iter) if a else None for a in out_active]
-        cts_in = backward(full_cts)
-        return outs, [instantiate_zeros(c, x) for c, x, a in zip(cts_in, step_in, in_active) if a]
+        with core.observing(child):
+            outs, backward, _ = vjp_jaxpr(body, body_consts, step_in, in_active)
+            cts_iter = iter(cts)
+            full_cts = [next(cts_iter) if a else None for a in out_active]
+            cts_in = backward(full_cts)
+        states = (child.state("forward"), child.state("backward")) if child else ([], [])
+        n_fwd_state, n_bwd_state = map(len, states)
+        cts_in = [instantiate_zeros(c, x) for c, x, a in zip(cts_in, step_in, in_active) if a]
+        return outs, cts_in, *states
 
     ct_avals = [compat.shape_struct(a) for a, act in zip(out_avals, out_active) if act]
     joint, joint_consts, _ = compat.make_jaxpr(step_fwd_bwd, *map(compat.shape_struct, in_avals),
@@ -347,16 +363,26 @@ def _scan_fwd_bwd(primals, active, *, reverse, length, jaxpr, unroll, **params):
     stacked_res = [v for v in needed if v not in const_invars]
     n_out = len(out_avals)
 
+    n_ct_in = sum(in_active)
+    fwd_state_vars = joint.outvars[n_out + n_ct_in:n_out + n_ct_in + n_fwd_state]
+    bwd_state_vars = joint.outvars[n_out + n_ct_in + n_fwd_state:]
+
+    def read(env, v):
+        return env[v] if isinstance(v, compat.Var) else v.val
+
     def fwd_body(carry, x):
         env = dict(zip(joint.constvars, joint_consts))
         env.update(zip(joint_in, list(consts) + list(carry) + list(x)))
         _eval_eqns(primal_eqns, env)
-        outs = [env[v] if isinstance(v, compat.Var) else v.val for v in joint.outvars[:n_out]]
-        return outs[:num_carry], (outs[num_carry:], [env[v] for v in stacked_res])
+        outs = [read(env, v) for v in joint.outvars[:n_out]]
+        fwd_state = [read(env, v) for v in fwd_state_vars]
+        return outs[:num_carry], (outs[num_carry:], [env[v] for v in stacked_res], fwd_state)
 
-    carry_out, (ys, residuals) = lax.scan(fwd_body, list(init), list(xs), length=length,
-                                          reverse=reverse, unroll=unroll)
+    carry_out, (ys, residuals, fwd_states) = lax.scan(
+        fwd_body, list(init), list(xs), length=length, reverse=reverse, unroll=unroll)
     outs = list(carry_out) + list(ys)
+    if child is not None:
+        obs.join_scan(child, "forward", fwd_states, reverse=reverse)
 
     act_consts = [i for i in range(num_consts) if in_active[i]]
     act_carry = [i for i in range(num_carry) if in_active[num_consts + i]]
@@ -377,14 +403,17 @@ def _scan_fwd_bwd(primals, active, *, reverse, length, jaxpr, unroll, **params):
             env.update(zip(stacked_res, res))
             env.update(zip(joint.invars[n_in:], list(ct_carry) + list(ct_y)))
             _eval_eqns(tangent_eqns, env)
-            ct_in = [env[v] if isinstance(v, compat.Var) else v.val for v in joint.outvars[n_out:]]
+            ct_in = [read(env, v) for v in joint.outvars[n_out:n_out + n_ct_in]]
             n_c, n_k = len(act_consts), len(act_carry)
             ct_c, new_ct_carry, ct_x = ct_in[:n_c], ct_in[n_c:n_c + n_k], ct_in[n_c + n_k:]
-            return (new_ct_carry, [a + c for a, c in zip(acc, ct_c)]), ct_x
+            bwd_state = [read(env, v) for v in bwd_state_vars]
+            return (new_ct_carry, [a + c for a, c in zip(acc, ct_c)]), (ct_x, bwd_state)
 
-        (ct_init, ct_consts), ct_xs = lax.scan(bwd_body, (ct_carry, ct_consts),
-                                               (residuals, ct_ys), length=length,
-                                               reverse=not reverse, unroll=unroll)
+        (ct_init, ct_consts), (ct_xs, bwd_states) = lax.scan(
+            bwd_body, (ct_carry, ct_consts), (residuals, ct_ys), length=length,
+            reverse=not reverse, unroll=unroll)
+        if child is not None:
+            obs.join_scan(child, "backward", bwd_states, reverse=not reverse)
         result = [None] * n_in
         for i, c in zip(act_consts, ct_consts):
             result[i] = c
@@ -404,18 +433,27 @@ def _cond_fwd_bwd(primals, active, *, branches, **params):
     op_active = list(active[1:])
     outs = prims.cond_p.bind(index, *ops, branches=branches, **params)
 
-    def branch_pullback(branch):
+    def branch_pullback(branch, child):
         inner, consts = compat.open_jaxpr(branch)
 
         def run(ops, cts):
-            _, backward, _ = vjp_jaxpr(inner, consts, ops, op_active)
-            cts_in = backward(cts)
-            return [instantiate_zeros(c, x) for c, x, a in zip(cts_in, ops, op_active) if a]
+            with core.observing(child):
+                _, backward, _ = vjp_jaxpr(inner, consts, ops, op_active)
+                cts_in = backward(cts)
+            state = child.state("backward") if child is not None else []
+            return [instantiate_zeros(c, x) for c, x, a in zip(cts_in, ops, op_active) if a], state
         return run
 
     def pullback(cts):
         cts = [instantiate_zeros(c, o) for c, o in zip(cts, outs)]
-        act_cts = lax.switch(index, [branch_pullback(b) for b in branches], ops, cts)
+        # An equation observer follows into the branches as for scan (see _scan_fwd_bwd).
+        obs = core.current_observer()
+        children = [obs.fork(backward_only=True) if obs is not None else None
+                    for _ in branches]
+        act_cts, state = lax.switch(index, [branch_pullback(b, c)
+                                            for b, c in zip(branches, children)], ops, cts)
+        if obs is not None and children[0] is not None:
+            obs.join_switch(children, "backward", state, index)
         it = iter(act_cts)
         return [None] + [next(it) if a else None for a in op_active]
 

@@ -29,11 +29,11 @@ from bpkit.config import Config, ConfigError
 from bpkit.data import dataset_from_config, eval_batches, train_batch
 from bpkit.paths import resolve_paths
 from bpkit.train import checkpoint as ckpt
-from bpkit.train import resume, stopping
+from bpkit.train import dp, explain, resume, stopping
 from bpkit.train.optim import build_optimizer
 from bpkit.train.progress import fmt
 from bpkit.train.rundir import RunDir
-from bpkit.train.signals import make_signals_fn, signals_to_host, warnings_for
+from bpkit.train.signals import SignalReporter, make_signals_fn, signals_to_host
 from bpkit.train.state import TrainState
 from bpkit.train.step import evaluate, make_eval_step, make_gan_step, make_train_step
 from bpkit.train.stopping import Interrupted
@@ -176,7 +176,9 @@ def make_steps(cfg: Config, task: Task, tx, schedule) -> tuple[Callable, Callabl
                            has_state=task.stateful, schedule=schedule,
                            accumulate_steps=cfg.optimizer.accumulate_steps,
                            compute_dtype=compute,
-                           skip_nonfinite=cfg.run.on_nonfinite == "skip")
+                           skip_nonfinite=cfg.run.on_nonfinite == "skip",
+                           dp=(cfg.optimizer.dp["l2_clip"], cfg.optimizer.dp["noise_multiplier"])
+                           if cfg.optimizer.dp else None)
     if task.stateful:  # eval_step((params, model_state), batch): see eval_inputs
         return step, make_eval_step(lambda inputs, b: task.metric_fn(inputs[0], b, inputs[1]))
     return step, make_eval_step(task.metric_fn)
@@ -188,9 +190,9 @@ def eval_inputs(task: Task, state: TrainState):
     return (state.params, state.model_state) if task.stateful else state.params
 
 
-def make_signals(cfg: Config, task: Task) -> Callable:
+def make_signals(cfg: Config, task: Task, tx=None) -> Callable:
     """The jitted backward-signals function of ``cfg``'s train loss (see train/signals.py):
-    ``signals(params, signal_batch(task, batch, state), key)``."""
+    ``signals(params, signal_batch(task, batch, state), key, opt_state)``."""
     compute = jnp.bfloat16 if cfg.model.compute_dtype == "bfloat16" else None
     def bundled_loss(params, bundle, key):  # the model state travels with the batch
         batch, model_state = bundle
@@ -198,7 +200,8 @@ def make_signals(cfg: Config, task: Task) -> Callable:
 
     return make_signals_fn(bundled_loss if task.stateful else task.loss_fn,
                            engine=cfg.run.engine, has_aux=True, compute_dtype=compute,
-                           with_grads=True)  # the gradient: TensorBoard histograms
+                           with_grads=True,  # the gradient: TensorBoard histograms
+                           optimizer=tx, health=cfg.diagnostics.health)
 
 
 def signal_batch(task: Task, batch, state: TrainState):
@@ -278,7 +281,7 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
     start, state = resume.restore_or_start(run.ckpt_dir, state, cfg.run.resume, con.warn)
     run.begin(cfg, start)  # the first write into the run directory
     step_fn, eval_step = make_steps(cfg, task, tx, schedule)
-    signals_fn = make_signals(cfg, task) if every else None
+    signals_fn = make_signals(cfg, task, tx) if every else None
 
     devices = [str(d) for d in mesh.devices.flat]
     con.out(f"  model   {cfg.model.name} {task.model_args or ''}: "
@@ -289,6 +292,8 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
     con.out(f"  engine  {cfg.run.engine}; devices {', '.join(devices)}"
             + (f" (mesh data={cfg.mesh.data} x fsdp={cfg.mesh.fsdp})" if len(devices) > 1 else "")
             + (f"; {jax.process_count()} processes" if jax.process_count() > 1 else ""))
+    if cfg.optimizer.dp:
+        con.out(dp.describe(cfg, ds))
     if every:
         con.out(f"  signals backward signals every {every} steps"
                 + (" (engine jax: parameter-gradient norms only)"
@@ -323,17 +328,21 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
             host = jax.tree_util.tree_map(lambda x: x[rows], host)
         return sharding.global_batch(host, mesh, cfg.data.batch_size)
 
+    replay = explain.Replay(lambda: init_state(cfg, task, tx), lambda s: place_state(s, mesh),
+                            step_fn, load, run.ckpt_dir, set())
     window = MetricsWindow(cfg.run.on_nonfinite, cfg.run.max_skipped, run.newest_checkpoint,
                            con.warn)
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
     pending_signals: list[tuple[int, Any]] = []
-    warned: set[tuple[str, str]] = set()
+    reporter = SignalReporter(cfg.diagnostics, lambda s: float(schedule(
+        (s - 1) // cfg.optimizer.accumulate_steps)) / cfg.optimizer.learning_rate)
 
     def flush(step: int) -> None:
         """Read the pending device metrics (applying the non-finite policy); log the window."""
         nonlocal last_train
         window_rec = window.take(step)
+        explain.explain_update(cfg, task, window.first_skipped, replay, con, run.metrics)
         if window_rec is None:
             return
         del window_rec["step"]
@@ -350,23 +359,7 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
         run.metrics.write(rec)
 
     def report_signals(step: int, host_signals: dict) -> None:
-        """One warning line per kind (vanishes/explodes/not finite) naming the layers that are
-        new to it: the first (deepest from the top) in full, the others by name."""
-        new: dict[str, list[tuple[str, str]]] = {}
-        for msg in warnings_for(host_signals, vanish_ratio=cfg.diagnostics.vanish_ratio,
-                                explode_ratio=cfg.diagnostics.explode_ratio):
-            layer = msg.split("'")[1]
-            kind = next((k for k in ("vanishes", "explodes", "not finite") if k in msg), msg)
-            if (layer, kind) not in warned:
-                warned.add((layer, kind))
-                new.setdefault(kind, []).append((layer, msg))
-        for kind, items in new.items():
-            line = f"warning: step {step}: {items[0][1]}"
-            others = [layer for layer, _ in items[1:]]
-            if others:
-                shown = ", ".join(others[:6]) + (f", ... ({len(others) - 6} more)"
-                                                 if len(others) > 6 else "")
-                line += f" Also {kind} at {len(others)} more layers: {shown}."
+        for line in reporter.lines(step, host_signals):
             con.warn(line)
 
     def run_eval(step: int) -> None:
@@ -398,7 +391,7 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
                 if signals_fn is not None and (step == 0 or (step + 1) % every == 0):
                     # Before the step: it donates the state. Same params, batch and key.
                     signals, grads = signals_fn(state.params, signal_batch(task, batch, state),
-                                                state.step_key())
+                                                state.step_key(), state.opt_state)
                     pending_signals.append((step + 1, signals))
                     views.histograms(step + 1, state.params, grads)
                 views.stepping(steps_run)
@@ -424,11 +417,12 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
                 run_eval(step)
             if start < cfg.run.steps or not ckpt.complete_steps(run.ckpt_dir):
                 save(step)
-        except NonFiniteLoss:
+        except NonFiniteLoss as e:
             last = window.record()  # the window up to the step that stopped the run
             if last is not None:
                 run.metrics.write({"step": last.pop("step"), "split": "train", **last})
             views.close()
+            explain.explain_update(cfg, task, e.step, replay, con, run.metrics)
             raise
         except Interrupted as e:
             if e.saved_step is None:
@@ -466,6 +460,7 @@ def _finish(cfg, run, con, task, state, ds, start, step, steps_run, t_start, las
         "resumed_from": start or None}
     if cfg.run.on_nonfinite == "skip":
         summary["skipped_steps"] = skipped
+    summary.update(dp.summary(cfg, step, ds))
     if not run.main:
         return summary
     run.write_summary(summary)

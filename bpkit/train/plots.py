@@ -4,7 +4,8 @@ Agg backend), drawn so they can be read at a glance and do not mislead:
 * loss (a GAN's discriminator and generator losses apart, never their sum), accuracy (only
   with two or more points; a single evaluation is a marked, labelled point), gradient norm,
   learning rate **from the schedule at every step** (not the logging window's mean), a GAN's
-  held-out chamfer distance, and ``gradient_flow.png`` when backward signals were logged;
+  held-out chamfer distance, and ``gradient_flow.png`` and ``layer_health.png`` when backward
+  signals were logged;
 * ``samples.png`` (a GAN's generated vs real points) and ``fit.png`` (a regression model's
   curve over the data) from the parameters (``bpkit.train.outputs``);
 * titles name ``run.name``; steps are integers; log axes carry plain decimal labels
@@ -215,9 +216,10 @@ def plot_run(run_dir: str, *, trained=None, outputs: bool = True) -> list[str]:
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
-    path = plot_gradient_flow(run_dir, train)
-    if path:
-        written.append(path)
+    for plot in (plot_gradient_flow, plot_layer_health):
+        path = plot(run_dir, train)
+        if path:
+            written.append(path)
     if outputs:
         from bpkit.train.outputs import plot_outputs
         written += plot_outputs(run_dir, trained, title=title)
@@ -289,3 +291,96 @@ def plot_gradient_flow(run_dir: str, train: list[dict] | None = None, *,
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# (metric key, panel title, log y axis) of layer_health.png
+HEALTH_PANELS = (("update_ratio_log10", "log10 ||update|| / ||params||", False),
+                 ("dead_fraction", "dead units (fraction)", False),
+                 ("param_norm", "||params||", True),
+                 ("act_std", "activation std (mean: dotted)", False))
+
+
+def plot_layer_health(run_dir: str, train: list[dict] | None = None, *,
+                      update_ratio_band: tuple[float, float] | None = None,
+                      max_curves: int = 12) -> str | None:
+    """``plots/layer_health.png``: per-layer health against depth (top-level layers, input side
+    on the left), one curve per logged step colored by step, as ``gradient_flow.png``: the
+    update-to-parameter ratio (log10, with the warning band of the run's config shaded), the
+    fraction of dead units, the parameter norm and the activations' standard deviation (and
+    mean, dotted). ``None`` if the run logged no layer health."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if train is None:
+        train, _ = read_metrics(run_dir)
+    logged = [r for r in train if r.get("backward_signals")
+              and any("param_norm" in v for v in r["backward_signals"].values())]
+    if not logged:
+        return None
+    if len(logged) > max_curves:
+        idx = np.unique(np.linspace(0, len(logged) - 1, max_curves).round().astype(int))
+        logged = [logged[i] for i in idx]
+    if update_ratio_band is None:
+        update_ratio_band = _band_from_config(run_dir)
+    layers = [name for name in logged[-1]["backward_signals"] if "/" not in name]
+    steps = [r["step"] for r in logged]
+    cmap = plt.get_cmap("viridis")
+    norm = matplotlib.colors.Normalize(vmin=min(steps), vmax=max(max(steps), min(steps) + 1))
+    xs = np.arange(len(layers))
+    width = min(12.0, max(8.0, 0.25 * len(layers) + 5))
+    fig, axes = plt.subplots(2, 2, figsize=(width, 7), sharex=True)
+
+    def series(rec, key):
+        vals = [rec["backward_signals"].get(name, {}).get(key) for name in layers]
+        return np.array([np.nan if v is None else v for v in vals], float)
+
+    for ax, (key, title, logy) in zip(axes.flat, HEALTH_PANELS):
+        plotted = []
+        for rec in logged:
+            color = cmap(norm(rec["step"]))
+            ys = series(rec, key)
+            ok = np.isfinite(ys)
+            if ok.any():
+                ax.plot(xs[ok], ys[ok], "-", marker=".", color=color, lw=1.3)
+                plotted += list(ys[ok])
+            if key == "act_std":
+                means = series(rec, "act_mean")
+                ok = np.isfinite(means)
+                ax.plot(xs[ok], means[ok], ":", color=color, lw=1.0)
+        if key == "update_ratio_log10" and update_ratio_band is not None:
+            lo, hi = (np.log10(b) for b in update_ratio_band)
+            ax.axhspan(lo, hi, color="tab:green", alpha=0.08, lw=0)
+            ax.axhline(-3, color="tab:green", ls="--", lw=0.8)
+        if key == "dead_fraction":
+            ax.set_ylim(-0.03, 1.03)
+        if logy:
+            log_axis(ax, plotted, min_ratio=1.0)  # plain decimal labels, as everywhere
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    for ax in axes[1]:
+        ax.set_xticks(xs)
+        ax.set_xticklabels(layers, rotation=70, ha="right", fontsize=7)
+        ax.set_xlabel("layer (input -> output)")
+    sm = matplotlib.cm.ScalarMappable(cmap=cmap, norm=norm)
+    fig.colorbar(sm, ax=axes, label="step", fraction=0.03)
+    from bpkit.train.history import run_name
+    fig.suptitle(f"{run_name(run_dir)}: layer health")
+    out_dir = os.path.join(run_dir, "plots")
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "layer_health.png")
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _band_from_config(run_dir: str) -> tuple[float, float] | None:
+    """``(diagnostics.update_ratio_min, _max)`` of the run's config.yaml, if readable."""
+    try:
+        import yaml
+        with open(os.path.join(run_dir, "config.yaml"), encoding="utf-8") as f:
+            d = (yaml.safe_load(f) or {}).get("diagnostics", {})
+        return float(d["update_ratio_min"]), float(d["update_ratio_max"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None

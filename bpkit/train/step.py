@@ -89,18 +89,24 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
                     engine: str = "bpkit", has_aux: bool = False, has_state: bool = False,
                     schedule: Callable | None = None, accumulate_steps: int = 1,
                     compute_dtype=None, skip_nonfinite: bool = False, jit: bool = True,
-                    donate: bool = True) -> Callable:
+                    donate: bool = True, dp: tuple[float, float] | None = None) -> Callable:
     """A pure ``step(state, batch) -> (state, metrics)`` for ``loss_fn`` and ``optimizer``.
 
     ``has_state=True``: ``loss_fn(params, batch, key, model_state) -> (loss, (metrics,
     new_model_state))`` (see the module docstring; ``has_aux`` is then implied).
     ``schedule`` (step -> learning rate) is only reported, as ``metrics["learning_rate"]``;
     with gradient accumulation (``optax.MultiSteps``) pass ``accumulate_steps`` so the reported
-    rate follows the optimizer's own count.
+    rate follows the optimizer's own count. ``dp=(l2_clip, noise_multiplier)``: DP-SGD's
+    clipped, noised gradient (``bpkit.train.dp``; the loss must average over the batch).
     """
     has_aux = has_aux or has_state
-    vg = value_and_grad_for(engine)(with_compute_dtype(loss_fn, compute_dtype, has_aux),
-                                    has_aux=has_aux)
+    if dp is not None:
+        from bpkit.train.dp import dp_value_and_grad
+        vg = dp_value_and_grad(with_compute_dtype(loss_fn, compute_dtype, has_aux), *dp,
+                               has_aux=has_aux)
+    else:
+        vg = value_and_grad_for(engine)(with_compute_dtype(loss_fn, compute_dtype, has_aux),
+                                        has_aux=has_aux)
 
     def step(state: TrainState, batch) -> tuple[TrainState, dict[str, Any]]:
         model_state = (state.model_state,) if has_state else ()

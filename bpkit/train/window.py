@@ -24,7 +24,12 @@ from bpkit.train.step import to_host
 
 
 class NonFiniteLoss(RuntimeError):
-    """The loss or the gradient norm became NaN or infinite (``run.on_nonfinite=stop``)."""
+    """The loss or the gradient norm became NaN or infinite (``run.on_nonfinite=stop``);
+    ``step`` is the (first) update that did."""
+
+    def __init__(self, message: str = "", step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 class TooManySkipped(NonFiniteLoss):
@@ -48,6 +53,7 @@ class MetricsWindow:
         self.host: list[tuple[int, dict]] = []       # read and checked, not yet logged
         self.streak = 0                              # skipped steps in a row
         self.skipped_total = 0
+        self.first_skipped: int | None = None        # the run's first skipped update
 
     def add(self, step: int, metrics) -> None:
         self.pending.append((step, metrics))
@@ -71,7 +77,7 @@ class MetricsWindow:
                     f"anything new (loss {m['loss']}, gradient norm {m.get('grad_norm')}). "
                     f"{self.survivor()} Lower optimizer.learning_rate or set "
                     "optimizer.clip_norm (in a new run.out_dir, or with run.resume=never), "
-                    "or set run.on_nonfinite=skip to skip such updates")
+                    "or set run.on_nonfinite=skip to skip such updates", step=s)
 
     def _count_skip(self, s: int, m: dict) -> None:
         if not m.get("skipped"):
@@ -79,13 +85,15 @@ class MetricsWindow:
             return
         self.streak += 1
         self.skipped_total += 1
+        if self.first_skipped is None:
+            self.first_skipped = s
         if self.streak >= self.max_skipped:
             raise TooManySkipped(
                 f"{self.streak} updates in a row (steps {s - self.streak + 1}-{s}) had a "
                 f"non-finite loss or gradient norm and were skipped (run.max_skipped="
                 f"{self.max_skipped}); stopping without saving anything new. "
                 f"{self.survivor()} Lower optimizer.learning_rate, set optimizer.clip_norm, "
-                "or check the data for NaN/Inf")
+                "or check the data for NaN/Inf", step=s - self.streak + 1)
 
     def take(self, step: int) -> dict | None:
         """The means of the window's metrics over its steps that were not skipped."""

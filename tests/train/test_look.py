@@ -179,7 +179,8 @@ def test_plot_labels_titles_and_axes(swept, monkeypatch):
     def capture(fig, path, **kw):
         fig.canvas.draw()
         ax = fig.axes[0]
-        seen[os.path.basename(path)] = (ax.get_title(), [t.get_text() for t in
+        title = fig._suptitle.get_text() if fig._suptitle is not None else ax.get_title()
+        seen[os.path.basename(path)] = (title, [t.get_text() for t in
                                                          ax.get_yticklabels()],
                                         [t.get_text() for t in ax.get_xticklabels()],
                                         [t.get_text() for t in ax.texts])
