@@ -48,7 +48,8 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    name: Literal["mnist1d", "text", "toy2d", "regression1d", "npz", "idx"] = "mnist1d"
+    name: Literal["mnist1d", "text", "toy2d", "regression1d", "npz", "idx", "digits",
+                  "reverse"] = "mnist1d"
     batch_size: int = 128
     eval_batch_size: int = 500
     path: str | None = None               # text file, .npz file, or IDX images file (train)

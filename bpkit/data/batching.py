@@ -21,7 +21,7 @@ class DataError(ValueError):
 @dataclass
 class Dataset:
     name: str
-    kind: str                              # "classification" | "regression" | "lm" | "sampler"
+    kind: str                  # "classification" | "regression" | "lm" | "sampler" | "seq2seq"
     x_train: np.ndarray | None = None
     y_train: np.ndarray | None = None
     x_test: np.ndarray | None = None
@@ -36,6 +36,9 @@ class Dataset:
         if self.kind == "lm":
             return (f"{self.name}: {len(self.x_train):,} train / {len(self.x_test):,} test "
                     f"characters, vocab {len(self.vocab)}, context {self.context}")
+        if self.kind == "seq2seq":
+            return (f"{self.name}: {len(self.x_train):,} train / {len(self.x_test):,} test "
+                    f"sequence pairs of length {self.context}, vocab {len(self.vocab)}")
         if self.kind == "sampler":
             return f"{self.name}: sampled 2-D points ({self.info.get('distribution')})"
         return (f"{self.name}: {len(self.x_train):,} train / {len(self.x_test):,} test examples, "

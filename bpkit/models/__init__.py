@@ -14,6 +14,7 @@ residual_mlp,       (B, in_features)                  logits (B, classes)
 sigmoid_mlp
 gan_2d              z (B, latent) / x (B, 2)          x (B, 2) / logits (B,)
 regression_mlp      (B, in) or (B,)                   (B, out)
+seq2seq_transformer (source (B, S), target_in (B, T))  logits (B, T, V); see greedy_decode
 ==================  ================================  ==============================
 """
 from bpkit.models.classic import (
@@ -29,7 +30,8 @@ from bpkit.models.classic import (
 from bpkit.models.core import Model, from_layer
 from bpkit.models.gpt import generate, gpt
 from bpkit.models.recurrent import gru_classifier, lstm_classifier
+from bpkit.models.seq2seq import greedy_decode, seq2seq_transformer
 
 __all__ = ["Model", "from_layer", "logreg", "mlp", "cnn1d", "cnn2d", "gru_classifier",
            "lstm_classifier", "gpt", "generate", "residual_mlp", "sigmoid_mlp", "gan_2d",
-           "regression_mlp"]
+           "regression_mlp", "seq2seq_transformer", "greedy_decode"]

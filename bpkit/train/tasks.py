@@ -2,11 +2,12 @@
 
 ``model.name`` names a factory in ``bpkit.models``; ``model.args`` are its keyword arguments,
 checked against its signature (an unknown argument gets the closest valid one). Arguments the
-data determines (``in_features``, ``in_length``, ``num_classes``, ``vocab_size``, ``context``)
-are filled in from the dataset when not given.
+data determines (``in_features``, ``in_length``, ``in_shape``, ``num_classes``,
+``vocab_size``, ``context``) are filled in from the dataset when not given.
 
 Task kinds: ``classifier`` (softmax cross-entropy + accuracy), ``lm`` (next-token
-cross-entropy), ``regression`` (MSE or Huber), ``gan`` (non-saturating GAN: two losses).
+cross-entropy), ``regression`` (MSE or Huber), ``gan`` (non-saturating GAN: two losses), and
+the kinds of bpkit/train/app_tasks.py (``seq2seq``, ...).
 
 A stateful model (BatchNorm: ``Model.init_state``) makes a stateful task: its ``loss_fn`` takes
 and returns the running statistics, as ``make_train_step(has_state=True)`` expects, and its
@@ -28,7 +29,8 @@ from bpkit.data import Dataset, validate_dataset
 ALIASES = {"gru": "gru_classifier", "lstm": "lstm_classifier", "cnn": "cnn1d",
            "gan": "gan_2d"}
 MODEL_NAMES = ("logreg", "mlp", "cnn1d", "cnn2d", "gru_classifier", "lstm_classifier", "gpt",
-               "residual_mlp", "sigmoid_mlp", "gan_2d", "regression_mlp")
+               "residual_mlp", "sigmoid_mlp", "gan_2d", "regression_mlp",
+               "seq2seq_transformer")
 
 
 @dataclass
@@ -136,6 +138,9 @@ def build_task(cfg, ds: Dataset) -> Task:
     """The model, loss and metrics of ``cfg`` for ``ds``; validates that they fit."""
     name, fn = _factory(cfg.model.name)
     args = _check_args(name, fn, dict(cfg.model.args))
+    from bpkit.train.app_tasks import BUILDERS  # seq2seq, diffusion, reinforcement learning
+    if name in BUILDERS:
+        return BUILDERS[name](cfg, name, fn, args, ds)
     if name == "gan_2d" or cfg.model.loss == "gan":
         return _gan_task(cfg, name, fn, args, ds)
     if ds.kind == "lm":
@@ -148,6 +153,7 @@ def build_task(cfg, ds: Dataset) -> Task:
         feat = int(shape[-1]) if len(shape) else 1
         args = _fill(fn, args, in_features=feat if len(shape) == 1 else None,
                      in_length=int(shape[0]) if len(shape) == 1 else None,
+                     in_shape=[int(n) for n in shape] if len(shape) == 3 else None,
                      num_classes=ds.num_classes)
         if name in ("gru_classifier", "lstm_classifier"):
             args.pop("in_features", None) if "in_features" not in cfg.model.args else None

@@ -1,0 +1,60 @@
+"""Tasks beyond classification and language modelling, one builder per model factory:
+
+==========================  =========  =======================================================
+model.name                  task kind  loss / evaluation metrics (per held-out example)
+==========================  =========  =======================================================
+seq2seq_transformer         seq2seq    teacher-forced cross-entropy / ``loss``,
+                                       ``token_accuracy``, ``accuracy`` (exact match of the
+                                       greedy decoding: the whole target right)
+==========================  =========  =======================================================
+
+``build_task`` (bpkit/train/tasks.py) hands ``model.name`` in ``BUILDERS`` to its builder,
+``builder(cfg, name, factory, args, dataset) -> Task``.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from bpkit.config import ConfigError
+from bpkit.train.tasks import Task, _fill, _labels_loss
+
+
+def _needs(ds, kind: str, name: str, data_names: str, cfg) -> None:
+    if ds.kind != kind:
+        raise ConfigError(f"model {name} needs {kind} data ({data_names}), not "
+                          f"data.name={cfg.data.name}; set data.name accordingly")
+
+
+def seq2seq_task(cfg, name, fn, args, ds) -> Task:
+    """Encoder-decoder training with teacher forcing; evaluation decodes greedily."""
+    from bpkit.models.seq2seq import greedy_decode, shift_right
+    _needs(ds, "seq2seq", name, "data.name=reverse", cfg)
+    if cfg.model.loss != "cross_entropy":
+        raise ConfigError(f"model.loss: {cfg.model.loss!r} does not fit {name}; use "
+                          "cross_entropy")
+    args = _fill(fn, args, vocab_size=len(ds.vocab), context=ds.context)
+    model = fn(**args)
+    bos = args.get("vocab_size", len(ds.vocab))
+    ce = _labels_loss(cfg)
+
+    def loss_fn(params, batch, key):
+        x, y = batch["x"], batch["y"]                                       # (B, S), (B, T)
+        logits = model.apply(params, (x, shift_right(y, bos)), key=key, train=True)
+        right = (jnp.argmax(logits, -1) == y).astype(jnp.float32)          # (B, T)
+        return jnp.mean(ce(logits, y)), {"token_accuracy": jax.lax.stop_gradient(
+            jnp.mean(right))}
+
+    def metric_fn(params, batch):
+        x, y = batch["x"], batch["y"]
+        logits = model.apply(params, (x, shift_right(y, bos)))             # (B, T, V)
+        decoded = greedy_decode(model, params, x, y.shape[1])               # (B, T)
+        return {"loss": jnp.mean(ce(logits, y), -1),
+                "token_accuracy": jnp.mean((jnp.argmax(logits, -1) == y).astype(jnp.float32),
+                                           -1),
+                "accuracy": jnp.all(decoded == y, -1).astype(jnp.float32)}
+
+    return Task("seq2seq", model, model.init, loss_fn, metric_fn, model_args=args)
+
+
+BUILDERS = {"seq2seq_transformer": seq2seq_task}
