@@ -6,6 +6,9 @@ model.name                  task kind  loss / evaluation metrics (per held-out e
 seq2seq_transformer         seq2seq    teacher-forced cross-entropy / ``loss``,
                                        ``token_accuracy``, ``accuracy`` (exact match of the
                                        greedy decoding: the whole target right)
+ddpm_mlp                    diffusion  noise-prediction MSE (DDPM) / ``loss`` (the same, at
+                                       fixed draws), ``chamfer`` (samples from the reverse chain
+                                       against held-out points, as the GAN's)
 ==========================  =========  =======================================================
 
 ``build_task`` (bpkit/train/tasks.py) hands ``model.name`` in ``BUILDERS`` to its builder,
@@ -17,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from bpkit.config import ConfigError
-from bpkit.train.tasks import Task, _fill, _labels_loss
+from bpkit.train.tasks import Task, _fill, _labels_loss, chamfer_distance
 
 
 def _needs(ds, kind: str, name: str, data_names: str, cfg) -> None:
@@ -57,4 +60,37 @@ def seq2seq_task(cfg, name, fn, args, ds) -> Task:
     return Task("seq2seq", model, model.init, loss_fn, metric_fn, model_args=args)
 
 
-BUILDERS = {"seq2seq_transformer": seq2seq_task}
+def diffusion_task(cfg, name, fn, args, ds) -> Task:
+    """A DDPM on sampled points (the GAN's 2-D distributions): the loss regresses the noise;
+    evaluation samples one point per held-out point from the reverse chain (fixed key) and
+    reports the GAN's chamfer distance, so the two generative models compare directly."""
+    from bpkit.models import diffusion
+    _needs(ds, "sampler", name, "data.name=toy2d", cfg)
+    if cfg.model.loss != "mse":
+        raise ConfigError(f"model.loss: {cfg.model.loss!r} does not fit {name} (it regresses "
+                          "the noise); use mse")
+    model = fn(**args)
+    sched = diffusion.schedule(args.get("num_steps", _default(fn, "num_steps")))
+    data_dim = args.get("data_dim", _default(fn, "data_dim"))
+
+    def loss_fn(params, batch, key):
+        return jnp.mean(diffusion.noise_prediction_loss(model, params, batch["x"], key,
+                                                        sched)), {}
+
+    def metric_fn(params, batch):
+        x = batch["x"]                                                       # (B, D)
+        generated = diffusion.sample(model, params, jax.random.PRNGKey(0), x.shape[0],
+                                     data_dim, sched)
+        return {"loss": diffusion.noise_prediction_loss(model, params, x,
+                                                        jax.random.PRNGKey(1), sched),
+                "chamfer": chamfer_distance(generated, x)}
+
+    return Task("diffusion", model, model.init, loss_fn, metric_fn, model_args=args)
+
+
+def _default(fn, arg: str):
+    import inspect
+    return inspect.signature(fn).parameters[arg].default
+
+
+BUILDERS = {"seq2seq_transformer": seq2seq_task, "ddpm_mlp": diffusion_task}

@@ -30,7 +30,7 @@ ALIASES = {"gru": "gru_classifier", "lstm": "lstm_classifier", "cnn": "cnn1d",
            "gan": "gan_2d"}
 MODEL_NAMES = ("logreg", "mlp", "cnn1d", "cnn2d", "gru_classifier", "lstm_classifier", "gpt",
                "residual_mlp", "sigmoid_mlp", "gan_2d", "regression_mlp",
-               "seq2seq_transformer")
+               "seq2seq_transformer", "ddpm_mlp")
 
 
 @dataclass
@@ -265,18 +265,14 @@ def _gan_task(cfg, name, fn, args, ds) -> Task:
 
     def metric_fn(params, batch):
         """Per held-out real point ``x_i`` and one generated point ``f_i`` (fixed latent
-        draws): the two losses, and the symmetric nearest-neighbour ("chamfer") distance
-        ``(min_j |f_i - x_j| + min_j |x_i - f_j|) / 2``, whose mean falls towards the noise
-        scale as the generator covers the data and only the data."""
+        draws): the two losses, and the chamfer distance (``chamfer_distance``)."""
         g, d, x = params["generator"], params["discriminator"], batch["x"]      # x (B, 2)
         x_fake = fake(g, jax.random.PRNGKey(0), x.shape[0])                     # (B, 2)
         real, gen = discriminator.apply(d, x), discriminator.apply(d, x_fake)   # (B,)
         d_loss = bce(real, jnp.ones_like(real)) + bce(gen, jnp.zeros_like(gen))
         g_loss = bce(gen, jnp.ones_like(gen))
-        dist = jnp.sqrt(jnp.sum(jnp.square(x_fake[:, None, :] - x[None, :, :]), -1))  # (B, B)
-        chamfer = 0.5 * (jnp.min(dist, axis=1) + jnp.min(dist, axis=0))
         return {"loss": d_loss + g_loss, "d_loss": d_loss, "g_loss": g_loss,
-                "chamfer": chamfer}
+                "chamfer": chamfer_distance(x_fake, x)}
 
     def init(key):
         kg, kd = jax.random.split(key)
@@ -284,3 +280,13 @@ def _gan_task(cfg, name, fn, args, ds) -> Task:
 
     return Task("gan", (generator, discriminator), init, metric_fn=metric_fn,
                 d_loss_fn=d_loss_fn, g_loss_fn=g_loss_fn, latent_dim=latent, model_args=args)
+
+
+def chamfer_distance(generated, real):
+    """Per pair ``i`` of a generated point ``f_i`` and a held-out real point ``x_i`` (both
+    ``(B, D)``): the symmetric nearest-neighbour ("chamfer") distance ``(min_j |f_i - x_j| +
+    min_j |x_i - f_j|) / 2``, ``(B,)``. Its mean falls towards the noise scale as the
+    generated points cover the data and only the data; the generative tasks (GAN,
+    diffusion) report it as ``chamfer`` on the same held-out points."""
+    dist = jnp.sqrt(jnp.sum(jnp.square(generated[:, None, :] - real[None, :, :]), -1))  # (B, B)
+    return 0.5 * (jnp.min(dist, axis=1) + jnp.min(dist, axis=0))
