@@ -49,7 +49,7 @@ class RunConfig:
 @dataclass
 class DataConfig:
     name: Literal["mnist1d", "text", "toy2d", "regression1d", "npz", "idx", "digits",
-                  "reverse"] = "mnist1d"
+                  "reverse", "cartpole"] = "mnist1d"
     batch_size: int = 128
     eval_batch_size: int = 500
     path: str | None = None               # text file, .npz file, or IDX images file (train)
@@ -69,7 +69,7 @@ class DataConfig:
 class ModelConfig:
     name: str = "mlp"
     args: dict = field(default_factory=dict)  # keyword arguments of bpkit.models.<name>
-    loss: Literal["cross_entropy", "mse", "huber", "gan"] = "cross_entropy"
+    loss: Literal["cross_entropy", "mse", "huber", "gan", "reinforce"] = "cross_entropy"
     label_smoothing: float = 0.0
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     init_from: str | None = None          # run directory whose latest checkpoint gives params

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from bpkit.data.batching import DataError, Dataset
 from bpkit.data.digits import load_digits_images
+from bpkit.data.episodes import load_env
 from bpkit.data.mnist1d import load_mnist1d
 from bpkit.data.readers import load_idx, load_npz
 from bpkit.data.reversal import load_reversal
@@ -20,6 +21,8 @@ def dataset_from_config(data_cfg, seed: int = 0) -> Dataset:
         return load_toy2d(c.distribution, c.noise)
     if c.name == "regression1d":
         return load_regression1d(c.num_train, c.num_test, c.noise)
+    if c.name == "cartpole":
+        return load_env(c.name)
     if c.name == "reverse":
         return load_reversal(c.num_train, c.num_test, c.context)
     if c.name == "digits":

@@ -16,6 +16,7 @@ gan_2d               z (B, latent) / x (B, 2)           x (B, 2) / logits (B,)
 regression_mlp       (B, in) or (B,)                    (B, out)
 seq2seq_transformer  (source (B, S), target_in (B, T))  logits (B, T, V); greedy_decode
 ddpm_mlp             (x_t (B, D), t (B,) int)           noise (B, D); see models.diffusion
+policy_mlp           observations (B, obs_dim)          action logits (B, num_actions)
 ===================  =================================  ==================================
 """
 from bpkit.models.classic import (
@@ -32,9 +33,10 @@ from bpkit.models.core import Model, from_layer
 from bpkit.models.diffusion import ddpm_mlp
 from bpkit.models.gpt import generate, gpt
 from bpkit.models.recurrent import gru_classifier, lstm_classifier
+from bpkit.models.rl import policy_mlp
 from bpkit.models.seq2seq import greedy_decode, seq2seq_transformer
 
 __all__ = ["Model", "from_layer", "logreg", "mlp", "cnn1d", "cnn2d", "gru_classifier",
            "lstm_classifier", "gpt", "generate", "residual_mlp", "sigmoid_mlp", "gan_2d",
            "regression_mlp", "seq2seq_transformer", "greedy_decode",
-           "ddpm_mlp"]
+           "ddpm_mlp", "policy_mlp"]

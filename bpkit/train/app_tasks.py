@@ -9,6 +9,9 @@ seq2seq_transformer         seq2seq    teacher-forced cross-entropy / ``loss``,
 ddpm_mlp                    diffusion  noise-prediction MSE (DDPM) / ``loss`` (the same, at
                                        fixed draws), ``chamfer`` (samples from the reverse chain
                                        against held-out points, as the GAN's)
+policy_mlp                  policy     REINFORCE with a baseline on ``data.name=cartpole``
+                                       episodes / ``return`` (sampled actions),
+                                       ``greedy_return``, ``loss`` = 1 - return / max return
 ==========================  =========  =======================================================
 
 ``build_task`` (bpkit/train/tasks.py) hands ``model.name`` in ``BUILDERS`` to its builder,
@@ -88,9 +91,37 @@ def diffusion_task(cfg, name, fn, args, ds) -> Task:
     return Task("diffusion", model, model.init, loss_fn, metric_fn, model_args=args)
 
 
+def policy_gradient_task(cfg, name, fn, args, ds) -> Task:
+    """REINFORCE with a baseline (bpkit/envs/policy_gradient.py): each batch is a batch of
+    episode seeds; the loss rolls the episodes out under ``lax.scan`` with the current policy
+    and weighs the taken actions' log-probabilities by their advantages. Evaluation plays the
+    held-out seeds with sampled and with greedy actions."""
+    from bpkit.envs import ENVS, policy_gradient as pg
+    _needs(ds, "env", name, "data.name=cartpole", cfg)
+    if cfg.model.loss != "reinforce":
+        raise ConfigError(f"model.loss: {cfg.model.loss!r} does not fit {name}; use reinforce")
+    env = ENVS[ds.info["env"]]
+    args = _fill(fn, args, obs_dim=env.OBS_DIM, num_actions=env.NUM_ACTIONS)
+    model = fn(**args)
+
+    def loss_fn(params, batch, key):
+        loss, mean_return = pg.reinforce_loss(env, model.apply, params, batch["x"])
+        return loss, {"return": jax.lax.stop_gradient(mean_return)}
+
+    def metric_fn(params, batch):
+        sampled = pg.episode_returns(pg.rollout(env, model.apply, params, batch["x"])[2])
+        greedy = pg.episode_returns(pg.rollout(env, model.apply, params, batch["x"],
+                                                greedy=True)[2])
+        return {"loss": 1.0 - sampled / env.MAX_STEPS, "return": sampled,
+                "greedy_return": greedy}
+
+    return Task("policy", model, model.init, loss_fn, metric_fn, model_args=args)
+
+
 def _default(fn, arg: str):
     import inspect
     return inspect.signature(fn).parameters[arg].default
 
 
-BUILDERS = {"seq2seq_transformer": seq2seq_task, "ddpm_mlp": diffusion_task}
+BUILDERS = {"seq2seq_transformer": seq2seq_task, "ddpm_mlp": diffusion_task,
+            "policy_mlp": policy_gradient_task}

@@ -30,7 +30,7 @@ ALIASES = {"gru": "gru_classifier", "lstm": "lstm_classifier", "cnn": "cnn1d",
            "gan": "gan_2d"}
 MODEL_NAMES = ("logreg", "mlp", "cnn1d", "cnn2d", "gru_classifier", "lstm_classifier", "gpt",
                "residual_mlp", "sigmoid_mlp", "gan_2d", "regression_mlp",
-               "seq2seq_transformer", "ddpm_mlp")
+               "seq2seq_transformer", "ddpm_mlp", "policy_mlp")
 
 
 @dataclass
