@@ -42,9 +42,9 @@ OBS_DIM = 4
 NUM_ACTIONS = 2
 
 
-def reset(key, n: int):
-    """``n`` initial states ``(n, 4)`` float32, each variable uniform in [-0.05, 0.05]."""
-    return jax.random.uniform(key, (n, OBS_DIM), jnp.float32, -0.05, 0.05)
+def reset(key, n: int, dtype=jnp.float32):
+    """``n`` initial states ``(n, 4)``, each variable uniform in [-0.05, 0.05]."""
+    return jax.random.uniform(key, (n, OBS_DIM), dtype, -0.05, 0.05)
 
 
 def step(state, action):

@@ -31,11 +31,13 @@ def rollout(env, policy_apply, params, seeds, *, greedy: bool = False):
     """Run ``len(seeds)`` episodes of ``env.MAX_STEPS`` steps (one ``lax.scan``).
 
     Returns ``obs (T, B, obs_dim)`` (the state each action was taken in), ``actions (T, B)``
-    int32 and ``alive (T, B)`` float32 (1 while the episode runs; steps after it ended are
-    simulated but masked). ``greedy``: take the most likely action instead of sampling."""
+    int32 and ``alive (T, B)`` (1 while the episode runs; steps after it ended are simulated
+    but masked). ``greedy``: take the most likely action instead of sampling. The simulation
+    runs in the dtype of the policy's parameters."""
+    dtype = jax.tree_util.tree_leaves(params)[0].dtype
     keys = jax.vmap(jax.random.PRNGKey)(seeds)                       # one key per episode
     reset_keys, action_keys = jnp.split(jax.vmap(jax.random.split)(keys), 2, axis=1)
-    state = jax.vmap(lambda k: env.reset(k, 1)[0])(reset_keys[:, 0])  # (B, obs_dim)
+    state = jax.vmap(lambda k: env.reset(k, 1, dtype)[0])(reset_keys[:, 0])  # (B, obs_dim)
 
     def body(carry, t):
         state, alive = carry                                          # (B, obs_dim), (B,)
@@ -51,7 +53,7 @@ def rollout(env, policy_apply, params, seeds, *, greedy: bool = False):
 
     start = (state, jnp.ones(state.shape[:1], bool))
     _, (obs, actions, alive) = lax.scan(body, start, jnp.arange(env.MAX_STEPS))
-    return obs, actions, alive.astype(jnp.float32)
+    return obs, actions, alive.astype(dtype)
 
 
 def episode_returns(alive):
