@@ -3,28 +3,44 @@
 A model is a pure JAX function of ``(params, batch)``; bpkit differentiates it with its own
 reverse-mode engine and hand-written VJP rules (``bpkit/rules/``), proven equal to ``jax.grad``
 and to float64 finite differences.
+
+The package imports lazily (PEP 562): ``import bpkit`` is instant, and ``bpkit.grad``,
+``bpkit.nn`` and the rest import JAX and register every rule on first use, so the ``bpkit``
+command answers ``--version``, ``config show`` and config mistakes without importing JAX.
 """
-from bpkit import rules as _rules  # noqa: F401  (registers every rule)
-from bpkit import testing
-from bpkit.check import ParityReport, check_parity
-from bpkit.engine import (
-    UnsupportedPrimitiveError,
-    grad,
-    register_fwd_bwd,
-    register_nondiff,
-    register_vjp,
-    registered_primitives,
-    value_and_grad,
-    vjp,
-)
+import importlib
 
 __version__ = "0.1.0"
+
+# name -> the module that defines it (imported on first access)
+_EXPORTS = {
+    "vjp": "bpkit.engine", "grad": "bpkit.engine", "value_and_grad": "bpkit.engine",
+    "register_vjp": "bpkit.engine", "register_fwd_bwd": "bpkit.engine",
+    "register_nondiff": "bpkit.engine", "registered_primitives": "bpkit.engine",
+    "UnsupportedPrimitiveError": "bpkit.engine",
+    "check_parity": "bpkit.check", "ParityReport": "bpkit.check",
+    "while_checkpoints": "bpkit.rules.loops",
+}
+_SUBMODULES = ("testing", "models", "nn", "ops", "train", "rules", "engine", "check", "data",
+               "config", "validate", "sharding", "diagnostics")
 
 __all__ = [
     "vjp", "grad", "value_and_grad", "register_vjp", "register_fwd_bwd", "register_nondiff",
     "registered_primitives", "UnsupportedPrimitiveError", "check_parity", "ParityReport",
-    "testing",
+    "testing", "while_checkpoints",
 ]
 
-from bpkit import models, nn, ops  # noqa: E402  (layers, fused ops, reference models)
-from bpkit import train  # noqa: E402,F401  (bpkit.train: train steps, optimizers, the loop)
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBMODULES:
+        value = importlib.import_module(f"bpkit.{name}")
+    else:
+        raise AttributeError(f"module 'bpkit' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS) | set(_SUBMODULES))

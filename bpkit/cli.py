@@ -1,23 +1,32 @@
 """The ``bpkit`` command.
 
-    bpkit train CONFIG [key=value ...]    train (or resume) into runs/<name>
-    bpkit eval RUN_DIR                    evaluate a run's latest checkpoint
-    bpkit parity CONFIG [key=value ...]   bpkit vs jax.grad vs float64 finite differences
-    bpkit plot RUN_DIR                    plots/*.png from metrics.jsonl
-    bpkit rules [...]                     the rule coverage table
+    bpkit train CONFIG [key=value ...]        train (or resume) into runs/<name>
+    bpkit eval RUN_DIR                        evaluate a run's latest checkpoint
+    bpkit parity CONFIG [key=value ...]       bpkit vs jax.grad vs float64 finite differences
+    bpkit plot RUN_DIR                        plots/*.png from metrics.jsonl
+    bpkit config show CONFIG [key=value ...]  the resolved config, every key commented
+    bpkit rules [...]                         the rule coverage table
+    bpkit launch --processes N CONFIG [k=v]   N jax.distributed processes on this machine
+    bpkit --version
 
-User mistakes (config keys, types, missing files, data that does not fit the model, a mesh
-that does not fit the devices or the batch) exit with
-status 2 and a one-line message; a non-finite loss or a parity mismatch exits 1; SIGINT/SIGTERM
-save a checkpoint and exit 130/143.
+Flags and ``key=value`` overrides may come in any order. User mistakes (config keys, types
+and values, model arguments, data files, data that does not fit the model, a mesh that does
+not fit the devices or the batch) exit with status 2 and one sentence per problem, all
+problems at once; so do run-directory and file-system problems (a config that would change an
+existing run's trajectory, a run directory locked by another process, an unwritable or full
+disk). A non-finite loss or gradient, too many skipped steps, or a parity mismatch exits 1.
+SIGINT/SIGTERM/SIGHUP save a checkpoint once training has started and exit 130/143/129
+(before that, nothing is written). The config is read and checked before JAX is imported, so
+config mistakes are reported at once.
 """
 from __future__ import annotations
 
 import argparse
-import json
+import difflib
 import os
+import signal
 import sys
-
+import textwrap
 
 def _user_error(e: Exception) -> int:
     print(f"bpkit: error: {e}", file=sys.stderr)
@@ -34,8 +43,6 @@ def cmd_train(args) -> int:
     from bpkit.train import loop
     try:
         loop.train(cfg)
-    except loop.Interrupted as e:
-        return 128 + e.signum
     except (loop.NonFiniteLoss, loop.ParityError) as e:
         print(f"bpkit: {e}", file=sys.stderr)
         return 1
@@ -44,13 +51,15 @@ def cmd_train(args) -> int:
 
 def _run_config(run_dir: str):
     from bpkit.config import ConfigError
-    path = os.path.join(run_dir, "config.yaml")
+    path = os.path.join(os.path.abspath(run_dir), "config.yaml")
     if not os.path.isfile(path):
         raise ConfigError(f"{run_dir} is not a run directory (no config.yaml)")
     return _load(path, [])
 
 
 def cmd_eval(args) -> int:
+    run_dir = os.path.abspath(args.run_dir)  # read only: no lock (a run may be training)
+    cfg = _run_config(run_dir)
     import jax
 
     from bpkit.config import ConfigError
@@ -58,11 +67,10 @@ def cmd_eval(args) -> int:
     from bpkit.train import checkpoint as ckpt
     from bpkit.train import loop
     from bpkit.train.step import evaluate
-    cfg = _run_config(args.run_dir)
     cfg.model.init_from = None
     ds, task, tx, schedule = loop.build(cfg)
     state = loop.init_state(cfg, task, tx)
-    step, restored = ckpt.restore_latest(os.path.join(args.run_dir, "checkpoints"), state,
+    step, restored = ckpt.restore_latest(os.path.join(run_dir, "checkpoints"), state,
                                          warn=lambda m: print(m, file=sys.stderr))
     if restored is None:
         raise ConfigError(f"no usable checkpoint in {args.run_dir}/checkpoints")
@@ -73,16 +81,17 @@ def cmd_eval(args) -> int:
               "eval_accuracy": res.get("accuracy") if task.kind == "classifier" else None}
     if task.kind == "gan":  # held-out d_loss + g_loss, and how close the samples are
         result["eval_chamfer"] = res.get("chamfer")
-    print(json.dumps(result))
+    from bpkit.train.writers import dumps
+    print(dumps(result))  # strict JSON: a NaN is null, named under "nonfinite"
     return 0
 
 
 def cmd_parity(args) -> int:
+    cfg = _load(args.config, args.overrides)
     import jax
 
     from bpkit.data import train_batch
     from bpkit.train import loop
-    cfg = _load(args.config, args.overrides)
     cfg.model.init_from = None  # parity needs only the architecture
     ds, task, tx, schedule = loop.build(cfg)
     state = loop.init_state(cfg, task, tx)
@@ -93,7 +102,16 @@ def cmd_parity(args) -> int:
     print(f"parity of the train-step loss of {args.config} on one batch of "
           f"{cfg.data.batch_size}:")
     print(report)
+    if args.no_fd:
+        print("finite differences skipped (--no-fd): only bpkit vs jax.grad was compared")
     return 0 if report.ok else 1
+
+
+def cmd_config(args) -> int:
+    from bpkit.config_show import render
+    cfg = _load(args.config, args.overrides)
+    sys.stdout.write(render(cfg, args.config))
+    return 0
 
 
 def cmd_plot(args) -> int:
@@ -119,48 +137,203 @@ def cmd_bench(argv: list[str]) -> int:
 
 
 # Subcommands that parse their own arguments.
-PASS_THROUGH = {"rules": cmd_rules, "bench": cmd_bench}
+def cmd_launch(argv: list[str]) -> int:
+    from bpkit.launch import main as launch_main
+    return launch_main(argv)
+
+
+PASS_THROUGH = {"rules": cmd_rules, "bench": cmd_bench, "launch": cmd_launch}
+
+_OVERRIDES_HELP = ("config overrides, each section.key=value with the value parsed as YAML "
+                   "(run.steps=200 optimizer.learning_rate=3e-3 model.args.hidden=[64,64]); "
+                   "CONFIG, the overrides and the flags may come in any order")
+_EPILOG = """\
+Every key of CONFIG, its resolved value and what it means:
+  bpkit config show CONFIG [key=value ...]
+
+Exit status: 0 done; 1 a non-finite loss or a parity mismatch; 2 a mistake in the config,
+the data or the command line (every problem is listed, one sentence each, with the fix);
+130/143 interrupted by SIGINT/SIGTERM (a checkpoint is saved: run the same command to resume).
+"""
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Wraps the description (and not the epilog, which is laid out by hand)."""
+
+    def __init__(self, prog):
+        super().__init__(prog, max_help_position=30, width=100)
+
+    def add_text(self, text):
+        if text is not None and text is not argparse.SUPPRESS and "\n" not in text:
+            text = textwrap.fill(text, 95)
+        super().add_text(text)
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", metavar="CONFIG",
+                   help="a YAML config file, such as configs/mnist1d_mlp.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help=_OVERRIDES_HELP)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bpkit", description="Backpropagation you can read.")
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="train (or resume) a config into its run directory")
-    t.add_argument("config")
-    t.add_argument("overrides", nargs="*", metavar="key=value")
+    from bpkit import __version__
+    p = argparse.ArgumentParser(
+        prog="bpkit", formatter_class=_Formatter,
+        description="Backpropagation you can read: train, evaluate and check models whose "
+                    "gradients come from bpkit's hand-written reverse-mode engine.",
+        epilog="Run 'bpkit COMMAND -h' for a command's arguments; 'bpkit config show CONFIG' "
+               "lists every config key with its meaning.")
+    p.add_argument("--version", action="version", version=f"bpkit {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    t = sub.add_parser(
+        "train", help="train (or resume) a config into its run directory",
+        formatter_class=_Formatter, epilog=_EPILOG,
+        description="Train CONFIG into its run directory (run.out_dir, by default "
+                    "runs/<run.name>), resuming from the latest checkpoint there. Every "
+                    "problem in the config, the model arguments and the data is reported "
+                    "before the first step.")
+    _config_args(t)
     t.set_defaults(fn=cmd_train)
-    e = sub.add_parser("eval", help="evaluate a run directory's latest checkpoint")
-    e.add_argument("run_dir")
+    e = sub.add_parser("eval", help="evaluate a run directory's latest checkpoint",
+                       formatter_class=_Formatter,
+                       description="Evaluate the latest checkpoint of RUN_DIR on the test split "
+                                   "of its config; prints one JSON line.")
+    e.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, such as "
+                                                      "runs/mnist1d_mlp")
     e.set_defaults(fn=cmd_eval)
-    q = sub.add_parser("parity", help="bpkit vs jax.grad vs finite differences on one batch")
-    q.add_argument("config")
-    q.add_argument("overrides", nargs="*", metavar="key=value")
-    q.add_argument("--no-fd", action="store_true", help="skip finite differences")
+    q = sub.add_parser("parity", help="bpkit vs jax.grad vs finite differences on one batch",
+                       formatter_class=_Formatter, epilog=_EPILOG,
+                       description="Compare bpkit's gradient of CONFIG's train-step loss with "
+                                   "jax.grad and with float64 central finite differences on "
+                                   "the first batch; exit 1 on a mismatch.")
+    _config_args(q)
+    q.add_argument("--no-fd", action="store_true",
+                   help="skip the finite differences (compare with jax.grad only)")
     q.set_defaults(fn=cmd_parity)
-    g = sub.add_parser("plot", help="write plots/*.png for a run directory")
-    g.add_argument("run_dir")
+    g = sub.add_parser("plot", help="write plots/*.png for a run directory",
+                       formatter_class=_Formatter)
+    g.add_argument("run_dir", metavar="RUN_DIR", help="a run directory, such as "
+                                                      "runs/mnist1d_mlp")
     g.set_defaults(fn=cmd_plot)
+    c = sub.add_parser("config", help="show a config resolved, every key commented",
+                       formatter_class=_Formatter,
+                       description="bpkit config show CONFIG [key=value ...]: print the "
+                                   "config with the overrides applied and every default "
+                                   "filled in, each key with its meaning, as YAML that "
+                                   "trains exactly as CONFIG does.")
+    c.add_argument("action", choices=["show"], help="show: print the resolved config")
+    _config_args(c)
+    c.set_defaults(fn=cmd_config)
     sub.add_parser("rules", help="the VJP rule coverage table", add_help=False)
     sub.add_parser("bench", help="bpkit vs jax.grad train-step benchmark (docs/benchmarks.md)",
+                   add_help=False)
+    sub.add_parser("launch", help="train with N jax.distributed processes on this machine",
                    add_help=False)
     return p
 
 
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The subcommand's arguments, with flags and positionals in any order (argparse's
+    intermixed parsing, per subcommand: it does not support subparsers itself)."""
+    parser = _parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    command = argv[0] if argv else None
+    if command in sub.choices:
+        args = sub.choices[command].parse_intermixed_args(argv[1:])
+        args.command = command
+        config, overrides = getattr(args, "config", None), getattr(args, "overrides", [])
+        if config and "=" in config and not os.path.exists(config):  # overrides came first
+            paths = [o for o in overrides if "=" not in o]
+            if len(paths) == 1:
+                args.config = paths[0]
+                args.overrides = [config] + [o for o in overrides if o != paths[0]]
+        return args
+    if command is not None and not command.startswith("-"):
+        close = difflib.get_close_matches(command, list(sub.choices), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        parser.error(f"unknown command '{command}'{hint}; the commands are "
+                     + ", ".join(sub.choices))
+    return parser.parse_args(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from bpkit.train import stopping
+    old_handlers = stopping.install()  # first: a stop signal is never lost from here on
+    stopping.reset()
+    try:
+        return _main(argv)
+    except stopping.Interrupted as e:
+        if e.saved_step is None:
+            _stderr(f"bpkit: {e.name} received; stopped before training started, nothing new "
+                    "was saved" if _is_train(argv) else f"bpkit: {e.name} received; stopped")
+            if argv is None:  # the command itself (not a test calling main): see _hard_exit
+                _hard_exit(128 + e.signum)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        _stderr("bpkit: interrupted")
+        return 130
+    finally:
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        try:
+            sys.stdout.flush()
+        except BrokenPipeError:  # `bpkit ... | head`: the reader is gone
+            from bpkit.train.writers import silence_stdout
+            silence_stdout()
+
+
+def _hard_exit(status: int) -> None:
+    """Exit now, without the interpreter's finalization: a signal that interrupted JAX in the
+    middle of tracing or compiling can leave native state that crashes at teardown (exit 139
+    instead of 128 + signal). Nothing is pending: no checkpoint was being written, and the
+    kernel releases the run directory's lock."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
+
+
+def _is_train(argv) -> bool:
+    argv = sys.argv[1:] if argv is None else argv
+    return bool(argv) and argv[0] == "train"
+
+
+def _stderr(msg: str) -> None:
+    try:
+        print(msg, file=sys.stderr, flush=True)
+    except (BrokenPipeError, ValueError):
+        pass
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in PASS_THROUGH:
         return PASS_THROUGH[argv[0]](argv[1:])
-    args = _parser().parse_args(argv)
-    from bpkit.config import ConfigError
-    from bpkit.data import DataError
-    from bpkit.sharding import ShardingError
+    args = _parse(argv)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, ShardingError) as e:
-        return _user_error(e)
-    except KeyboardInterrupt:
-        print("bpkit: interrupted", file=sys.stderr)
-        return 130
+    except BrokenPipeError:  # `bpkit ... | head`: the reader is gone
+        from bpkit.train.writers import silence_stdout
+        silence_stdout()
+        return 0
+    except Exception as e:
+        if isinstance(e, _user_error_types()):
+            return _user_error(e)
+        raise
+
+
+def _user_error_types() -> tuple[type, ...]:
+    """ConfigError, and DataError/ShardingError if their modules were imported (only they
+    raise them; importing them here would import JAX on the fast config-error path)."""
+    from bpkit.config import ConfigError
+    found: list[type] = [ConfigError]
+    for module, name in (("bpkit.data.batching", "DataError"), ("bpkit.sharding",
+                                                                 "ShardingError")):
+        if module in sys.modules:
+            found.append(getattr(sys.modules[module], name))
+    return tuple(found)
 
 
 if __name__ == "__main__":

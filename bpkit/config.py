@@ -1,12 +1,17 @@
-"""Typed run configuration: YAML (``yaml.safe_load``) into dataclasses, with dotted overrides.
+"""Typed run configuration: YAML into dataclasses, with dotted overrides.
 
 A config file has the sections ``run``, ``data``, ``model``, ``optimizer``, ``mesh``,
-``distributed`` and ``diagnostics``; every field has a default, so a file only names what it changes. Overrides on
-the command line are ``section.key=value`` with the value parsed as YAML (``run.steps=200``,
-``model.args.hidden=[64,64]``, ``run.check_parity=false``).
+``distributed`` and ``diagnostics``; every field has a default, so a file only names what it
+changes (``bpkit config show CONFIG`` prints them all, each with its comment from this file).
+Overrides on the command line are ``section.key=value`` with the value parsed as YAML
+(``run.steps=200``, ``model.args.hidden=[64,64]``, ``run.check_parity=false``).
 
-Every user mistake raises ``ConfigError`` with a one-line message that names the key and what is
-allowed (as optax's errors list the valid options); the CLI turns it into exit status 2:
+The file must be UTF-8; YAML syntax errors and keys given twice in one mapping (which PyYAML
+would silently resolve to the last) are errors naming ``file:line:column``. Every other
+mistake -- unknown keys, wrong types, values outside their domain (``bpkit.validate``),
+model arguments the factory does not take -- is collected, and all of them are raised in one
+``ConfigError`` (one sentence each, naming the key and what to change); the CLI prints it and
+exits with status 2:
 
     >>> load_config("configs/mnist1d_mlp.yaml", ["run.stpes=10"])
     ConfigError: unknown key 'run.stpes' (did you mean 'run.steps'?)
@@ -23,54 +28,69 @@ from typing import Any, Literal
 
 import yaml
 
+from bpkit import validate as _validate
+
 
 class ConfigError(ValueError):
-    """A mistake in a config file or an override: the message says what to change."""
+    """A mistake in a config file or an override: the message says what to change.
+
+    ``problems`` lists every mistake found (the message names them all)."""
+
+    def __init__(self, message: str, problems: list[str] | None = None):
+        super().__init__(message)
+        self.problems = list(problems) if problems is not None else [message]
 
 
 @dataclass
 class RunConfig:
-    name: str = "run"
-    out_dir: str | None = None            # default: runs/<name>
-    seed: int = 0
-    steps: int = 1000
-    log_every: int = 50
-    eval_every: int = 500                 # 0: evaluate only at the end
-    checkpoint_every: int = 500           # 0: checkpoint only at the end
-    keep_checkpoints: int = 3
-    engine: Literal["bpkit", "jax"] = "bpkit"
-    check_parity: bool = True
-    on_nonfinite: Literal["stop", "skip"] = "stop"
-    progress: Literal["auto", "bar", "log"] = "auto"
+    name: str = "run"                     # run directory: runs/<name> unless out_dir is set
+    out_dir: str | None = None            # where the run directory goes (null: runs/<name>)
+    seed: int = 0                         # data order, initialisation and dropout follow from it
+    steps: int = 1000                     # optimizer steps (micro-steps with accumulation)
+    log_every: int = 50                   # steps between metrics.jsonl lines / log lines
+    eval_every: int = 500                 # steps between evaluations (0: at the end only)
+    checkpoint_every: int = 500           # steps between checkpoints (0: at the end only)
+    keep_checkpoints: int = 3             # newest checkpoints kept (0: keep all)
+    engine: Literal["bpkit", "jax"] = "bpkit"  # bpkit (hand-written backward) or jax (jax.grad)
+    check_parity: bool = True             # compare bpkit with jax.grad on the first batch
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # NaN/Inf loss or gradient norm: stop, or skip
+    max_skipped: int = 10                 # skip: stop (exit 1) after this many skips in a row
+    resume: Literal["auto", "never", "must"] = "auto"  # existing run dir (docs/training.md)
+    progress: Literal["auto", "bar", "log"] = "auto"  # auto: a bar on a terminal, else log lines
     sample_length: int = 200              # characters printed at the end of a language-model run
     eval_batches: int = 0                 # evaluation batches per evaluation (0: the whole split)
 
 
 @dataclass
 class DataConfig:
+    # the data set: generated offline (mnist1d, toy2d, regression1d, reverse), shipped by an
+    # installed package (digits: scikit-learn's), simulated (cartpole) or read from data.path
     name: Literal["mnist1d", "text", "toy2d", "regression1d", "npz", "idx", "digits",
                   "reverse", "cartpole"] = "mnist1d"
-    batch_size: int = 128
-    eval_batch_size: int = 500
+    batch_size: int = 128                 # examples (sequences, episodes) per step
+    eval_batch_size: int = 500            # examples per evaluation batch
     path: str | None = None               # text file, .npz file, or IDX images file (train)
     test_path: str | None = None          # .npz / IDX images file for evaluation
     labels_path: str | None = None        # IDX labels file (train)
     test_labels_path: str | None = None   # IDX labels file (test)
-    num_train: int = 4000
-    num_test: int = 1000
-    context: int = 64                     # text: characters per training sequence
+    num_train: int = 4000                 # mnist1d/regression1d/reverse: training examples
+    num_test: int = 1000                  # mnist1d/regression1d/reverse: test examples
+    context: int = 64                     # text: characters per sequence; reverse: per string
     max_chars: int = 2_000_000            # text: cap on the corpus size
-    distribution: Literal["ring", "grid", "moons", "spiral"] = "ring"
-    noise: float = 0.1
+    encoding: str | None = None           # text: the file's encoding (null: UTF-8, strictly)
+    distribution: Literal["ring", "grid", "moons", "spiral"] = "ring"  # toy2d: the 2-D shape
+    noise: float = 0.1                    # toy2d/regression1d: noise scale
     cache_dir: str | None = None          # default: $BPKIT_CACHE or ~/.cache/bpkit
 
 
 @dataclass
 class ModelConfig:
-    name: str = "mlp"
+    name: str = "mlp"                     # a factory in bpkit.models
     args: dict = field(default_factory=dict)  # keyword arguments of bpkit.models.<name>
+    # the training loss (reinforce: the policy gradient of bpkit/envs/policy_gradient.py)
     loss: Literal["cross_entropy", "mse", "huber", "gan", "reinforce"] = "cross_entropy"
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.0          # cross-entropy: weight of the uniform target, [0, 1)
+    # float32, or bfloat16 compute on float32 master parameters
     compute_dtype: Literal["float32", "bfloat16"] = "float32"
     init_from: str | None = None          # run directory whose latest checkpoint gives params
 
@@ -78,21 +98,22 @@ class ModelConfig:
 @dataclass
 class OptimizerConfig:
     name: Literal["sgd", "momentum", "nesterov", "adam", "adamw", "rmsprop", "adagrad",
-                  "lion", "lamb"] = "adam"
-    learning_rate: float = 1e-3
+                  "lion", "lamb"] = "adam"  # the optax optimizer
+    learning_rate: float = 1e-3           # peak learning rate
+    # the learning rate over the run (after warmup_steps)
     schedule: Literal["constant", "linear", "cosine", "exponential", "piecewise"] = "constant"
-    warmup_steps: int = 0
+    warmup_steps: int = 0                 # linear warmup from 0 before the schedule
     decay_steps: int | None = None        # default: run.steps
     final_lr_fraction: float = 0.0        # linear/cosine: end learning rate / peak
     decay_rate: float = 0.5               # exponential: factor per transition_steps
-    transition_steps: int = 1000
+    transition_steps: int = 1000          # exponential: steps per decay_rate factor
     boundaries: list = field(default_factory=list)  # piecewise: steps where lr changes
     scales: list = field(default_factory=list)      # piecewise: factor applied at each boundary
-    momentum: float = 0.9
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    weight_decay: float = 0.0
+    momentum: float = 0.9                 # momentum/nesterov/rmsprop: momentum, [0, 1)
+    b1: float = 0.9                       # adam-family: first-moment decay, [0, 1)
+    b2: float = 0.999                     # adam-family: second-moment decay, [0, 1)
+    eps: float = 1e-8                     # added to the denominator, > 0
+    weight_decay: float = 0.0             # decoupled (adamw/lion/lamb) or L2 weight decay
     decay_mask: Literal["default", "all", "none"] = "default"  # default: no biases/norm scales
     clip_norm: float | None = None        # clip gradients by global norm
     accumulate_steps: int = 1             # gradient accumulation (optax.MultiSteps)
@@ -112,8 +133,8 @@ class MeshConfig:
 class DistributedConfig:
     """Multi-host: all null (and auto false) is a single process."""
     coordinator_address: str | None = None  # host:port of process 0
-    num_processes: int | None = None
-    process_id: int | None = None
+    num_processes: int | None = None      # processes in the job
+    process_id: int | None = None         # this process: 0 .. num_processes-1
     auto: bool = False                    # jax.distributed.initialize() with no arguments
 
 
@@ -173,7 +194,9 @@ def _coerce(key: str, value: Any, tp) -> Any:
     if origin is Literal:
         if value in typing.get_args(tp) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{key}: got {value!r}, expected {_describe(tp)}")
+        close = difflib.get_close_matches(str(value), [str(a) for a in typing.get_args(tp)], 1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"{key}: got {value!r}, expected {_describe(tp)}{hint}")
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:
@@ -192,7 +215,11 @@ def _coerce(key: str, value: Any, tp) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                return float(value)
+            except OverflowError:  # an integer with hundreds of digits
+                raise ConfigError(f"{key}: got an integer with {len(str(value))} digits, "
+                                  f"expected {_describe(tp)} within the float range") from None
         if isinstance(value, str):  # YAML reads "1e-3" as a string
             try:
                 return float(value)
@@ -204,24 +231,36 @@ def _coerce(key: str, value: Any, tp) -> Any:
     elif tp is list:
         if isinstance(value, (list, tuple)):
             return list(value)
+        if value is not None and not isinstance(value, dict):
+            raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected a list "
+                              f"(write [{value}] for a list of one)")
     elif tp is dict:
         if isinstance(value, dict):
             return dict(value)
     raise ConfigError(f"{key}: got {value!r} ({type(value).__name__}), expected {_describe(tp)}")
 
 
-def _section_from(name: str, raw: Any):
+def _section_from(name: str, raw: Any, problems: list[str]):
+    """The section dataclass from its raw mapping; every unknown key and wrongly typed value is
+    added to ``problems`` (that field keeps its default)."""
     cls = _SECTION_CLASSES[name]
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"section '{name}' must be a mapping of keys to values, got {raw!r}")
+        problems.append(f"section '{name}' must be a mapping of keys to values, got {raw!r}; "
+                        f"write it as '{name}:' followed by indented 'key: value' lines")
+        return cls()
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in raw.items():
         if key not in hints:
-            raise ConfigError(f"unknown key '{name}.{key}'" + _suggest(str(key), hints, name + "."))
-        kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+            problems.append(f"unknown key '{name}.{key}'"
+                            + _suggest(str(key), hints, name + "."))
+            continue
+        try:
+            kwargs[key] = _coerce(f"{name}.{key}", value, hints[key])
+        except ConfigError as e:
+            problems.append(str(e))
     return cls(**kwargs)
 
 
@@ -231,115 +270,180 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
                           "(for example run.steps=100)")
     key, _, raw = text.partition("=")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=StrictLoader) if raw.strip() else None
+    except DuplicateKeyError as e:
+        raise ConfigError(f"override '{text}': {e.problem}; keep one of the two") from None
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
 
 
+def _apply_override(raw: dict, text: str) -> None:
+    """Set one ``section.key[.key...]=value`` override in ``raw`` (nested dicts copied)."""
+    parts, value = _parse_override(text)
+    section = parts[0]
+    if section not in _SECTION_CLASSES:
+        raise ConfigError(f"unknown section '{section}' in override '{text}'"
+                          + _suggest(section, _SECTION_CLASSES))
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override '{text}' must name a key inside '{section}' "
+                          f"(for example {section}.<key>=value)")
+    target = raw.setdefault(section, {}) or {}
+    raw[section] = target
+    if not isinstance(target, dict):
+        raise ConfigError(f"section '{section}' must be a mapping")
+    for p in parts[1:-1]:
+        nested = target.get(p)
+        if nested is None:
+            nested = target[p] = {}
+        elif not isinstance(nested, dict):
+            raise ConfigError(f"'{'.'.join(parts[:-1])}' is not a mapping; cannot set "
+                              f"'{'.'.join(parts)}'")
+        else:
+            nested = target[p] = dict(nested)
+        target = nested
+    target[parts[-1]] = value
+
+
 def config_from_dict(raw: Any, overrides: list[str] = ()) -> Config:
-    """A ``Config`` from a parsed YAML mapping plus ``section.key=value`` overrides."""
+    """A ``Config`` from a parsed YAML mapping plus ``section.key=value`` overrides.
+
+    Every problem found (unknown keys, wrong types, values out of their domain, model
+    arguments the factory does not take, ...) is reported in one ``ConfigError``."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError("a config file must be a mapping with sections "
                           + ", ".join(_SECTION_CLASSES))
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    problems: list[str] = []
     for text in overrides:
-        parts, value = _parse_override(text)
-        section = parts[0]
-        if section not in _SECTION_CLASSES:
-            raise ConfigError(f"unknown section '{section}' in override '{text}'"
-                              + _suggest(section, _SECTION_CLASSES))
-        if len(parts) < 2:
-            raise ConfigError(f"override '{text}' must name a key inside '{section}' "
-                              f"(for example {section}.<key>=value)")
-        target = raw.setdefault(section, {}) or {}
-        raw[section] = target
-        if not isinstance(target, dict):
-            raise ConfigError(f"section '{section}' must be a mapping")
-        for p in parts[1:-1]:
-            nested = target.get(p)
-            if nested is None:
-                nested = target[p] = {}
-            elif not isinstance(nested, dict):
-                raise ConfigError(f"'{'.'.join(parts[:-1])}' is not a mapping; cannot set "
-                                  f"'{'.'.join(parts)}'")
-            else:
-                nested = target[p] = dict(nested)
-            target = nested
-        target[parts[-1]] = value
+        try:
+            _apply_override(raw, text)
+        except ConfigError as e:
+            problems.append(str(e))
     for section in raw:
         if section not in _SECTION_CLASSES:
-            raise ConfigError(f"unknown section '{section}'" + _suggest(str(section),
-                                                                          _SECTION_CLASSES))
-    cfg = Config(**{name: _section_from(name, raw.get(name)) for name in _SECTION_CLASSES})
-    validate(cfg)
+            problems.append(f"unknown section '{section}'" + _suggest(str(section),
+                                                                      _SECTION_CLASSES))
+    cfg = Config(**{name: _section_from(name, raw.get(name), problems)
+                    for name in _SECTION_CLASSES})
+    problems += validate_problems(cfg)
+    if problems:
+        raise ConfigError(_validate.report(problems), problems)
     return cfg
 
 
-def load_config(path: str, overrides: list[str] = ()) -> Config:
-    """Read ``path`` (YAML) and apply ``overrides``; raises ``ConfigError`` on any mistake."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file not found: {path}")
+class DuplicateKeyError(yaml.MarkedYAMLError):
+    """A mapping names the same key twice (PyYAML would silently keep the last)."""
+
+
+class StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it
+                break
+            if first is not None:
+                raise DuplicateKeyError(
+                    None, None, f"duplicate key {key!r} (first given at line "
+                    f"{first.line + 1})", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+def _read_text(path: str) -> str:
+    """The config file's text; ``ConfigError`` naming the path if it cannot be read as UTF-8."""
+    if os.path.isdir(path):
+        hint = (f"; to train or inspect that run use {os.path.join(path, 'config.yaml')}"
+                if os.path.isfile(os.path.join(path, "config.yaml")) else
+                "; give a YAML file such as configs/mnist1d_mlp.yaml")
+        raise ConfigError(f"{path} is a directory, not a config file{hint}")
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {path} (the shipped configs are in "
+                          "configs/, e.g. configs/mnist1d_mlp.yaml)")
     try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read the config file {path} ({e.strerror or e}); check "
+                          "its permissions") from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        column = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"{path}:{line}:{column}: the config file is not UTF-8 text (byte "
+                          f"0x{data[e.start]:02x} cannot be decoded); save it as UTF-8") from None
+
+
+def _yaml_error(path: str, e: yaml.YAMLError) -> ConfigError:
+    """``path:line:column: what is wrong; what to do`` for a PyYAML error."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else path
+    if isinstance(e, DuplicateKeyError):
+        return ConfigError(f"{where}: {e.problem}; keep one of the two")
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    what = f"{problem} ({context})" if context else problem
+    return ConfigError(f"{where}: invalid YAML: {what}; fix the syntax there (indent with "
+                       "spaces, and quote values that contain ': ' or ' #')")
+
+
+def load_config(path: str, overrides: list[str] = ()) -> Config:
+    """Read ``path`` (YAML) and apply ``overrides``; raises ``ConfigError`` on any mistake.
+    Every path in it is made absolute against the current directory (``bpkit.paths``)."""
+    text = _read_text(path)
+    try:
+        raw = yaml.load(text, Loader=StrictLoader)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-    return config_from_dict(raw, list(overrides))
+        raise _yaml_error(path, e) from None
+    if raw is None:
+        raise ConfigError(f"{path} is empty; a config needs at least a 'run' section (start "
+                          "from a shipped one, e.g. configs/mnist1d_mlp.yaml)")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must be a mapping with sections "
+                          + ", ".join(_SECTION_CLASSES) + f", not a {type(raw).__name__}")
+    from bpkit.paths import resolve_paths
+    return resolve_paths(config_from_dict(raw, list(overrides)))
 
 
-def validate(cfg: Config) -> None:
-    """Cross-field checks: positive sizes, piecewise schedules that line up, a complete ``distributed`` section, sensible diagnostics ratios."""
-    positive = {"run.steps": cfg.run.steps, "run.log_every": cfg.run.log_every,
-                "data.batch_size": cfg.data.batch_size,
-                "data.eval_batch_size": cfg.data.eval_batch_size,
-                "optimizer.accumulate_steps": cfg.optimizer.accumulate_steps,
-                "mesh.data": cfg.mesh.data, "mesh.fsdp": cfg.mesh.fsdp, "data.context": cfg.data.context}
-    for key, value in positive.items():
-        if value < 1:
-            raise ConfigError(f"{key}: got {value}, expected a positive integer")
-    for key in ("eval_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
-        if getattr(cfg.run, key) < 0:
-            raise ConfigError(f"run.{key}: got {getattr(cfg.run, key)}, expected >= 0")
-    if cfg.optimizer.learning_rate <= 0:
-        raise ConfigError(f"optimizer.learning_rate: got {cfg.optimizer.learning_rate}, "
-                          "expected a positive number")
-    if cfg.optimizer.schedule == "piecewise" and (
-            len(cfg.optimizer.boundaries) != len(cfg.optimizer.scales)):
-        raise ConfigError("optimizer.boundaries and optimizer.scales must have the same length "
-                          f"(got {len(cfg.optimizer.boundaries)} and "
-                          f"{len(cfg.optimizer.scales)})")
+def validate_problems(cfg: Config) -> list[str]:
+    """Every problem the config alone shows (``bpkit.validate.config_problems``) plus the
+    ``distributed`` section's consistency."""
+    problems = _validate.config_problems(cfg)
     d = cfg.distributed
     explicit = {"coordinator_address": d.coordinator_address,
                 "num_processes": d.num_processes, "process_id": d.process_id}
     given = [k for k, v in explicit.items() if v is not None]
     if d.auto and given:
-        raise ConfigError("distributed.auto: true detects the cluster by itself; leave "
-                          + ", ".join(f"distributed.{k}" for k in given) + " null")
-    if given and len(given) != 3:
+        problems.append("distributed.auto: true detects the cluster by itself; leave "
+                        + ", ".join(f"distributed.{k}" for k in given) + " null")
+    elif given and len(given) != 3:
         missing = [k for k in explicit if k not in given]
-        raise ConfigError("distributed: set coordinator_address, num_processes and process_id "
-                          "together (missing " + ", ".join(f"distributed.{k}" for k in missing)
-                          + "), or distributed.auto=true under a cluster launcher")
-    if len(given) == 3:
-        if d.num_processes < 1:
-            raise ConfigError(f"distributed.num_processes: got {d.num_processes}, expected a "
-                              "positive integer")
+        problems.append("distributed: set coordinator_address, num_processes and process_id "
+                        "together (missing " + ", ".join(f"distributed.{k}" for k in missing)
+                        + "), or distributed.auto=true under a cluster launcher")
+    elif len(given) == 3 and not any(p.startswith("distributed.") for p in problems):
         if not 0 <= d.process_id < d.num_processes:
-            raise ConfigError(f"distributed.process_id: got {d.process_id}, expected 0 .. "
-                              f"{d.num_processes - 1} (num_processes={d.num_processes})")
+            problems.append(f"distributed.process_id: got {d.process_id}, expected 0 .. "
+                            f"{d.num_processes - 1} (num_processes={d.num_processes})")
         if cfg.data.batch_size % d.num_processes:
-            raise ConfigError(f"data.batch_size: {cfg.data.batch_size} is not divisible by "
-                              f"distributed.num_processes={d.num_processes}")
-    g = cfg.diagnostics
-    if g.every < 0:
-        raise ConfigError(f"diagnostics.every: got {g.every}, expected >= 0 (0: off)")
-    if not 0 < g.vanish_ratio < g.explode_ratio:
-        raise ConfigError(f"diagnostics.vanish_ratio ({g.vanish_ratio}) and "
-                          f"diagnostics.explode_ratio ({g.explode_ratio}) must satisfy "
-                          "0 < vanish_ratio < explode_ratio")
+            problems.append(f"data.batch_size: {cfg.data.batch_size} is not divisible by "
+                            f"distributed.num_processes={d.num_processes}")
+    return problems
+
+
+def validate(cfg: Config) -> None:
+    """Raise one ``ConfigError`` listing every problem of ``cfg`` (see ``validate_problems``)."""
+    problems = validate_problems(cfg)
+    if problems:
+        raise ConfigError(_validate.report(problems), problems)
 
 
 def dump_config(cfg: Config) -> str:

@@ -41,7 +41,29 @@ def make_mesh(data: int = 1, fsdp: int = 1, devices=None) -> Mesh:
             f"{len(devices)} are available ({devices[0].platform}). Lower mesh.data/mesh.fsdp, "
             "or on CPU simulate devices with "
             "XLA_FLAGS=--xla_force_host_platform_device_count=N.")
-    return Mesh(np.asarray(devices[:need]).reshape(data, fsdp), ("data", "fsdp"))
+    return Mesh(np.asarray(_spread(devices, need)).reshape(data, fsdp), ("data", "fsdp"))
+
+
+def _spread(devices: list, need: int) -> list:
+    """The first ``need`` devices; in a multi-process job, the same number from every process
+    (each process feeds its own rows of every batch, so the mesh must span them all)."""
+    procs = sorted({d.process_index for d in devices})
+    if len(procs) == 1:
+        return devices[:need]
+    per, rest = divmod(need, len(procs))
+    if rest or per == 0:
+        raise ShardingError(
+            f"The mesh has {need} devices (mesh.data x mesh.fsdp) but the job has "
+            f"{len(procs)} processes, and every process needs the same number of mesh "
+            f"devices (each loads its own rows of every batch). Make mesh.data x mesh.fsdp a "
+            f"multiple of {len(procs)}, such as {len(devices)} (all devices).")
+    mine = [[d for d in devices if d.process_index == p] for p in procs]
+    if per > min(len(m) for m in mine):
+        raise ShardingError(
+            f"The mesh asks for {per} devices per process but a process has only "
+            f"{min(len(m) for m in mine)}. Lower mesh.data/mesh.fsdp, or with 'bpkit "
+            "launch' raise --local-devices.")
+    return [d for m in mine for d in m[:per]]
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -16,12 +16,12 @@ def test_train_eval_plot_end_to_end(tmp_path, capsys):
     p = bpkit("train", cfg, *TINY, f"run.out_dir={run}")
     assert p.returncode == 0, p.stderr
     out = p.stdout
-    for word in ("parameters", "mnist1d: 4,000 train / 1,000 test", "engine  bpkit",
+    for word in ("parameters, all trainable", "mnist1d: 4,000 train / 1,000 test", "engine  bpkit",
                  "devices", "parity  first batch: max |bpkit - jax.grad|", "OK", "step     30/30",
                  "done: 30 steps"):
         assert word in out, out
     assert sorted(os.listdir(run)) == ["checkpoints", "config.yaml", "metrics.jsonl", "plots",
-                                       "summary.json"]
+                                       "summary.json", "train.lock"]
     s = summary(run)
     for key in ("steps", "train_loss", "eval_loss", "eval_accuracy", "wall_seconds",
                 "examples_per_second", "engine", "devices"):
@@ -89,3 +89,39 @@ def test_scripts_are_thin_equivalents():
     for name in ("train", "eval", "plot", "parity"):
         text = open(os.path.join(root, "scripts", f"{name}.py")).read()
         assert f'main(["{name}", *sys.argv[1:]])' in text
+
+
+def test_version_and_help(capsys):
+    from bpkit import __version__
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"bpkit {__version__}"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "-h"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0
+    for word in ("CONFIG", "key=value", "bpkit config show CONFIG", "Exit status",
+                 "in any order"):
+        assert word in out, out
+
+
+def test_parity_takes_flags_and_overrides_in_any_order(capsys):
+    """``--no-fd`` between the config and the overrides, and it says what it skipped."""
+    code = cli.main(["parity", os.path.join(CONFIGS, "regression_mse.yaml"), "--no-fd",
+                     "data.batch_size=2", "model.args.hidden=[4]"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "finite differences skipped (--no-fd)" in out
+
+
+def test_config_show_prints_the_resolved_config(capsys):
+    import yaml
+    from bpkit.config import config_from_dict, load_config
+    cfg_path = os.path.join(CONFIGS, "mnist1d_mlp.yaml")
+    assert cli.main(["config", "show", "run.steps=7", cfg_path, "model.args.hidden=[8]"]) == 0
+    out = capsys.readouterr().out
+    assert "  steps: 7" in out and "# optimizer steps" in out
+    assert "    hidden: [8]" in out and "# activation:" not in out  # given, so not a comment
+    assert "    # in_features: 40" in out                             # the factory's others
+    expected = load_config(cfg_path, ["run.steps=7", "model.args.hidden=[8]"])
+    assert config_from_dict(yaml.safe_load(out)).model == expected.model

@@ -45,12 +45,12 @@ def test_dump_round_trips():
     (["optimizer.name=adamm"], "optimizer.name: got 'adamm', expected one of 'sgd'"),
     (["run.check_parity=maybe"], "run.check_parity: got 'maybe' (str), expected true or false"),
     (["run.steps"], "override 'run.steps' must look like section.key=value"),
-    (["mesh.fsdp=0"], "mesh.fsdp: got 0, expected a positive integer"),
+    (["mesh.fsdp=0"], "mesh.fsdp: got 0; use an integer from 1 to 65,536"),
     (["distributed.num_processes=2"], "distributed: set coordinator_address, num_processes and "
                                       "process_id together"),
     (["distributed.auto=true", "distributed.process_id=0"],
      "distributed.auto: true detects the cluster by itself; leave distributed.process_id null"),
-    (["diagnostics.every=-1"], "diagnostics.every: got -1, expected >= 0"),
+    (["diagnostics.every=-1"], "diagnostics.every: got -1; use an integer from 0 to "),
     (["model.args.hiden=[4]"], "unknown key 'model.args.hiden' for model mlp "
                                "(did you mean 'model.args.hidden'?)"),
 ])
@@ -77,7 +77,7 @@ def test_unknown_key_in_file(tmp_path, capsys):
 def test_bad_yaml_and_bad_section(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("run: [1, 2\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad.yaml:2:1: invalid YAML"):
         load_config(str(path))
     path.write_text("run: 3\n")
     with pytest.raises(ConfigError, match="section 'run' must be a mapping"):

@@ -166,6 +166,40 @@ def _spmd_body(w, x):
 # ppermute); jitted, as train steps are (an unjitted shard_map runs op by op).
 spmd = jax.jit(jax.shard_map(_spmd_body, mesh=_MESH, in_specs=(P(), P("i")), out_specs=P()))
 
+def spectral_complex(w_re, w_im, x):
+    """FFT spectral filter with complex weights, complex abs/conj/real/imag, special functions."""
+    w = lax.complex(w_re, w_im)
+    y = jnp.fft.irfft(jnp.fft.rfft(x) * w[None], n=x.shape[-1])
+    z = jnp.fft.fft(y)
+    special = jax.scipy.special.i0e(y) + jax.scipy.special.betainc(2.0, 3.0, jax.nn.sigmoid(y))
+    return jnp.sum(jnp.abs(z) + jnp.real(z * jnp.conj(z)) * 0.1 + jnp.imag(z) ** 2 + special)
+
+
+SPECTRAL_ARGS = (_normal(K[0], (5,)), _normal(K[1], (5,)), _normal(K[2], (2, 8), 1.0))
+
+
+def misc_primitives(x, w):
+    """The primitives of branch misc: checkpoint_name, optimization_barrier, tile, stack, a
+    variadic lax.reduce, approx_max_k, ragged_dot, linear_call, jnp.interp (total-order
+    comparisons, no rule needed) and a dynamic_slice with a negative start at the primitive."""
+    from jax._src.lax import lax as lax_internal
+    from jax.ad_checkpoint import checkpoint_name
+    from jax.custom_derivatives import linear_call
+
+    h = checkpoint_name(jnp.tanh(x), "h")
+    h, = lax.optimization_barrier((h,))
+    t = lax_internal.tile(h, (2, 1))
+    s = jnp.stack([t, t * 2.0], axis=0)
+    total, prod = lax.reduce((s, s * 0.5), (0.0, 1.0), lambda a, b: (a[0] + b[0], a[1] * b[1]),
+                             (0,))
+    top = lax.approx_max_k(total, 2)[0]
+    r = lax.ragged_dot(prod, w, jnp.array([3, 5], jnp.int32))
+    lin = linear_call(lambda res, v: res * v, lambda res, c: res * c, 2.0, r)
+    xp = jnp.linspace(-1.0, 1.0, 5)
+    i = jnp.interp(x[0, :2], xp, jnp.sin(xp) * x[1, 0])
+    d = lax.dynamic_slice_p.bind(x, jnp.int32(-1), jnp.int32(0), slice_sizes=(2, 2))
+    return jnp.sum(top) + jnp.sum(lin ** 2) + jnp.sum(i) + jnp.sum(d ** 3)
+
 
 PROGRAMS = {
     "mlp_relu_gelu_softmax_ce": (mlp, MLP_ARGS, 0, None),
@@ -180,6 +214,10 @@ PROGRAMS = {
                               (0, 1), (lax.linalg.cholesky_p, lax.linalg.eigh_p, lax.linalg.svd_p)),
     "shard_map_collectives": (spmd, (_normal(K[0], (3, 2)), _normal(K[1], (8, 3), 1.0)), (0, 1),
                               None),
+    "fft_complex_special": (spectral_complex, SPECTRAL_ARGS, (0, 1, 2), (lax.fft_p,)),
+    "misc_primitives": (misc_primitives, (_normal(jax.random.key(16), (4, 3)),
+                                          _normal(jax.random.key(17), (2, 3, 2))),
+                        (0, 1), None),
 }
 
 # References, computed now, before anything is patched.
@@ -238,3 +276,24 @@ def test_second_order_without_jax_autodiff(no_jax_autodiff):
     h = bpkit.grad(lambda x: jnp.sum(bpkit.grad(f)(x)))(x)
     t = jnp.tanh(x)
     np.testing.assert_allclose(h, 2 * (1 - t ** 2) ** 2 - 4 * t ** 2 * (1 - t ** 2), rtol=1e-10)
+
+
+def test_while_loop_without_jax_autodiff(monkeypatch):
+    """A while loop (trip count known only at run time): jax.grad refuses the while itself, so
+    the reference is jax.grad of the same loop as a 6-step scan."""
+    def step(w, x):
+        return jnp.tanh(x * w) + 0.5 * x
+
+    def loss(w, x):
+        return jnp.sum(lax.while_loop(lambda c: c[0] < 6, lambda c: (c[0] + 1, step(w, c[1])),
+                                      (0, x))[1] ** 2)
+
+    def twin(w, x):
+        return jnp.sum(lax.scan(lambda x, _: (step(w, x), None), x, None, length=6)[0] ** 2)
+
+    w, x = jnp.float64(0.8), jnp.linspace(-1.0, 1.0, 3)
+    want = jax.grad(twin, (0, 1))(w, x)
+    forbid_jax_autodiff(monkeypatch)
+    got = jax.jit(bpkit.grad(loss, (0, 1), while_checkpoints=3))(w, x)
+    for a, b in zip(got, want):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)

@@ -7,7 +7,8 @@
 * ``unsupported_in(fun, *args)``: the primitives on the differentiated path (the floating-point
   inputs, followed through every equation and into sub-jaxprs) that have no rule, each with the
   user's source line, i.e. what ``bpkit.grad`` would stop at. Integer and random-bit side
-  computations are not on that path and need no rule.
+  computations, and equations without a floating-point output, are not on that path and
+  need no rule.
 * ``rules_command(argv)``: the ``bpkit rules`` command (also ``scripts/rule_coverage.py``).
 
 ``args`` may be arrays or ``jax.ShapeDtypeStruct``s: nothing is computed, only traced.
@@ -29,7 +30,8 @@ from bpkit.engine import compat, registry
 
 # The rule family modules, in the order ``bpkit rules`` prints them.
 FAMILIES = ("elementwise", "structural", "slicing", "reductions", "linalg", "linalg_decomp",
-            "conv", "windows", "collectives", "control", "nondiff")
+            "conv", "windows", "fft", "special", "collectives", "control", "loops", "nondiff",
+            "refusals")
 
 
 def supported_primitives() -> dict[str, str]:
@@ -69,7 +71,7 @@ def primitives_used(fun: Callable, *args, **kwargs) -> set[str]:
 def unsupported_in(fun: Callable, *args, argnums: int | Sequence[int] | None = None,
                    **kwargs) -> list[tuple[str, str]]:
     """``[(primitive name, user location)]`` for each equation on the differentiated path whose
-    primitive has no rule (or is refused, like ``while``), in program order, without repeats.
+    primitive has no rule (or is refused, like a custom ``reduce_window``), in program order, without repeats.
 
     ``argnums`` (default: every argument) are the differentiated arguments; only their
     floating-point leaves start the path.
@@ -100,8 +102,9 @@ def _walk(jaxpr, active_in: Sequence[bool], found: list) -> list[bool]:
     for eqn in jaxpr.eqns:
         mask = [is_active(v) for v in eqn.invars]
         prim = eqn.primitive
-        if not any(mask) or prim in registry.nondiff_primitives:
-            continue
+        if (not any(mask) or prim in registry.nondiff_primitives
+                or not any(compat.is_inexact(v.aval) for v in eqn.outvars)):
+            continue  # as in the engine: no floating-point output, no cotangent, no rule
         if prim in registry.refused_primitives or not registry.has_rule(prim):
             found.append((prim.name, compat.user_frame(eqn)))
             out_mask = [True] * len(eqn.outvars)
@@ -119,16 +122,12 @@ def _inner_activity(eqn, mask: list[bool], found: list) -> list[bool]:
     if prim.name == "scan":
         body = getattr(params["jaxpr"], "jaxpr", params["jaxpr"])
         num_consts, num_carry = compat.scan_counts(params)
-        carry = mask[num_consts:num_consts + num_carry]
-        while True:  # carry activity is a fixpoint
-            inner_found: list = []
-            full = mask[:num_consts] + carry + mask[num_consts + num_carry:]
-            outs = _walk(body, full, inner_found)
-            new = [a or b for a, b in zip(carry, outs[:num_carry])]
-            if new == carry:
-                found.extend(inner_found)
-                return new + outs[num_carry:]
-            carry = new
+        return _walk_loop(body, mask[:num_consts], mask[num_consts:num_consts + num_carry],
+                          mask[num_consts + num_carry:], found)
+    if prim.name == "while":  # the condition is not differentiated; the body's carry is a fixpoint
+        n_cc, n_bc = params["cond_nconsts"], params["body_nconsts"]
+        body = getattr(params["body_jaxpr"], "jaxpr", params["body_jaxpr"])
+        return _walk_loop(body, mask[n_cc:n_cc + n_bc], mask[n_cc + n_bc:], [], found)
     if prim.name == "cond":
         outs = [False] * n_out
         for _, branch in _sub_jaxprs({"branches": params["branches"]}):
@@ -142,13 +141,22 @@ def _inner_activity(eqn, mask: list[bool], found: list) -> list[bool]:
     return [True] * n_out
 
 
+def _walk_loop(body, consts: list, carry: list, xs: list, found: list) -> list[bool]:
+    """Walk a loop body ``(consts, carry, xs) -> (carry, ys)``; carry activity is a fixpoint."""
+    while True:
+        inner_found: list = []
+        outs = _walk(body, consts + carry + xs, inner_found)
+        new = [a or b for a, b in zip(carry, outs[:len(carry)])]
+        if new == carry:
+            found.extend(inner_found)
+            return new + outs[len(carry):]
+        carry = new
+
+
 # --- the `bpkit rules` command ------------------------------------------------------------------
 def primitive_families() -> dict[str, str]:
     """``{primitive name: rule family module}``, read from the rule modules' sources (the
     ``<name>_p`` objects each module mentions), ``"other"`` for rules registered elsewhere."""
-    import jax.extend.core.primitives as prims
-    from jax import lax
-
     import bpkit.rules as rules_pkg
 
     known = {}
@@ -156,19 +164,23 @@ def primitive_families() -> dict[str, str]:
                   registry.refused_primitives):
         for p in table:
             known[id(p)] = p.name
-    family_of: dict[str, str] = {}
+    family_of: dict[str, str] = {p.name: "nondiff" for p in registry.nondiff_primitives}
+    family_of.update({p.name: "refusals" for p in registry.refused_primitives})
     folder = pathlib.Path(rules_pkg.__file__).parent
     for family in FAMILIES:
         path = folder / f"{family}.py"
         if not path.exists():
             continue
         for token in sorted(set(re.findall(r"\b(\w+_p)\b", path.read_text()))):
-            candidates = [getattr(namespace, token, None) for namespace in (lax, prims, compat)]
-            for p in candidates + [compat.parallel_primitive(token)]:
+            candidates = (getattr(compat, token, None), compat.internal_primitive(token),
+                          compat.parallel_primitive(token))
+            for p in candidates:
                 if p is not None and id(p) in known:
                     family_of.setdefault(known[id(p)], family)
-    for p in (*registry.nondiff_primitives, *registry.refused_primitives):
+    for p in registry.nondiff_primitives:
         family_of.setdefault(p.name, "nondiff")  # e.g. random_wrap, looked up by string there
+    for p in registry.refused_primitives:
+        family_of.setdefault(p.name, "refusals")
     return family_of
 
 
@@ -185,7 +197,7 @@ def format_rule_table() -> str:
         lines.append(f"{family} ({len(members)}):")
         row = "   "
         for name in members:
-            default = "nondiff" if family == "nondiff" else "vjp"
+            default = {"nondiff": "nondiff", "refusals": "refused"}.get(family, "vjp")
             tag = "" if kinds[name] == default else f"[{kinds[name]}]"
             item = f" {name}{tag}"
             if len(row) + len(item) > 96:
@@ -246,6 +258,25 @@ def _takes_arguments(fun) -> bool:
                for p in params)
 
 
+def _parse_argnums(text: str | None, nargs: int) -> tuple[int, ...] | None:
+    """``--argnums "0,1"`` as indices into the ``nargs`` arguments; ``ValueError`` naming the
+    problem if it is not a list of integers or one is out of range."""
+    if text is None:
+        return None
+    try:
+        nums = tuple(int(i) for i in text.split(","))
+    except ValueError:
+        raise ValueError(f"--argnums {text!r} must be argument indices separated by commas, "
+                         "such as 0 or 0,1") from None
+    bad = [i for i in nums if not 0 <= i < nargs]
+    if bad:
+        valid = f"0 .. {nargs - 1}" if nargs else "none: it is traced with no arguments"
+        raise ValueError(f"--argnums {','.join(map(str, bad))} is out of range: the function "
+                         f"takes {nargs} argument{'s' if nargs != 1 else ''} (valid indices: "
+                         f"{valid})")
+    return nums
+
+
 def rules_command(argv: list[str]) -> int:
     """``bpkit rules [path/to/file.py:function] [--args SPEC]``; returns the exit status.
 
@@ -280,7 +311,7 @@ def rules_command(argv: list[str]) -> int:
             args = tuple(module.example_args())
         else:
             args = ()
-        argnums = None if ns.argnums is None else tuple(int(i) for i in ns.argnums.split(","))
+        argnums = _parse_argnums(ns.argnums, len(args))
         used = primitives_used(fun, *args)
         missing = unsupported_in(fun, *args, argnums=argnums)
     except (FileNotFoundError, AttributeError, ValueError, TypeError, SyntaxError,

@@ -12,6 +12,11 @@ For every differentiated leaf the report gives
   difference ``(f(x + eps v) - f(x - eps v)) / (2 eps)`` in float64, absolute and relative to
   the larger of the two magnitudes.
 
+Complex leaves follow JAX's convention: the gradient of a real ``f`` at ``z = x + iy`` is
+``g = df/dx - i df/dy``, so a step ``z + t v`` changes ``f`` at rate ``Re(sum(g * v))``. Their
+directions alternate between the real part (``v`` real) and the imaginary part (``v``
+imaginary), so each part is checked by finite differences separately.
+
 Tolerances (``DEFAULT_TOLERANCES``) depend on the dtype of the leaf for the jax.grad comparison
 (rounding differs with the order of operations) and are float64-tight for finite differences:
 
@@ -21,6 +26,7 @@ dtype      jax.grad     finite differences (always run in float64)
 float64    rtol 1e-9    rtol 1e-5
 float32    rtol 2e-5    rtol 1e-5
 bfloat16   rtol 2e-2    rtol 1e-5
+complex*   as its part  rtol 1e-5
 =========  ===========  ==========================================
 
 A leaf passes when ``abs <= atol + rtol * scale``, with ``atol = rtol * 1e-3`` for scale-free
@@ -39,7 +45,8 @@ import numpy as np
 
 from bpkit.engine import api, compat
 
-DEFAULT_TOLERANCES = {"float64": 1e-9, "float32": 2e-5, "bfloat16": 2e-2, "float16": 5e-3}
+DEFAULT_TOLERANCES = {"float64": 1e-9, "float32": 2e-5, "bfloat16": 2e-2, "float16": 5e-3,
+                      "complex128": 1e-9, "complex64": 2e-5}
 FD_RTOL = 1e-5
 
 
@@ -111,7 +118,8 @@ def check_parity(fun: Callable, *args, argnums: int | Sequence[int] = 0, fd: boo
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
     g_bpkit = _jitted_grad(api.grad, fun, nums, kwargs)(*args)
     g_jax = _jitted_grad(jax.grad, fun, nums, kwargs)(*args)
-    fd_errors = (_finite_difference_errors(fun, args, kwargs, nums, directions, eps, seed)
+    fd_errors = (_finite_difference_errors(fun, args, kwargs, nums, directions, eps, seed,
+                                           g_bpkit if _all_64_bit((args, kwargs)) else None)
                  if fd else {})
     report = ParityReport()
     for k, i in enumerate(nums):
@@ -122,7 +130,7 @@ def check_parity(fun: Callable, *args, argnums: int | Sequence[int] = 0, fd: boo
             name = f"arg{i}{jax.tree_util.keystr(path)}"
             dtype = np.dtype(compat.typeof(x).dtype)
             rt = rtol if rtol is not None else DEFAULT_TOLERANCES.get(dtype.name, 1e-5)
-            gb64, gj64 = np.asarray(gb, np.float64), np.asarray(gj, np.float64)
+            gb64, gj64 = _as_64(gb), _as_64(gj)
             jax_abs = float(np.max(np.abs(gb64 - gj64), initial=0.0))
             scale = float(np.max(np.abs(gj64), initial=0.0))
             jax_ok = jax_abs <= rt * (scale + 1e-3)
@@ -151,14 +159,28 @@ def float64_enabled():
         jax.config.update("jax_enable_x64", previous)
 
 
+def _as_64(x) -> np.ndarray:
+    """``x`` as a float64 (complex128 for complex) NumPy array."""
+    return np.asarray(x, np.complex128 if np.iscomplexobj(x) else np.float64)
+
+
 def _to_float64(tree):
     def cast(x):
         aval = compat.typeof(x)
-        return jnp.asarray(x, jnp.float64) if compat.is_inexact(aval) else x
+        if not compat.is_inexact(aval):
+            return x
+        return jnp.asarray(x, jnp.complex128 if jnp.iscomplexobj(x) else jnp.float64)
     return jax.tree_util.tree_map(cast, tree)
 
 
-def _finite_difference_errors(fun, args, kwargs, nums, directions, eps, seed) -> dict:
+def _all_64_bit(tree) -> bool:
+    """True when every floating-point leaf is already float64/complex128."""
+    avals = [compat.typeof(x) for x in jax.tree_util.tree_leaves(tree)]
+    return all(a.dtype in (np.float64, np.complex128) for a in avals if compat.is_inexact(a))
+
+
+def _finite_difference_errors(fun, args, kwargs, nums, directions, eps, seed,
+                              grads64=None) -> dict:
     """``{(argnum, leaf): (abs, rel)}``: the largest error of bpkit's directional derivative
     against central differences along ``directions`` random unit directions, all in float64.
 
@@ -169,21 +191,23 @@ def _finite_difference_errors(fun, args, kwargs, nums, directions, eps, seed) ->
     with float64_enabled():
         args64 = _to_float64(args)
         kwargs64 = _to_float64(kwargs)
-        grads64 = _jitted_grad(api.grad, fun, nums, kwargs64)(*args64)
+        if grads64 is None:  # bpkit's gradient in float64 (given when args already were)
+            grads64 = _jitted_grad(api.grad, fun, nums, kwargs64)(*args64)
         fun64 = jax.jit(lambda a, kw: fun(*a, **kw))
         rng = np.random.default_rng(seed)
         for k, i in enumerate(nums):
             leaves, treedef = jax.tree_util.tree_flatten(args64[i])
             grad_leaves = jax.tree_util.tree_leaves(grads64[k])
             for j, (x, g) in enumerate(zip(leaves, grad_leaves)):
-                x = np.asarray(x, np.float64)
-                g = np.asarray(g, np.float64)
+                x, g = _as_64(x), _as_64(g)
                 # Step relative to the leaf's magnitude so large parameters are probed fairly.
                 step = eps * max(1.0, float(np.max(np.abs(x), initial=0.0)))
                 worst_abs = worst_rel = 0.0
-                for _ in range(directions):
+                for d in range(directions):
                     v = rng.standard_normal(x.shape)
                     v /= max(float(np.linalg.norm(v)), 1e-300)
+                    if np.iscomplexobj(x) and d % 2:
+                        v = 1j * v  # every other direction probes the imaginary part
 
                     def at(t):
                         new_leaves = list(leaves)
@@ -193,7 +217,7 @@ def _finite_difference_errors(fun, args, kwargs, nums, directions, eps, seed) ->
                         return float(fun64(tuple(new_args), kwargs64))
 
                     fd = (at(step) - at(-step)) / (2 * step)
-                    analytic = float(np.sum(g * v))
+                    analytic = float(np.real(np.sum(g * v)))
                     err = abs(fd - analytic)
                     worst_abs = max(worst_abs, err)
                     worst_rel = max(worst_rel, err / max(abs(fd), abs(analytic), 1e-12))

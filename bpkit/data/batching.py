@@ -130,7 +130,9 @@ def validate_dataset(ds: Dataset, *, feature_shape: tuple | None = None,
             lo, hi = int(y.min()), int(y.max())
             if lo < 0 or hi >= num_classes:
                 problems.append(f"{split} labels span [{lo}, {hi}] but the model has "
-                                f"{num_classes} classes (labels must be in [0, {num_classes}))")
+                                f"{num_classes} classes (labels must be in [0, {num_classes}); "
+                                f"set model.args.num_classes to at least {hi + 1}, or remove "
+                                "it to take the number from the labels)")
     if ds.kind == "lm" and vocab_size is not None and len(ds.vocab) > vocab_size:
         problems.append(f"the corpus has {len(ds.vocab)} distinct characters but the model's "
                         f"vocab_size is {vocab_size}")

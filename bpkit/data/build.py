@@ -4,6 +4,7 @@ from __future__ import annotations
 from bpkit.data.batching import DataError, Dataset
 from bpkit.data.digits import load_digits_images
 from bpkit.data.episodes import load_env
+from bpkit.data.finite import check_finite
 from bpkit.data.mnist1d import load_mnist1d
 from bpkit.data.readers import load_idx, load_npz
 from bpkit.data.reversal import load_reversal
@@ -12,11 +13,16 @@ from bpkit.data.toy import load_regression1d, load_toy2d
 
 
 def dataset_from_config(data_cfg, seed: int = 0) -> Dataset:
+    """The dataset, refused (``DataError``) if a floating array holds NaN or Inf."""
+    return check_finite(_load(data_cfg, seed), data_cfg.path)
+
+
+def _load(data_cfg, seed: int) -> Dataset:
     c = data_cfg
     if c.name == "mnist1d":
         return load_mnist1d(c.num_train, c.num_test, cache=c.cache_dir)
     if c.name == "text":
-        return load_text(c.path, c.context, c.max_chars)
+        return load_text(c.path, c.context, c.max_chars, c.encoding)
     if c.name == "toy2d":
         return load_toy2d(c.distribution, c.noise)
     if c.name == "regression1d":

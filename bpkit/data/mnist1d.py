@@ -12,12 +12,13 @@ import os
 
 import numpy as np
 
-from bpkit.data.batching import Dataset
+from bpkit.data.batching import DataError, Dataset
 
 
 def cache_dir(path: str | None = None) -> str:
-    return path or os.environ.get("BPKIT_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "bpkit")
+    """``path``, else ``$BPKIT_CACHE``, else ``~/.cache/bpkit`` (absolute)."""
+    return os.path.abspath(os.path.expanduser(path or os.environ.get("BPKIT_CACHE") or
+                                              os.path.join("~", ".cache", "bpkit")))
 
 
 def load_mnist1d(num_train: int = 4000, num_test: int = 1000, seed: int = 42,
@@ -50,9 +51,24 @@ def load_mnist1d(num_train: int = 4000, num_test: int = 1000, seed: int = 42,
         arrays = {"x": d["x"].astype(np.float32), "y": d["y"].astype(np.int32),
                   "x_test": d["x_test"].astype(np.float32),
                   "y_test": d["y_test"].astype(np.int32)}
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        _write_cache(path, arrays)
     return Dataset("mnist1d", "classification", arrays["x"], arrays["y"], arrays["x_test"],
                    arrays["y_test"], num_classes=10, info={"generator": args})
+
+
+def _write_cache(path: str, arrays: dict) -> None:
+    """Save the generated arrays (atomically); ``DataError`` naming the directory if it cannot
+    be written."""
+    tmp = f"{path}.{os.getpid()}.tmp.npz"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise DataError(f"cannot write the MNIST-1D cache {path}: {e.strerror or e} (errno "
+                        f"{e.errno}); set data.cache_dir (or $BPKIT_CACHE) to a writable "
+                        "directory") from None

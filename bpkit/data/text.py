@@ -9,6 +9,7 @@ import sysconfig
 import numpy as np
 
 from bpkit.data.batching import DataError, Dataset
+from bpkit.validate import report, text_problems
 
 
 def default_corpus(max_chars: int = 2_000_000) -> str:
@@ -40,14 +41,22 @@ def decode(tokens, vocab: str) -> str:
     return "".join(vocab[int(t)] for t in tokens)
 
 
-def load_text(path: str | None = None, context: int = 64, max_chars: int = 2_000_000
-              ) -> Dataset:
-    """Character tokens of ``path`` (or the default corpus); vocab = sorted distinct chars."""
+def load_text(path: str | None = None, context: int = 64, max_chars: int = 2_000_000,
+              encoding: str | None = None) -> Dataset:
+    """Character tokens of ``path`` (or the default corpus); vocab = sorted distinct chars.
+
+    The file must decode strictly as UTF-8, or as ``encoding`` when one is given; a binary
+    file (NUL bytes) is refused rather than read as replacement characters."""
     if path:
         if not os.path.isfile(path):
-            raise DataError(f"text file not found: {path}")
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read(max_chars)
+            raise DataError(f"data.path: text file not found: {path}")
+        with open(path, "rb") as f:
+            raw = f.read(4 * max_chars)  # enough bytes for max_chars characters
+            complete = not f.read(1)
+        text, problems = text_problems(raw, path, encoding, complete=complete)
+        if problems:
+            raise DataError(report(problems))
+        text = text[:max_chars]
         name = os.path.basename(path)
     else:
         text, name = default_corpus(max_chars), "python-stdlib"

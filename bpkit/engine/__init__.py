@@ -11,3 +11,6 @@ from bpkit.engine.registry import (
 
 __all__ = ["grad", "value_and_grad", "vjp", "vjp_jaxpr", "UnsupportedPrimitiveError",
            "register_vjp", "register_fwd_bwd", "register_nondiff", "registered_primitives"]
+
+# Every rule is registered whenever the engine is imported (``import bpkit`` is lazy).
+from bpkit import rules as _rules  # noqa: E402,F401

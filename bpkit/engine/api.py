@@ -17,12 +17,16 @@ import numpy as np
 from bpkit.engine import compat, core
 
 
-def vjp(fun: Callable, *primals, has_aux: bool = False):
+def vjp(fun: Callable, *primals, has_aux: bool = False, while_checkpoints: int | None = None):
     """``(out, vjp_fn)`` (or ``(out, vjp_fn, aux)``) like ``jax.vjp``, with bpkit's engine.
 
     ``vjp_fn(ct)`` takes a cotangent with the structure of ``out`` and returns a tuple with one
-    cotangent per primal, each with the structure of that primal.
+    cotangent per primal, each with the structure of that primal. ``while_checkpoints``: see
+    ``grad``.
     """
+    if while_checkpoints is not None:
+        with _while_setting(while_checkpoints):
+            return vjp(fun, *primals, has_aux=has_aux)
     flat_args, in_tree = jax.tree_util.tree_flatten((primals, {}))
     flat_args = [compat.as_array(x) for x in flat_args]
     traced = core.trace(fun, flat_args, in_tree)
@@ -53,8 +57,10 @@ def vjp(fun: Callable, *primals, has_aux: bool = False):
 
 
 def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
-                   allow_int: bool = False) -> Callable:
-    """Like ``jax.value_and_grad``: returns ``f(*args) -> (value, grad)`` (``((value, aux), grad)``)."""
+                   allow_int: bool = False, *, while_checkpoints: int | None = None) -> Callable:
+    """Like ``jax.value_and_grad``: returns ``f(*args) -> (value, grad)`` (``((value, aux), grad)``).
+
+    ``while_checkpoints``: see ``grad``."""
     argnums_tuple = _check_argnums(argnums)
 
     @functools.wraps(fun)
@@ -108,13 +114,18 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
         value = jax.tree_util.tree_unflatten(out_tree, [value])
         return ((value, aux) if has_aux else value), grad
 
-    return value_and_grad_fun
+    return _with_while_setting(value_and_grad_fun, while_checkpoints)
 
 
 def grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
-         allow_int: bool = False) -> Callable:
-    """Like ``jax.grad``: the gradient of a scalar function, by bpkit's hand-written rules."""
-    vg = value_and_grad(fun, argnums, has_aux=has_aux, allow_int=allow_int)
+         allow_int: bool = False, *, while_checkpoints: int | None = None) -> Callable:
+    """Like ``jax.grad``: the gradient of a scalar function, by bpkit's hand-written rules.
+
+    ``while_checkpoints``: how many loop states the gradient of each ``lax.while_loop`` keeps
+    (default 16, or what ``bpkit.while_checkpoints`` sets around the call; see
+    ``bpkit/rules/loops.py``); bound to the function, so it holds under ``jax.jit`` too."""
+    vg = value_and_grad(fun, argnums, has_aux=has_aux, allow_int=allow_int,
+                        while_checkpoints=while_checkpoints)
 
     @functools.wraps(fun)
     def grad_fun(*args, **kwargs):
@@ -122,6 +133,26 @@ def grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
         return (g, value_or_pair[1]) if has_aux else g
 
     return grad_fun
+
+
+def _while_setting(count: int):
+    """The ``bpkit.while_checkpoints(count)`` context (the setting lives with the while rule)."""
+    from bpkit.rules.loops import while_checkpoints
+    return while_checkpoints(count)
+
+
+def _with_while_setting(fun: Callable, count: int | None) -> Callable:
+    """``fun`` run with ``bpkit.while_checkpoints(count)`` in force (``None``: as set outside)."""
+    if count is None:
+        return fun
+    setting = _while_setting(count)  # a bad count is reported now, not at the first call
+
+    @functools.wraps(fun)
+    def with_setting(*args, **kwargs):
+        with setting:
+            return fun(*args, **kwargs)
+
+    return with_setting
 
 
 def _check_argnums(argnums) -> tuple[int, ...]:

@@ -14,6 +14,12 @@ The rest of bpkit reads jaxprs only through these helpers:
 * ``shard_map_params`` / ``shard_map`` / ``parallel_primitive`` / ``varying_axes``: explicit SPMD
   (``check_rep`` became ``check_vma``; the collectives are not exported by ``jax.extend``; the
   replication types of values inside a ``shard_map`` body), see the section at the end.
+* ``COMPLEX_SIGN_IS_DIFFERENTIABLE``: JAX 0.12 differentiates ``sign`` of a complex number (its
+  angle), JAX 0.10 takes it to be constant.
+
+The complex, FFT and special-function primitives (``real imag complex conj fft igamma
+igammac polygamma zeta bessel_i0e bessel_i1e regularized_incomplete_beta random_gamma``) and
+their parameters are the same on both ends; ``random_gamma_grad`` is no primitive on either.
 
 None of these touch JAX's differentiation machinery: they read jaxprs and call the user's own
 custom rules.
@@ -77,6 +83,11 @@ def eval_eqn(eqn, invals: Sequence[Any]) -> list:
     with source_context(eqn), eqn.ctx.manager:
         out = eqn.primitive.bind(*invals, **bind_params)
     return list(out) if eqn.primitive.multiple_results else [out]
+
+
+def eval_jaxpr(jaxpr, consts: Sequence[Any], *args) -> list:
+    """Evaluate an open jaxpr (as ``jax.core.eval_jaxpr``), e.g. a reduction's computation."""
+    return _core.eval_jaxpr(jaxpr, list(consts), *args)
 
 
 def source_context(eqn):
@@ -174,11 +185,43 @@ def is_tracer(x) -> bool:
     return isinstance(x, _core.Tracer)
 
 
-def internal_primitive(name: str):
-    """A lax primitive that ``jax.extend`` does not export (e.g. ``unstack_p``, new in 0.11),
-    or ``None`` on releases that do not have it."""
+def _complex_sign_is_differentiable() -> bool:
+    """JAX 0.10 takes the derivative of ``sign`` to be zero everywhere; JAX 0.12 differentiates
+    ``sign`` of a complex number (its angle moves). Detected by the presence of JAX's own
+    complex-aware JVP function (only its presence is read; bpkit never calls it)."""
     from jax._src.lax import lax as _lax_internal
-    return getattr(_lax_internal, name, None)
+    return hasattr(_lax_internal, "_sign_jvp_rule")
+
+
+COMPLEX_SIGN_IS_DIFFERENTIABLE = _complex_sign_is_differentiable()
+# Where JAX keeps the primitives that neither jax.lax nor jax.extend exports on every release.
+_INTERNAL_MODULES = ("jax._src.lax.lax", "jax._src.lax.control_flow", "jax._src.lax.ann",
+                     "jax._src.lax.windowed_reductions", "jax._src.ad_util",
+                     "jax._src.ad_checkpoint", "jax._src.custom_derivatives", "jax._src.pjit",
+                     "jax._src.lax.scaled_dot", "jax._src.lax.control_flow.loops",
+                     "jax._src.lax.eval_jaxpr", "jax._src.debugging", "jax._src.callback",
+                     "jax._src.hijax", "jax._src.interpreters.ad", "jax._src.core",
+                     "jax._src.state.primitives",
+                     "jax._src.random.prng", "jax._src.random.core",
+                     "jax._src.random.threefry4x32", "jax._src.random.philox2x32",
+                     "jax._src.random.philox4x32")
+
+
+def internal_primitive(name: str):
+    """A primitive that ``jax.extend`` does not export on every release (e.g. ``unstack_p``,
+    new in 0.11, or ``name_p`` of ``checkpoint_name``), looked up by its attribute name in
+    JAX's internal modules; ``None`` on releases that do not have it."""
+    import importlib
+    import jax.extend.core.primitives as prims
+    for module in (prims, jax.lax, *_INTERNAL_MODULES):
+        try:
+            mod = importlib.import_module(module) if isinstance(module, str) else module
+        except ImportError:
+            continue
+        p = getattr(mod, name, None)
+        if isinstance(p, Primitive):
+            return p
+    return None
 
 
 # The Cholesky derivative of JAX 0.10.2 uses the whole tangent dΣ; JAX 0.12 first builds the

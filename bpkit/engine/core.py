@@ -6,8 +6,10 @@ The whole algorithm (compare JAX's autodidax, ``eval_jaxpr_transposed``):
    types, so eager calls with the same shapes do not trace again).
 2. **Forward pass**: evaluate the equations in order, keeping every value in ``primal_env``.
    An input is *active* when it is differentiated and floating point; an equation with an
-   active input is *on the tape*: its rule is looked up, and its outputs become active.
-   Everything else (integer index arithmetic, random bits, masks) is evaluated and forgotten.
+   active input and a floating-point output is *on the tape*: its rule is looked up, and its
+   outputs become active. Everything else (integer index arithmetic, random bits, masks,
+   comparisons) is evaluated and forgotten: an equation without a floating-point output can
+   carry no cotangent, so it never needs a rule.
 3. **Backward pass**: seed the output cotangents, walk the tape in reverse, pull each
    equation's output cotangents back through its hand-written rule, and accumulate the input
    cotangents in ``ct_env`` by addition. A cotangent that is known to be zero is simply absent
@@ -104,7 +106,8 @@ def vjp_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any], active_in: Sequ
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         active_mask = [isinstance(v, compat.Var) and v in active for v in eqn.invars]
-        if not any(active_mask) or eqn.primitive in registry.nondiff_primitives:
+        if (not any(active_mask) or eqn.primitive in registry.nondiff_primitives
+                or not any(compat.is_inexact(v.aval) for v in eqn.outvars)):
             outs = compat.eval_eqn(eqn, invals)
         else:
             outs, pullback = _forward_with_rule(eqn, invals, active_mask)

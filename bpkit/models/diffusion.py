@@ -49,8 +49,8 @@ def schedule(num_steps: int) -> Schedule:
 
 
 def time_embedding(t, dim: int):
-    """Sinusoidal features of integer steps ``t (B,)`` -> ``(B, dim)``: ``sin(t w_k)`` and
-    ``cos(t w_k)`` for ``dim / 2`` frequencies ``w_k`` from 1 down to 1/1000 (geometric)."""
+    """Sinusoidal features of integer steps ``t (B,)`` -> ``(B, 2 (dim // 2))``: ``sin(t w_k)``
+    and ``cos(t w_k)`` for ``dim // 2`` frequencies ``w_k`` from 1 down to 1/1000 (geometric)."""
     half = dim // 2
     freqs = jnp.exp(-math.log(1000.0) * jnp.arange(half, dtype=jnp.float32) / max(half - 1, 1))
     angles = t.astype(jnp.float32)[:, None] * freqs[None, :]                   # (B, dim / 2)
@@ -76,7 +76,7 @@ def ddpm_mlp(data_dim: int = 2, hidden: int = 128, depth: int = 3, time_dim: int
 
     def init(key, dtype=jnp.float32):
         keys = jax.random.split(key, depth + 2)
-        params = {"time": time.init(keys[0], (time_dim,), dtype)[0],
+        params = {"time": time.init(keys[0], (2 * (time_dim // 2),), dtype)[0],
                   "out": out.init(keys[1], (hidden,), dtype)[0]}
         for i, layer in enumerate(layers):
             params[layer.name] = layer.init(keys[2 + i], (data_dim if i == 0 else hidden,),

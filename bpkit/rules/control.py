@@ -18,7 +18,9 @@ because what their backward pass needs is produced by their forward pass in a sp
   of loop-invariant inputs.
 * **cond / switch**: the pullback is a ``switch`` over the branches' own pullbacks (each branch
   re-runs its forward inside the backward, so the forward keeps no per-branch residuals).
-* ``while`` loops are refused with an explanation (see ``nondiff.py``).
+* ``while`` loops have their own module, ``loops.py`` (checkpointed reverse mode).
+* **linear_call** (``jax.custom_derivatives.linear_call``): the user's transpose function gives
+  the cotangent of the linear arguments.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ import jax.extend.core.primitives as prims
 import jax.numpy as jnp
 from jax import lax
 
-from bpkit.engine import compat
+from bpkit.engine import compat, registry
 from bpkit.engine.core import vjp_jaxpr
 from bpkit.engine.registry import register_fwd_bwd
 from bpkit.rules.helpers import instantiate_zeros, zeros_like
@@ -137,6 +139,20 @@ def _active_outputs(jaxpr, active_in: Sequence[bool]) -> list[bool]:
     return [isinstance(v, compat.Var) and v in active for v in jaxpr.outvars]
 
 
+def carry_activity(body, consts_active: Sequence[bool], carry_active: Sequence[bool],
+                   xs_active: Sequence[bool] = ()) -> list[bool]:
+    """Which carries of a loop body ``(consts, carry, xs) -> (carry, ys)`` are differentiated:
+    those whose initial value is, or that the body makes depend on a differentiated input
+    (iterated to a fixpoint). Shared by scan and while (``loops.py``)."""
+    carry_active = list(carry_active)
+    while True:
+        out_active = _active_outputs(body, [*consts_active, *carry_active, *xs_active])
+        new = [a or b for a, b in zip(carry_active, out_active[:len(carry_active)])]
+        if new == carry_active:
+            return carry_active
+        carry_active = new
+
+
 def _split_by_cotangent(jaxpr, num_primal_in: int):
     """Split the equations of ``jaxpr`` into those that do not depend on its last inputs (the
     cotangents) and those that do; return ``(primal_eqns, tangent_eqns, residuals)`` where
@@ -174,17 +190,11 @@ def _scan_fwd_bwd(primals, active, *, reverse, length, jaxpr, unroll, **params):
                         primals[num_consts + num_carry:])
     n_in = len(primals)
 
-    # A carry is active if its initial value is, or if the body makes it so: iterate to a fixpoint.
-    carry_active = list(active[num_consts:num_consts + num_carry])
-    while True:
-        mask = list(active[:num_consts]) + carry_active + list(active[num_consts + num_carry:])
-        out_active = _active_outputs(body, mask)
-        new = [a or b for a, b in zip(carry_active, out_active[:num_carry])]
-        if new == carry_active:
-            break
-        carry_active = new
-    in_active = mask
-    ys_active = out_active[num_carry:]
+    carry_active = carry_activity(body, active[:num_consts],
+                                  active[num_consts:num_consts + num_carry],
+                                  active[num_consts + num_carry:])
+    in_active = list(active[:num_consts]) + carry_active + list(active[num_consts + num_carry:])
+    ys_active = _active_outputs(body, in_active)[num_carry:]
     out_active = carry_active + ys_active
     in_avals = [v.aval for v in body.invars]
     out_avals = [v.aval for v in body.outvars]
@@ -278,5 +288,39 @@ def _cond_fwd_bwd(primals, active, *, branches, **params):
         act_cts = lax.switch(index, [branch_pullback(b) for b in branches], ops, cts)
         it = iter(act_cts)
         return [None] + [next(it) if a else None for a in op_active]
+
+    return list(outs), pullback
+
+
+# --- linear_call: a call with a user-given transpose ----------------------------------------
+_linear_call_p = compat.internal_primitive("linear_call_p")
+
+
+@register_fwd_bwd(_linear_call_p)
+def _linear_call_fwd_bwd(primals, active, *, callee, transpose_thunk, num_callee_consts,
+                         num_res):
+    """``jax.custom_derivatives.linear_call(f, t, residuals, x)``: ``f`` is linear in ``x`` and
+    the user's ``t(residuals, ct)`` is its transpose, so ``ct_x = t(residuals, ct)`` (bound as
+    another linear_call whose transpose is ``f``, so bpkit can differentiate it again). The
+    residuals may not depend on the differentiated inputs (JAX refuses that too)."""
+    fixed = num_callee_consts + num_res
+    if any(active[:fixed]):
+        raise registry.UnsupportedPrimitiveError(
+            "bpkit cannot differentiate linear_call with respect to its residual arguments "
+            "(jax.grad refuses this too): the function is only declared linear in its last "
+            "arguments. Pass differentiated values among the linear arguments instead.")
+    params = dict(callee=callee, transpose_thunk=transpose_thunk,
+                  num_callee_consts=num_callee_consts, num_res=num_res)
+    outs = _linear_call_p.bind(*primals, **params)
+    f_consts, residuals = primals[:num_callee_consts], primals[num_callee_consts:fixed]
+
+    def pullback(cts):
+        transpose, t_consts = transpose_thunk()
+        cts = [instantiate_zeros(c, o) for c, o in zip(cts, outs)]
+        cts_in = _linear_call_p.bind(
+            *t_consts, *residuals, *cts, callee=transpose,
+            transpose_thunk=lambda: (callee, list(f_consts)),
+            num_callee_consts=len(t_consts), num_res=num_res)
+        return [None] * fixed + list(cts_in)
 
     return list(outs), pullback

@@ -146,7 +146,9 @@ def _conv_general_dilated_vjp(ct, lhs, rhs, *, out, window_strides, padding, lhs
                 rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                 feature_group_count=feature_group_count, batch_group_count=batch_group_count,
                 precision=precision)
-    if np.size(ct) == 0:
+    if np.size(ct) == 0 or np.size(lhs) == 0 or np.size(rhs) == 0:
+        # Every output term multiplies an element of each operand (padding and dilation holes
+        # are zeros), so with an empty operand or output both cotangents are zero.
         return [lax.full(np.shape(x), 0, x.dtype) if compat.is_inexact(compat.typeof(x)) else None
                 for x in (lhs, rhs)]
     dt = ct.dtype

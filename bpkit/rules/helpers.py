@@ -5,6 +5,8 @@
   shape by ``unbroadcast`` (jaxprs pass scalar literals to binary operations unbroadcast).
 * ``deflinear(prim, transpose)``: a linear primitive; ``transpose(ct, *primals, **params)``
   returns the cotangents (the primals are there for their shapes only).
+* ``defvjp_refusing(prim, rule, refused)``: a VJP rule for some operands only; differentiating
+  one of the ``refused`` operands raises ``ValueError`` (where JAX raises too).
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import numpy as np
 from jax import lax
 
 from bpkit.engine import compat
-from bpkit.engine.registry import register_vjp
+from bpkit.engine.registry import register_fwd_bwd, register_vjp
 
 
 def unbroadcast(ct, x):
@@ -37,6 +39,11 @@ def unbroadcast(ct, x):
 
 def _dtype(x):
     return getattr(x, "dtype", None) or np.result_type(x)
+
+
+def is_complex(x) -> bool:
+    """True for a complex array (its cotangent is complex too)."""
+    return np.issubdtype(_dtype(x), np.complexfloating)
 
 
 def zeros_like(x):
@@ -71,3 +78,17 @@ def deflinear(prim, transpose):
         return transpose(ct, *primals, **params)
     rule.__name__ = f"{prim.name}_vjp"
     register_vjp(prim, rule)
+
+
+def defvjp_refusing(prim, rule, refused: dict):
+    """Register the VJP ``rule(ct, *primals, out, **params)`` of ``prim``, except that
+    differentiating operand ``i`` in ``refused`` raises ``ValueError(refused[i])`` when the
+    forward pass reaches it, as JAX raises for a derivative it does not define."""
+    def fwd_bwd(primals, active, **params):
+        for i, why in refused.items():
+            if active[i]:
+                raise ValueError(why)
+        out = prim.bind(*primals, **params)
+        return [out], lambda ct: rule(ct, *primals, out=out, **params)
+    fwd_bwd.__name__ = f"{prim.name}_fwd_bwd"
+    register_fwd_bwd(prim, fwd_bwd)

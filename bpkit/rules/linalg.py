@@ -1,4 +1,5 @@
-"""The VJP rule of ``dot_general``: matrix products with any contraction and batch dimensions.
+"""The VJP rules of ``dot_general`` (matrix products with any contraction and batch dimensions)
+and of ``ragged_dot_general`` (grouped matrix products, at the end of this module).
 
 For ``out[b, f_l, f_r] = sum_c lhs[b, f_l, c] * rhs[b, c, f_r]`` (axes in any positions):
 
@@ -6,7 +7,8 @@ For ``out[b, f_l, f_r] = sum_c lhs[b, f_l, c] * rhs[b, c, f_r]`` (axes in any po
 * ``ct_rhs[b, c, f_r] = sum_{f_l} ct[b, f_l, f_r] * lhs[b, f_l, c]``
 
 Each is itself one ``dot_general`` followed by a transpose back to the operand's axis order; the
-rhs rule is the lhs rule with the operands' roles swapped.
+rhs rule is the lhs rule with the operands' roles swapped. Complex operands need no conjugate
+(JAX's VJP is the transpose); a real operand of a complex product gets the real part.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ from jax import lax
 
 from bpkit.engine import compat
 from bpkit.engine.registry import register_vjp
+from bpkit.rules.helpers import is_complex
 
 
 def _ct_operand(ct, other, ndim, dims, other_dims, ct_free, ct_other_free, precision):
@@ -74,7 +77,67 @@ def _dot_general_vjp(ct, lhs, rhs, *, out, dimension_numbers, precision=None,
         if not compat.is_inexact(compat.typeof(x)):
             cts.append(None)
             continue
-        c = _ct_operand(ct.astype(x.dtype), other.astype(x.dtype), np.ndim(x), dims, odims,
+        # A real operand of a complex product: compute in complex, keep the real part (the
+        # transpose of embedding a real number in the complex plane).
+        real_of_complex = is_complex(ct) and not is_complex(x)
+        work = np.promote_types(x.dtype, ct.dtype) if real_of_complex else x.dtype
+        c = _ct_operand(ct.astype(work), other.astype(work), np.ndim(x), dims, odims,
                         mine, theirs, precision)
-        cts.append(c)
+        cts.append(lax.real(c).astype(x.dtype) if c.dtype != x.dtype else c)
+    return cts
+
+
+# --- ragged_dot_general (grouped matmuls: mixture-of-experts layers) ----------------------------
+_ragged_dot_general_p = compat.internal_primitive("ragged_dot_general_p")
+
+
+@register_vjp(_ragged_dot_general_p)
+def _ragged_dot_general_vjp(ct, lhs, rhs, group_sizes, *, out, ragged_dot_dimension_numbers,
+                            precision=None, preferred_element_type=None, group_offset=None,
+                            **params):
+    """``lax.ragged_dot``: row block ``i`` of ``lhs`` (``group_sizes[i]`` rows along its ragged,
+    non-contracting axis ``m``) is multiplied by group ``i`` of ``rhs``:
+    ``out[b, m, n] = sum_k lhs[b, m, k] * rhs[b, group(m), k, n]``.
+
+    * ``ct_lhs[b, m, k] = sum_n ct[b, m, n] * rhs[b, group(m), k, n]``: the same ragged product
+      of ``ct`` with ``rhs``, contracting the ``n`` axes;
+    * ``ct_rhs[g, b, k, n] = sum_{m in group g} lhs[b, m, k] * ct[b, m, n]``: a ragged product
+      that contracts the ragged axis ``m`` group by group (output axis ``g`` first).
+
+    Each result is transposed back to its operand's axis order. As in JAX, only a ragged
+    non-contracting axis (the grouped-matmul case) and no ``group_offset`` are differentiable.
+    """
+    dn = ragged_dot_dimension_numbers
+    (l_contract, r_contract), (l_batch, r_batch) = dn.dot_dimension_numbers
+    (ragged,), r_group = dn.lhs_ragged_dimensions, tuple(dn.rhs_group_dimensions)
+    if group_offset is not None or ragged in l_contract or ragged in l_batch:
+        raise NotImplementedError(
+            "bpkit differentiates ragged_dot_general only when its ragged axis is a "
+            "non-contracting lhs axis and group_offset is None (the case jax.grad supports).")
+    l_kept = [d for d in range(np.ndim(lhs)) if d not in l_contract and d not in l_batch]
+    r_kept = [d for d in range(np.ndim(rhs))
+              if d not in r_contract and d not in r_batch and d not in r_group]
+    nb, nl = len(l_batch), len(l_kept)
+    ct_batch = tuple(range(nb))
+    ct_l = tuple(range(nb, nb + nl))
+    ct_r = tuple(range(nb + nl, nb + nl + len(r_kept)))
+    cts = [None, None, None]
+    if compat.is_inexact(compat.typeof(lhs)):
+        dims = lax.RaggedDotDimensionNumbers(
+            dot_dimension_numbers=((ct_r, tuple(r_kept)), (ct_batch, tuple(r_batch))),
+            lhs_ragged_dimensions=[nb + l_kept.index(ragged)], rhs_group_dimensions=list(r_group))
+        res = lax.ragged_dot_general(ct.astype(lhs.dtype), rhs.astype(lhs.dtype), group_sizes,
+                                     dims, precision=precision)
+        # res axes: batch, lhs kept, then rhs's free axes = lhs contracting (in rhs order)
+        src = list(l_batch) + l_kept + list(np.take(l_contract, np.argsort(r_contract)))
+        cts[0] = lax.transpose(res, tuple(np.argsort(src)))
+    if compat.is_inexact(compat.typeof(rhs)):
+        dims = lax.RaggedDotDimensionNumbers(
+            dot_dimension_numbers=((tuple(l_kept), ct_l), (tuple(l_batch), ct_batch)),
+            lhs_ragged_dimensions=[ragged], rhs_group_dimensions=[])
+        res = lax.ragged_dot_general(lhs.astype(rhs.dtype), ct.astype(rhs.dtype), group_sizes,
+                                     dims, precision=precision)
+        # res axes: group, batch, lhs free = rhs contracting (in lhs order), ct free = rhs kept
+        src = list(r_group) + list(r_batch) + list(np.take(r_contract, np.argsort(l_contract))) + r_kept
+        cts[1] = lax.transpose(res, tuple(np.argsort(src)))
     return cts

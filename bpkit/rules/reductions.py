@@ -1,4 +1,5 @@
-"""VJP rules of reductions (sum, max, min, product) and cumulative reductions.
+"""VJP rules of reductions (sum, max, min, product, a general ``lax.reduce``) and cumulative
+reductions.
 
 Conventions follow JAX: the cotangent of ``reduce_max``/``reduce_min`` is shared evenly between
 all positions that attain the extremum; ``reduce_prod`` is exact when operands are zero (it
@@ -6,12 +7,15 @@ uses exclusive products instead of dividing by the operand).
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
 import jax.numpy as jnp
 from jax import lax
 
+from bpkit.engine import compat, registry
 from bpkit.engine.api import vjp
-from bpkit.engine.registry import register_vjp
+from bpkit.engine.core import vjp_jaxpr
+from bpkit.engine.registry import register_fwd_bwd, register_vjp
 
 P = lax
 
@@ -44,6 +48,8 @@ register_vjp(P.reduce_min_p, _reduce_chooser_vjp)
 def _reduce_prod_vjp(ct, x, *, out, axes, **params):
     """d(prod x)/dx_i = prod_{j != i} x_j, the product of the exclusive prefix and suffix."""
     x_shape = np.shape(x)
+    if np.size(x) == 0:  # nothing to differentiate (an empty product is the constant 1)
+        return [jnp.zeros_like(x)]
     kept = [d for d in range(len(x_shape)) if d not in axes]
     moved = lax.transpose(x, tuple(axes) + tuple(kept))  # (reduced..., kept...)
     n = int(np.prod([x_shape[a] for a in axes]))
@@ -75,3 +81,64 @@ register_vjp(P.cumprod_p, _associative_scan_vjp(lax.mul))
 register_vjp(P.cummax_p, _associative_scan_vjp(lax.max))
 register_vjp(P.cummin_p, _associative_scan_vjp(lax.min))
 register_vjp(P.cumlogsumexp_p, _associative_scan_vjp(jnp.logaddexp))
+
+
+# --- general reduce with a user-given computation (lax.reduce) ------------------------------
+@register_fwd_bwd(P.reduce_p)
+def _reduce_fwd_bwd(primals, active, *, computation, jaxpr, dimensions):
+    """``lax.reduce(operands, inits, f, dims)`` with ``f`` not a plain sum/max/min/product
+    (variadic reductions such as a max that carries its argmax along).
+
+    JAX defines the derivative by the balanced tree of pairwise ``f`` calls that
+    ``_reduce_tree`` builds (split the reduced axis in halves, pad an odd half with the
+    initial values, combine, repeat); bpkit differentiates that same tree, with its own
+    engine running through ``f``'s jaxpr, so ties resolve as in JAX. The initial values must
+    not depend on the differentiated inputs (JAX refuses that case too). Integer operands
+    (indices carried along) get no cotangent.
+    """
+    n = len(primals) // 2
+    operands, inits = list(primals[:n]), list(primals[n:])
+    if any(active[n:]):
+        raise registry.UnsupportedPrimitiveError(
+            "bpkit cannot differentiate lax.reduce with respect to its initial values (jax.grad "
+            "refuses this too). Make the initial values constants (for example -inf for a "
+            "max) and combine the data-dependent start with the result afterwards.")
+    outs = P.reduce_p.bind(*primals, computation=computation, jaxpr=jaxpr,
+                           dimensions=dimensions)
+    body, body_consts = compat.open_jaxpr(jaxpr)
+
+    def combine(*args):
+        return compat.eval_jaxpr(body, body_consts, *args)
+
+    def pullback(cts):
+        tree = lambda *xs: _reduce_tree(combine, inits, xs, tuple(dimensions))  # noqa: E731
+        tree_jaxpr, consts, _ = compat.make_jaxpr(tree, *operands)
+        _, backward, _ = vjp_jaxpr(tree_jaxpr, consts, operands, active[:n])
+        return [*backward(list(cts)), *[None] * n]
+
+    return outs, pullback
+
+
+def _reduce_tree(combine, inits, xs, axes):
+    """``combine`` folded over ``axes`` of the operands ``xs`` as a balanced tree (JAX's
+    derivative of ``reduce``): the reduced axes are moved to the front and flattened, then
+    halved until one element is left."""
+    shape = np.shape(xs[0])
+    kept = tuple(d for d in range(len(shape)) if d not in axes)
+    n = int(np.prod([shape[a] for a in axes]))
+    xs = [lax.reshape(x, (n,) + tuple(shape[d] for d in kept), axes + kept) for x in xs]
+    for _ in range(len(kept) + 1):  # combine works on scalars: map it over every axis
+        combine = jax.vmap(combine)
+    while np.shape(xs[0])[0] > 1:
+        size = np.shape(xs[0])[0]
+        half = (size + 1) // 2
+        first = [lax.slice_in_dim(x, 0, half) for x in xs]
+        second = [lax.slice_in_dim(x, half, size) for x in xs]
+        if size - half != half:  # odd: the second half gets one initial value at its end
+            pad = [(0, 1, 0)] + [(0, 0, 0)] * len(kept)
+            second = [lax.pad(x, lax.convert_element_type(i, x.dtype), pad)
+                      for x, i in zip(second, inits)]
+        xs = combine(*first, *second)
+    if np.shape(xs[0])[0] == 0:
+        return [lax.full(tuple(shape[d] for d in kept), i) for i in inits]
+    return [lax.squeeze(x, (0,)) for x in xs]

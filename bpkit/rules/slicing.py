@@ -14,7 +14,7 @@ positions it came from:
   the ``ct`` of the positions it won. With repeated indices the winner is whichever update the
   backend wrote last; exactly as JAX does, the rule finds it by scattering update ids and
   gathering them back (``_winning_updates``);
-* a **sort** or **top_k** applies the inverse of its permutation to ``ct``; the permutation comes
+* a **sort**, **top_k** or **approx_top_k** applies the inverse of its permutation to ``ct``; the permutation comes
   from sorting an iota alongside the operands with the same parameters, so ties resolve exactly
   as in the forward pass.
 
@@ -96,17 +96,26 @@ def _slice_vjp(ct, x, *, out, start_indices, limit_indices, strides):
 
 @register_vjp(P.dynamic_slice_p)
 def _dynamic_slice_vjp(ct, x, *indices, out, slice_sizes, **params):
-    """Write ``ct`` into zeros at the same start indices (both primitives clamp them alike)."""
+    """Write ``ct`` into zeros at the same start indices.
+
+    Both primitives clamp each start into ``[0, n - size]``; a negative start that reaches the
+    primitive clamps to 0 (``lax.dynamic_slice`` wraps negative indices *before* binding, so
+    its wrapper must not be called again on the equation's indices: the primitive is bound).
+    The zeros are built in the cotangent's dtype, and the result cast to the operand's.
+    """
     starts = indices[:np.ndim(x)]
-    return [lax.dynamic_update_slice(zeros_like(x), ct, starts), *[None] * len(indices)]
+    ct_x = P.dynamic_update_slice_p.bind(_zeros(np.shape(x), ct.dtype), ct, *starts)
+    return [lax.convert_element_type(ct_x, compat.typeof(x).dtype), *[None] * len(indices)]
 
 
 @register_vjp(P.dynamic_update_slice_p)
 def _dynamic_update_slice_vjp(ct, x, update, *starts, out, **params):
-    """The operand keeps ``ct`` outside the written window; the update gets the window of ``ct``."""
-    ct_x = lax.dynamic_update_slice(ct, _zeros(np.shape(update), ct.dtype), starts)
-    ct_update = lax.dynamic_slice(ct, starts, np.shape(update))
-    return [ct_x, ct_update, *[None] * len(starts)]
+    """The operand keeps ``ct`` outside the written window; the update gets the window of ``ct``
+    (the primitives are bound with the equation's start indices, clamped as in the forward)."""
+    ct_x = P.dynamic_update_slice_p.bind(ct, _zeros(np.shape(update), ct.dtype), *starts)
+    ct_update = P.dynamic_slice_p.bind(ct, *starts, slice_sizes=tuple(np.shape(update)))
+    return [ct_x, lax.convert_element_type(ct_update, compat.typeof(update).dtype),
+            *[None] * len(starts)]
 
 
 # --- gather and scatters --------------------------------------------------------------------
@@ -290,3 +299,15 @@ def _top_k_vjp(cts, x, *, out, k, axis=-1, **params):
         return [None]
     axis = axis % np.ndim(x)
     return [_scatter_along(ct_values, out[1], np.shape(x), axis)]
+
+
+_approx_top_k_p = compat.internal_primitive("approx_top_k_p")  # lax.approx_max_k/approx_min_k
+
+
+@register_vjp(_approx_top_k_p)
+def _approx_top_k_vjp(cts, x, *, out, reduction_dimension, **params):
+    """As ``top_k``: the values' cotangent goes back to the positions of the returned indices."""
+    if cts[0] is None:
+        return [None]
+    axis = reduction_dimension % np.ndim(x)
+    return [_scatter_along(cts[0], out[1], np.shape(x), axis)]

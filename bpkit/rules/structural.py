@@ -1,7 +1,10 @@
 """VJP rules of structural primitives: they move, copy or re-type values without arithmetic.
 
 All of them are linear, so each rule is the transpose of the data movement: a broadcast sums
-back, a transpose applies the inverse permutation, a concatenation slices its cotangent apart.
+back, a transpose applies the inverse permutation, a concatenation slices its cotangent apart, a
+tile sums its copies, a stack is sliced apart. Identities that only annotate a value
+(``checkpoint_name``, ``optimization_barrier``, ``tie``, layout and sharding constraints,
+``reshard``) pass the cotangent through (annotated the same way where that matters).
 """
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from jax import lax
 
 from bpkit.engine import compat
 from bpkit.engine.registry import register_vjp
-from bpkit.rules.helpers import deflinear, instantiate_zeros
+from bpkit.rules.helpers import deflinear, instantiate_zeros, is_complex
 
 P = lax
 
@@ -47,9 +50,12 @@ deflinear(P.reduce_precision_p,
 
 @register_vjp(P.convert_element_type_p)
 def _convert_element_type_vjp(ct, x, *, out, new_dtype, **params):
-    """Cast the cotangent back to the operand's dtype; integer operands get none."""
+    """Cast the cotangent back to the operand's dtype; integer operands get none. A real operand
+    converted to complex gets the real part (the transpose of embedding it in the plane)."""
     if not compat.is_inexact(compat.typeof(x)):
         return [None]
+    if is_complex(ct) and not is_complex(x):
+        ct = lax.real(ct)
     return [lax.convert_element_type(ct, compat.typeof(x).dtype)]
 
 
@@ -68,10 +74,10 @@ def _concatenate_vjp(ct, *xs, out, dimension):
 def _pad_vjp(ct, x, padding_value, *, out, padding_config):
     """Undo the edge padding (a pad by the negated amounts), then keep every (interior+1)-th
     element; the padding value receives the total of everything else."""
-    lo, hi, interior = zip(*padding_config)
     unpadded = lax.pad(ct, jnp.zeros((), ct.dtype),
-                       [(-l, -h, 0) for l, h in zip(lo, hi)])
-    ct_x = lax.slice(unpadded, (0,) * ct.ndim, unpadded.shape, [i + 1 for i in interior])
+                       [(-lo, -hi, 0) for lo, hi, _ in padding_config])
+    ct_x = lax.slice(unpadded, (0,) * ct.ndim, unpadded.shape,
+                     [interior + 1 for _, _, interior in padding_config])
     ct_pad = jnp.sum(ct) - jnp.sum(ct_x)
     return [ct_x, ct_pad.astype(ct.dtype)]
 
@@ -99,3 +105,54 @@ def _device_put_vjp(cts, *xs, out, **params):
 
 
 deflinear(P.sharding_constraint_p, lambda ct, x, **params: [ct])
+
+
+_tile_p = compat.internal_primitive("tile_p")
+if _tile_p is not None:
+    @register_vjp(_tile_p)
+    def _tile_vjp(ct, x, *, out, reps):
+        """``out`` is ``reps[d]`` copies of ``x`` along each axis ``d``: view ``ct`` as
+        ``(reps[0], n[0], reps[1], n[1], ...)`` and sum over the copies."""
+        paired = tuple(k for r, n in zip(reps, np.shape(x)) for k in (r, n))
+        return [lax.reduce_sum(lax.reshape(ct, paired), tuple(range(0, 2 * np.ndim(x), 2)))]
+
+
+_stack_p = compat.internal_primitive("stack_p")
+if _stack_p is not None:  # jnp.stack binds it on JAX 0.10
+    @register_vjp(_stack_p)
+    def _stack_vjp(ct, *xs, out, axis):
+        """Operand ``i`` gets the slice ``i`` of ``ct`` along the new ``axis``."""
+        return [lax.squeeze(lax.slice_in_dim(ct, i, i + 1, axis=axis), (axis,))
+                for i in range(len(xs))]
+
+
+@register_vjp(P.optimization_barrier_p)
+def _optimization_barrier_vjp(cts, *xs, out):
+    """The identity on many operands; the cotangents pass through a barrier of their own (with
+    zeros for outputs that received none, as JAX does) so the backward keeps the ordering."""
+    inexact = [i for i, x in enumerate(xs) if compat.is_inexact(compat.typeof(x))]
+    passed = lax.optimization_barrier([instantiate_zeros(cts[i], out[i]) for i in inexact])
+    result = [None] * len(xs)
+    for i, ct in zip(inexact, passed):
+        result[i] = ct
+    return result
+
+
+_name_p = compat.internal_primitive("name_p")  # jax.ad_checkpoint.checkpoint_name
+deflinear(_name_p, lambda ct, x, *, name: [ct])  # the identity; the cotangent is not named
+
+_tie_p = compat.internal_primitive("tie_p")
+if _tie_p is not None:  # tie(x, y) returns y (x only orders the computation)
+    deflinear(_tie_p, lambda ct, x, y: [None, ct])
+
+_layout_constraint_p = compat.internal_primitive("layout_constraint_p")
+if _layout_constraint_p is not None:  # the identity, with a memory layout for its result
+    deflinear(_layout_constraint_p,
+              lambda ct, x, **params: [_layout_constraint_p.bind(ct, **params)])
+
+_reshard_p = compat.internal_primitive("reshard_p")
+if _reshard_p is not None:  # jax.sharding.reshard: the identity, with a new sharding
+    @register_vjp(_reshard_p)
+    def _reshard_vjp(ct, x, *, out, dst_sharding, **params):
+        """Reshard the cotangent back to the operand's sharding (the values are unchanged)."""
+        return [_reshard_p.bind(ct, dst_sharding=compat.typeof(x).sharding, **params)]

@@ -1,5 +1,6 @@
 """VJP rules of windowed reductions (pooling): ``reduce_window_sum``, ``reduce_window_max``,
-``reduce_window_min``.
+``reduce_window_min``, and of ``select_and_scatter_add``/``select_and_gather_add`` (the
+primitives of JAX's own max-pool gradient, met when bpkit differentiates a ``jax.grad``).
 
 Geometry, per axis (all axes behave alike and independently): input size ``N``, window ``W``
 with dilation ``wd`` (dilated window ``We = (W - 1) * wd + 1``), stride ``s``, padding
@@ -41,7 +42,7 @@ import numpy as np
 from jax import lax
 
 from bpkit.engine import compat
-from bpkit.engine.registry import register_refused, register_vjp
+from bpkit.engine.registry import register_vjp
 
 P = lax
 
@@ -129,9 +130,41 @@ register_vjp(P.reduce_window_max_p, _chooser_vjp(lax.ge, -np.inf))
 register_vjp(P.reduce_window_min_p, _chooser_vjp(lax.le, np.inf))
 
 
-register_refused(
-    P.reduce_window_p,
-    "a reduce_window with a custom reduction has no reverse-mode derivative (jax.grad refuses "
-    "it too). Write the pooling with jax.lax.reduce_window and lax.add, lax.max or lax.min "
-    "(initial value 0, -inf or +inf), which become reduce_window_sum/max/min, or express the "
-    "reduction with those (a product pool is exp of a sum pool of logs, for positive inputs).")
+
+
+# --- JAX's max-pool gradient primitives (second order through a jax.grad) -------------------
+# select_and_gather_add(t, x) picks, per window, the element of t where x is selected (the max
+# for ``ge``, the min for ``le``); select_and_scatter_add(s, x) sends each s[o] to the element
+# its window selects. Both are linear in their first operand and each other's transposes; the
+# operand x only decides positions, so its derivative is zero (as in JAX).
+@register_vjp(P.select_and_gather_add_p)
+def _select_and_gather_add_vjp(ct, t, x, *, out, select_prim, window_dimensions, window_strides,
+                               padding, base_dilation, window_dilation):
+    """Scatter ``ct`` back to the selected elements (JAX's transpose: base dilation is handled
+    by padding ``x`` with the selection's identity and keeping the real positions)."""
+    if any(d != 1 for d in window_dilation):
+        raise NotImplementedError(
+            "bpkit cannot differentiate select_and_gather_add with window dilation (JAX's "
+            "gradient of it refuses this too).")
+    dilated = any(d != 1 for d in base_dilation)
+    if dilated:
+        identity = -np.inf if select_prim is lax.ge_p else np.inf
+        x = lax.pad(x, lax.full((), identity, x.dtype), [(0, 0, d - 1) for d in base_dilation])
+    ct_t = P.select_and_scatter_add_p.bind(
+        ct, x, select_prim=select_prim, window_dimensions=tuple(window_dimensions),
+        window_strides=tuple(window_strides), padding=tuple(tuple(p) for p in padding))
+    if dilated:
+        ct_t = lax.slice(ct_t, (0,) * ct_t.ndim, ct_t.shape, base_dilation)
+    return [ct_t, None]
+
+
+@register_vjp(P.select_and_scatter_add_p)
+def _select_and_scatter_add_vjp(ct, source, x, *, out, select_prim, window_dimensions,
+                                window_strides, padding):
+    """Each ``source[o]`` receives ``ct`` at the element its window selected."""
+    ones = (1,) * len(window_dimensions)
+    ct_source = P.select_and_gather_add_p.bind(
+        ct, x, select_prim=select_prim, window_dimensions=tuple(window_dimensions),
+        window_strides=tuple(window_strides), padding=tuple(tuple(p) for p in padding),
+        base_dilation=ones, window_dilation=ones)
+    return [ct_source, None]

@@ -4,18 +4,31 @@
     >>> state = TrainState.create(params, tx)
     >>> step = make_train_step(loss_fn, tx, engine="bpkit", has_aux=True, schedule=schedule)
     >>> state, metrics = step(state, batch)   # metrics: loss, grad_norm, update_norm, ...
-"""
-from bpkit.train.optim import build_optimizer, build_schedule, default_decay_mask, frozen_mask
-from bpkit.train.state import TrainState
-from bpkit.train.step import (
-    evaluate,
-    make_eval_step,
-    make_gan_step,
-    make_train_step,
-    value_and_grad_for,
-    with_compute_dtype,
-)
 
-__all__ = ["TrainState", "make_train_step", "make_eval_step", "make_gan_step", "evaluate",
-           "build_optimizer", "build_schedule", "default_decay_mask", "frozen_mask",
-           "value_and_grad_for", "with_compute_dtype"]
+Imports lazily, as ``bpkit`` does: the ``bpkit`` command installs its signal handlers
+(``bpkit.train.stopping``) before JAX is imported.
+"""
+import importlib
+
+_EXPORTS = {
+    "build_optimizer": "bpkit.train.optim", "build_schedule": "bpkit.train.optim",
+    "default_decay_mask": "bpkit.train.optim", "frozen_mask": "bpkit.train.optim",
+    "TrainState": "bpkit.train.state",
+    "evaluate": "bpkit.train.step", "make_eval_step": "bpkit.train.step",
+    "make_gan_step": "bpkit.train.step", "make_train_step": "bpkit.train.step",
+    "value_and_grad_for": "bpkit.train.step", "with_compute_dtype": "bpkit.train.step",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bpkit.train' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,10 +1,5 @@
-"""``train(cfg)``: the loop behind ``bpkit train``, leaving a run directory.
-
-    <out_dir>/config.yaml        the resolved config
-    <out_dir>/metrics.jsonl      one JSON object per logged step (train) or evaluation (eval)
-    <out_dir>/summary.json       steps, train_loss, eval_loss, eval_accuracy, wall_seconds, ...
-    <out_dir>/checkpoints/<step>/
-    <out_dir>/plots/*.png         (gradient_flow.png with diagnostics.every > 0)
+"""``train(cfg)``: the loop behind ``bpkit train``, leaving a run directory (see
+``bpkit.train.rundir``: config.yaml, metrics.jsonl, summary.json, checkpoints/, plots/).
 
 ``mesh.data`` x ``mesh.fsdp`` devices form a ``bpkit.sharding`` mesh: every batch is split over
 it, parameters and optimizer state are replicated (``fsdp=1``) or split (``fsdp>1``), and the
@@ -14,14 +9,13 @@ its own rows of every global batch, and only process 0 writes metrics, plots and
 
 Batches and randomness are pure functions of (seed, step), and metrics lines past the
 restored checkpoint are dropped on resume, so a run killed at any point and restarted with the
-same command ends with exactly the losses of an uninterrupted run.
+same command ends with exactly the losses of an uninterrupted run. What may change on resume,
+the lock, and non-finite values: ``resume.py``, ``lock.py``, ``window.py``; signals:
+``stopping.py``.
 """
 from __future__ import annotations
 
-import json
-import math
 import os
-import signal
 import sys
 import time
 from typing import Any, Callable
@@ -30,31 +24,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bpkit import sharding
-from bpkit.config import Config, ConfigError, dump_config
+from bpkit import sharding, validate
+from bpkit.config import Config, ConfigError
 from bpkit.data import dataset_from_config, eval_batches, train_batch
+from bpkit.paths import resolve_paths
 from bpkit.train import checkpoint as ckpt
+from bpkit.train import resume, stopping
 from bpkit.train.optim import build_optimizer
+from bpkit.train.rundir import RunDir
 from bpkit.train.signals import make_signals_fn, signals_to_host, warnings_for
 from bpkit.train.state import TrainState
-from bpkit.train.step import evaluate, make_eval_step, make_gan_step, make_train_step, to_host
+from bpkit.train.step import evaluate, make_eval_step, make_gan_step, make_train_step
+from bpkit.train.stopping import Interrupted
 from bpkit.train.tasks import Task, build_task
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or infinite (``run.on_nonfinite=stop``)."""
+from bpkit.train.window import MetricsWindow, NonFiniteLoss, TooManySkipped  # noqa: F401
+from bpkit.train.writers import Console, last_logged
 
 
 class ParityError(RuntimeError):
     """bpkit's gradient disagrees with jax.grad on the first batch."""
-
-
-class Interrupted(RuntimeError):
-    """SIGINT/SIGTERM arrived; a checkpoint was saved. ``signum`` is the signal."""
-
-    def __init__(self, signum: int = signal.SIGINT):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = int(signum)
 
 
 def setup_distributed(cfg: Config) -> bool:
@@ -98,6 +86,7 @@ def build(cfg: Config):
     """``(dataset, task, optimizer(s), schedule(s))`` for ``cfg``."""
     ds = dataset_from_config(cfg.data, cfg.run.seed)
     task = build_task(cfg, ds)
+    validate.check_task(cfg, ds, task)  # patterns, batch vs data, memory: all problems at once
     tx, schedule = build_optimizer(cfg.optimizer, cfg.run.steps)
     if task.kind == "gan":
         d_tx, d_schedule = build_optimizer(
@@ -140,18 +129,19 @@ def _matches(meta: dict, field: str, like_leaves) -> bool:
         list(np.shape(x)) == meta["shapes"][lo + i] for i, x in enumerate(like_leaves))
 
 
-def load_params(run_dir: str, like, like_model_state=None):
+def load_params(run_dir: str, like, like_model_state=None, warn=None):
     """``(params, model_state)`` of ``run_dir``'s latest good checkpoint (for fine-tuning).
 
     ``model_state`` (BatchNorm's running statistics) is read when ``like_model_state`` is
-    given and the checkpoint has one of that structure; else it is ``None`` (start fresh)."""
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    given and the checkpoint has one of that structure; else it is ``None`` (start fresh).
+    Partial or corrupt checkpoints are skipped; an unreadable one stops (exit 2)."""
+    warn = warn or (lambda m: print(m, file=sys.stderr))
+    ckpt_dir = os.path.join(os.path.abspath(run_dir), "checkpoints")
     leaves_like, treedef = jax.tree_util.tree_flatten(like)
     for step in reversed(ckpt.checkpoint_steps(ckpt_dir)):
         path = os.path.join(ckpt_dir, str(step))
         try:
-            with open(os.path.join(path, ckpt.META)) as f:
-                meta = json.load(f)
+            meta = ckpt.read_meta(path)
             if not _matches(meta, "params_leaves", leaves_like):
                 raise ConfigError(f"model.init_from: the parameters in {path} do not match "
                                   "this model (use the same model.name and model.args)")
@@ -165,10 +155,10 @@ def load_params(run_dir: str, like, like_model_state=None):
                     lo, hi = meta["model_state_leaves"]
                     model_state = jax.tree_util.tree_unflatten(state_def, full[lo:hi])
             return params, model_state
-        except (OSError, ValueError, KeyError) as e:
-            if isinstance(e, ConfigError):
-                raise
-            print(f"warning: skipping checkpoint {path}: {e}", file=sys.stderr)
+        except ckpt.CheckpointSkipped as e:
+            warn(f"warning: skipping checkpoint {path}: {e}; using the previous one")
+        except KeyError as e:  # a checkpoint written before leaf ranges were recorded
+            raise ckpt.CheckpointUnreadable(path, f"meta.json has no {e}") from None
     raise ConfigError(f"model.init_from: no checkpoint under {ckpt_dir}; train that run first")
 
 
@@ -268,75 +258,59 @@ def _fmt(m: dict) -> str:
     return "  ".join(parts)
 
 
-def _truncate_metrics(path: str, step: int) -> None:
-    if not os.path.exists(path):
-        return
-    keep = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if rec.get("step", 0) <= step:
-                keep.append(json.dumps(rec))
-    with open(path, "w") as f:
-        f.write("".join(k + "\n" for k in keep))
-
-
-def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train ``cfg`` into ``cfg.out_dir`` (resuming from its checkpoints); return the summary."""
+def train(cfg: Config, *, out: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Train ``cfg`` into ``cfg.run.out_dir`` (resuming from its checkpoints per
+    ``run.resume``); return the summary. ``out`` receives every log and warning line
+    (default: log lines to stdout, warnings to stderr)."""
     t_start = time.time()
+    resolve_paths(cfg)
     setup_distributed(cfg)
     main = sharding.is_main_process()
-    if not main:
-        out = lambda msg: None  # noqa: E731 -- only process 0 reports
+    con = Console(out, enabled=main)
     mesh = build_mesh(cfg)
-    rows = sharding.process_batch_slice(cfg.data.batch_size)
-    run_dir = cfg.out_dir
-    os.makedirs(run_dir, exist_ok=True)
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
-    metrics_path = os.path.join(run_dir, "metrics.jsonl")
-    if main:
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(dump_config(cfg))
+    ds, task, tx, schedule = build(cfg)  # every check before anything is written
+    run = RunDir(cfg.run.out_dir, main=main).open(cfg)  # resume check and lock, then writes
+    try:
+        return _train(cfg, run, con, mesh, t_start, (ds, task, tx, schedule))
+    finally:
+        run.close()
+        if con.bar is not None:
+            con.bar.close()
 
-    ds, task, tx, schedule = build(cfg)
+
+def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) -> dict[str, Any]:
+    ds, task, tx, schedule = built
+    rows = sharding.process_batch_slice(cfg.data.batch_size)
+    con.out(f"bpkit train: {cfg.run.name} -> {run.path}")
+    if run.moved_to:
+        con.out(f"  moved   the previous run to {run.moved_to} (run.resume=never)")
     every = cfg.diagnostics.every
     if every and task.kind == "gan":
         raise ConfigError("diagnostics.every: backward signals are not available for GAN runs "
                           "(two losses); set diagnostics.every=0")
     state = init_state(cfg, task, tx)
-    n_params = _param_count(state.params)
     ranges = leaf_ranges(state)  # checkpoint metadata: where params / model state lie
-    start, restored = ckpt.restore_latest(ckpt_dir, state,
-                                          warn=lambda m: out(m))
-    if restored is not None:
-        state = restored  # host arrays: placed on this run's mesh below
-        if main:
-            _truncate_metrics(metrics_path, start)
-    else:
-        start = 0
-        if main and os.path.exists(metrics_path):
-            os.remove(metrics_path)
+    start, state = resume.restore_or_start(run.ckpt_dir, state, cfg.run.resume, con.warn)
+    run.begin(cfg, start)  # the first write into the run directory
     step_fn, eval_step = make_steps(cfg, task, tx, schedule)
     signals_fn = make_signals(cfg, task) if every else None
 
     devices = [str(d) for d in mesh.devices.flat]
-    out(f"bpkit train: {cfg.run.name} -> {run_dir}")
-    out(f"  model   {cfg.model.name} {task.model_args or ''}: {n_params:,} parameters "
-        f"({cfg.model.compute_dtype} compute)")
-    out(f"  data    {ds.describe()}; batch {cfg.data.batch_size}")
-    out(f"  optim   {cfg.optimizer.name} lr {cfg.optimizer.learning_rate:g} "
-        f"({cfg.optimizer.schedule}); {cfg.run.steps} steps")
-    out(f"  engine  {cfg.run.engine}; devices {', '.join(devices)}"
-        + (f" (mesh data={cfg.mesh.data} x fsdp={cfg.mesh.fsdp})" if len(devices) > 1 else "")
-        + (f"; {jax.process_count()} processes" if jax.process_count() > 1 else ""))
+    con.out(f"  model   {cfg.model.name} {task.model_args or ''}: "
+            f"{validate.describe_params(cfg, task, state.params)} ({cfg.model.compute_dtype} compute)")
+    con.out(f"  data    {ds.describe()}; batch {cfg.data.batch_size}")
+    con.out(f"  optim   {cfg.optimizer.name} lr {cfg.optimizer.learning_rate:g} "
+            f"({cfg.optimizer.schedule}); {cfg.run.steps} steps")
+    con.out(f"  engine  {cfg.run.engine}; devices {', '.join(devices)}"
+            + (f" (mesh data={cfg.mesh.data} x fsdp={cfg.mesh.fsdp})" if len(devices) > 1 else "")
+            + (f"; {jax.process_count()} processes" if jax.process_count() > 1 else ""))
     if every:
-        out(f"  signals backward signals every {every} steps"
-            + (" (engine jax: parameter-gradient norms only)" if cfg.run.engine == "jax" else ""))
+        con.out(f"  signals backward signals every {every} steps"
+                + (" (engine jax: parameter-gradient norms only)"
+                   if cfg.run.engine == "jax" else ""))
     if start:
-        out(f"  resumed from checkpoint at step {start}")
+        con.out(f"  resumed from checkpoint at step {start}" + (
+            f" (changed: {resume.describe_changes(run.changes)})" if run.changes else ""))
 
     first = train_batch(ds, start, cfg.data.batch_size, cfg.run.seed)
     if cfg.run.check_parity and start < cfg.run.steps:
@@ -344,10 +318,10 @@ def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
                                    jax.random.fold_in(state.key, start),
                                    model_state=state.model_state, fd=False, max_examples=16)
         if report.ok:
-            out(f"  parity  first batch: max |bpkit - jax.grad| = {report.max_jax_abs:.2e} "
-                f"over {len(report.leaves)} parameter arrays: OK")
+            con.out(f"  parity  first batch: max |bpkit - jax.grad| = {report.max_jax_abs:.2e} "
+                    f"over {len(report.leaves)} parameter arrays: OK")
         else:
-            out(str(report))
+            con.out(str(report))
             raise ParityError(
                 "bpkit's gradient disagrees with jax.grad on the first batch (table above); "
                 "train with run.engine=jax and report the mismatch")
@@ -361,44 +335,28 @@ def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
             host = jax.tree_util.tree_map(lambda x: x[rows], host)
         return sharding.global_batch(host, mesh, cfg.data.batch_size)
 
-    stop_signal: list[int] = []
-
-    def on_signal(signum, frame):
-        stop_signal.append(signum)
-
-    old_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    bar = _progress(cfg, start)
-    pending: list[tuple[int, Any]] = []
+    con.bar = _progress(cfg, start) if run.main else None
+    window = MetricsWindow(cfg.run.on_nonfinite, cfg.run.max_skipped, run.newest_checkpoint,
+                           con.warn)
     last_train: dict[str, float] = {}
     last_eval: dict[str, float] = {}
-    mfile = open(metrics_path, "a") if main else open(os.devnull, "w")
     pending_signals: list[tuple[int, Any]] = []
     warned: set[tuple[str, str]] = set()
     t_loop, step_at_t = time.time(), start
     bs = cfg.data.batch_size
 
     def flush(step: int) -> None:
-        """Move pending device metrics to the host; check finiteness; log the window."""
+        """Read the pending device metrics (applying the non-finite policy); log the window."""
         nonlocal last_train, t_loop, step_at_t
-        if not pending:
+        window_rec = window.take(step)
+        if window_rec is None:
             return
-        host = [(s, to_host(m)) for s, m in pending]
-        pending.clear()
-        for s, m in host:
-            if not math.isfinite(m["loss"]) and cfg.run.on_nonfinite == "stop":
-                mfile.flush()
-                raise NonFiniteLoss(
-                    f"non-finite loss ({m['loss']}) at step {s}; stopping. The last good "
-                    f"checkpoint is kept in {ckpt_dir}; lower optimizer.learning_rate, set "
-                    "optimizer.clip_norm, or set run.on_nonfinite=skip")
+        del window_rec["step"]
         now = time.time()
         rate = (step - step_at_t) * bs / max(now - t_loop, 1e-9)
         t_loop, step_at_t = now, step
-        window = {k: float(np.mean([m[k] for _, m in host])) for k in host[-1][1]}
-        if "skipped" in window:
-            window["skipped"] = int(sum(m["skipped"] for _, m in host))
-        last_train = window
-        rec = {"step": step, "split": "train", **window, "examples_per_second": rate,
+        last_train = window_rec
+        rec = {"step": step, "split": "train", **window_rec, "examples_per_second": rate,
                "wall_seconds": now - t_start}
         if pending_signals:
             s_step, s_dev = pending_signals.pop()
@@ -406,12 +364,11 @@ def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
             host_signals = signals_to_host(s_dev)
             rec["backward_signals"] = host_signals
             report_signals(s_step, host_signals)
-        mfile.write(json.dumps(rec) + "\n")
-        mfile.flush()
-        if bar is not None:
-            bar.set_postfix_str(f"loss {window['loss']:.4f}  {rate:,.0f} ex/s")
+        run.metrics.write(rec)
+        if con.bar is not None:
+            con.bar.set_postfix_str(f"loss {window_rec['loss']:.4f}  {rate:,.0f} ex/s")
         else:
-            out(f"step {step:>6}/{cfg.run.steps}  {_fmt(window)}  {rate:,.0f} ex/s")
+            con.out(f"step {step:>6}/{cfg.run.steps}  {_fmt(window_rec)}  {rate:,.0f} ex/s")
 
     def report_signals(step: int, host_signals: dict) -> None:
         """One warning line per kind (vanishes/explodes/not finite) naming the layers that are
@@ -431,116 +388,117 @@ def train(cfg: Config, *, out: Callable[[str], None] = print) -> dict[str, Any]:
                 shown = ", ".join(others[:6]) + (f", ... ({len(others) - 6} more)"
                                                  if len(others) > 6 else "")
                 line += f" Also {kind} at {len(others)} more layers: {shown}."
-            (bar.write if bar is not None else out)(line)
+            con.warn(line)
 
     def run_eval(step: int) -> None:
         nonlocal last_eval
         if eval_step is None:
             return
+        window.check()  # never evaluate (or log) a state that the policy rejects
         res = evaluate(eval_step, eval_inputs(task, state),
                        eval_batches(ds, cfg.data.eval_batch_size, cfg.run.eval_batches or None))
         last_eval = res
-        rec = {"step": step, "split": "eval", **{f"eval_{k}": v for k, v in res.items()}}
-        mfile.write(json.dumps(rec) + "\n")
-        mfile.flush()
-        msg = f"eval  {step:>6}/{cfg.run.steps}  loss {res.get('loss', float('nan')):.4f}" + "".join(
-            f"  {k} {res[k]:.4f}" for k in ("accuracy", "chamfer") if k in res)
-        (bar.write if bar is not None else out)(msg)
+        run.metrics.write({"step": step, "split": "eval",
+                           **{f"eval_{k}": v for k, v in res.items()}})
+        con.out(f"eval  {step:>6}/{cfg.run.steps}  loss {res.get('loss', float('nan')):.4f}"
+                + "".join(f"  {k} {res[k]:.4f}" for k in ("accuracy", "chamfer") if k in res))
 
     def save(step: int) -> None:
-        ckpt.save(ckpt_dir, step, state, keep=cfg.run.keep_checkpoints,
-                  extra={k: ranges[k] for k in ("params_leaves", "model_state_leaves")})
+        if step == start and start:
+            return  # the checkpoint this run resumed from holds exactly this state
+        run.save_checkpoint(step, state, keep=cfg.run.keep_checkpoints,
+                            extra={k: ranges[k] for k in ("params_leaves", "model_state_leaves")})
 
     step = start
     steps_run = 0
-    try:
-        batch = load(start) if start < cfg.run.steps else None
-        while step < cfg.run.steps:
-            if stop_signal:
-                raise Interrupted(stop_signal[0])
-            if signals_fn is not None and (step == 0 or (step + 1) % every == 0):
-                # Before the step: it donates the state. Same params, batch and key.
-                pending_signals.append((step + 1, signals_fn(
-                    state.params, signal_batch(task, batch, state), state.step_key())))
-            state, metrics = step_fn(state, batch)
-            step += 1
-            steps_run += 1
-            pending.append((step, metrics))
-            if step < cfg.run.steps:
-                batch = load(step)  # overlaps the device work
-            if bar is not None:
-                bar.update(1)
-            done = step == cfg.run.steps
-            if step % cfg.run.log_every == 0 or done or pending_signals:
-                flush(step)
-            if (cfg.run.eval_every and step % cfg.run.eval_every == 0) and not done:
+    with stopping.deferred():  # from here a stop signal saves a checkpoint first
+        try:
+            batch = load(start) if start < cfg.run.steps else None
+            while step < cfg.run.steps:
+                stopping.raise_if_received(step, cfg.run.log_every)  # all processes agree
+                if signals_fn is not None and (step == 0 or (step + 1) % every == 0):
+                    # Before the step: it donates the state. Same params, batch and key.
+                    pending_signals.append((step + 1, signals_fn(
+                        state.params, signal_batch(task, batch, state), state.step_key())))
+                state, metrics = step_fn(state, batch)
+                step += 1
+                steps_run += 1
+                window.add(step, metrics)
+                if step < cfg.run.steps:
+                    batch = load(step)  # overlaps the device work
+                if con.bar is not None:
+                    con.bar.update(1)
+                done = step == cfg.run.steps
+                if step % cfg.run.log_every == 0 or done or pending_signals:
+                    flush(step)
+                elif window.due():
+                    window.check()
+                if (cfg.run.eval_every and step % cfg.run.eval_every == 0) and not done:
+                    run_eval(step)
+                if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and not done:
+                    flush(step)
+                    save(step)
+            flush(step)
+            if start < cfg.run.steps:  # (a finished run is left as it is)
                 run_eval(step)
-            if cfg.run.checkpoint_every and step % cfg.run.checkpoint_every == 0 and not done:
+            if start < cfg.run.steps or not ckpt.complete_steps(run.ckpt_dir):
+                save(step)
+        except NonFiniteLoss:
+            last = window.record()  # the window up to the step that stopped the run
+            if last is not None:
+                run.metrics.write({"step": last.pop("step"), "split": "train", **last})
+            raise
+        except Interrupted as e:
+            if e.saved_step is None:
                 flush(step)
                 save(step)
-        flush(step)
-        run_eval(step)
-        if start < cfg.run.steps or not ckpt.checkpoint_steps(ckpt_dir):
-            save(step)
-    except Interrupted:
-        flush(step)
-        save(step)
-        name = signal.Signals(stop_signal[0]).name
-        out(f"\n{name} received: checkpoint saved at step {step} in {ckpt_dir}; run the same "
-            "command again to resume")
-        raise
-    finally:
-        mfile.close()
-        if bar is not None:
-            bar.close()
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
+            con.out(f"\n{e.name} received: checkpoint saved at step {step} in {run.ckpt_dir}; "
+                    "run the same command again to resume")
+            raise Interrupted(e.signum, saved_step=step) from None
+        summary = _finish(cfg, run, con, task, state, ds, start, step, steps_run, t_start,
+                          last_train, last_eval, window.skipped_total, len(devices))
+        if stopping.received():  # arrived after the last step: the run is saved and complete
+            raise Interrupted(stopping.received(), saved_step=step)
+    return summary
 
+
+def _finish(cfg, run, con, task, state, ds, start, step, steps_run, t_start, last_train,
+            last_eval, skipped, n_devices) -> dict[str, Any]:
+    """summary.json, the closing line, plots and (language models) a sample."""
     wall = time.time() - t_start
     if not last_train:  # already complete: read the last logged values
-        last_train, last_eval = _last_logged(metrics_path)
+        last_train, last_eval = last_logged(run.metrics_path)
     summary = {
         "name": cfg.run.name, "steps": step, "train_loss": last_train.get("loss"),
         "eval_loss": last_eval.get("loss"), "eval_accuracy":
             last_eval.get("accuracy") if task.kind == "classifier" else None,
-        "wall_seconds": wall, "examples_per_second": steps_run * bs / wall if steps_run else None,
-        "engine": cfg.run.engine, "devices": len(devices),
+        "wall_seconds": wall,
+        "examples_per_second": steps_run * cfg.data.batch_size / wall if steps_run else None,
+        "engine": cfg.run.engine, "devices": n_devices,
         "mesh": {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp},
-        "processes": jax.process_count(), "parameters": n_params,
+        "processes": jax.process_count(), "parameters": _param_count(state.params),
         "resumed_from": start or None}
-    if not main:
+    if cfg.run.on_nonfinite == "skip":
+        summary["skipped_steps"] = skipped
+    if not run.main:
         return summary
-    with open(os.path.join(run_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    out(f"done: {step} steps in {wall:.1f}s; train loss {_num(summary['train_loss'])}, eval loss "
-        f"{_num(summary['eval_loss'])}"
-        + (f", eval accuracy {summary['eval_accuracy']:.4f}"
-           if summary["eval_accuracy"] is not None else ""))
+    run.write_summary(summary)
+    con.out(f"done: {step} steps in {wall:.1f}s; train loss {_num(summary['train_loss'])}, "
+            f"eval loss {_num(summary['eval_loss'])}"
+            + (f", eval accuracy {summary['eval_accuracy']:.4f}"
+               if summary["eval_accuracy"] is not None else ""))
     try:
         from bpkit.train.plots import plot_run
-        plot_run(run_dir)
+        plot_run(run.path)
     except Exception as e:  # plots are a convenience: never fail a finished run on them
-        out(f"warning: plots not written ({type(e).__name__}: {e})")
+        con.warn(f"warning: plots not written ({type(e).__name__}: {e})")
     if task.kind == "lm" and cfg.run.sample_length:
-        out("sample:\n" + sample_text(task, state.params, ds, cfg))
+        con.out("sample:\n" + sample_text(task, state.params, ds, cfg))
     return summary
 
 
 def _num(x) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
-
-
-def _last_logged(path: str):
-    train, ev = {}, {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                rec = json.loads(line)
-                if rec.get("split") == "eval":
-                    ev = {k[5:]: v for k, v in rec.items() if k.startswith("eval_")}
-                else:
-                    train = rec
-    return train, ev
+    return "n/a" if x is None or x != x else f"{x:.4f}"
 
 
 def sample_text(task: Task, params, ds, cfg: Config) -> str:

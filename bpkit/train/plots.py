@@ -19,6 +19,9 @@ def read_metrics(run_dir: str) -> tuple[list[dict], list[dict]]:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            for key in rec.get("nonfinite", []):  # written as null: plotted as a gap
+                if rec.get(key, 0) is None:
+                    rec[key] = float("nan")
             (ev if rec.get("split") == "eval" else train).append(rec)
     return train, ev
 

@@ -1,9 +1,10 @@
 """A config's model and loss: ``build_task(cfg, dataset) -> Task``.
 
 ``model.name`` names a factory in ``bpkit.models``; ``model.args`` are its keyword arguments,
-checked against its signature (an unknown argument gets the closest valid one). Arguments the
-data determines (``in_features``, ``in_length``, ``in_shape``, ``num_classes``,
-``vocab_size``, ``context``) are filled in from the dataset when not given.
+checked against its schema in ``bpkit.validate.MODEL_ARGS`` (an unknown argument gets the
+closest valid one; types, sizes and activations are checked, and gpt's heads must divide its
+width). Arguments the data determines (``in_features``, ``in_length``, ``in_shape``,
+``num_classes``, ``vocab_size``, ``context``) are filled in from the dataset when not given.
 
 Task kinds: ``classifier`` (softmax cross-entropy + accuracy), ``lm`` (next-token
 cross-entropy), ``regression`` (MSE or Huber), ``gan`` (non-saturating GAN: two losses), and
@@ -15,7 +16,6 @@ and returns the running statistics, as ``make_train_step(has_state=True)`` expec
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -25,12 +25,7 @@ import jax.numpy as jnp
 
 from bpkit.config import ConfigError
 from bpkit.data import Dataset, validate_dataset
-
-ALIASES = {"gru": "gru_classifier", "lstm": "lstm_classifier", "cnn": "cnn1d",
-           "gan": "gan_2d"}
-MODEL_NAMES = ("logreg", "mlp", "cnn1d", "cnn2d", "gru_classifier", "lstm_classifier", "gpt",
-               "residual_mlp", "sigmoid_mlp", "gan_2d", "regression_mlp",
-               "seq2seq_transformer", "ddpm_mlp", "policy_mlp")
+from bpkit.validate import ALIASES, MODEL_NAMES, model_problems, report  # noqa: F401
 
 
 @dataclass
@@ -77,44 +72,25 @@ def _task(kind: str, model, loss_core: Callable, metric_core: Callable, args: di
 
 
 def _factory(name: str):
-    try:
-        from bpkit import models
-    except ImportError as e:
-        raise ConfigError(f"bpkit.models is not available ({e})") from None
+    """``(factory name, factory)`` of ``model.name`` (aliases resolved)."""
+    problems = model_problems(name, {})
+    if problems:
+        raise ConfigError(report(problems), problems)
+    from bpkit import models
     name = ALIASES.get(name, name)
-    fn = getattr(models, name, None)
-    if fn is None or name.startswith("_"):
-        close = difflib.get_close_matches(name, MODEL_NAMES, n=1, cutoff=0.5)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"model.name: unknown model {name!r}{hint}; allowed: "
-                          + ", ".join(MODEL_NAMES))
-    return name, fn
+    return name, getattr(models, name)
 
 
 def _check_args(name: str, fn, args: dict) -> dict:
-    sig = inspect.signature(fn)
-    params = {k: p for k, p in sig.parameters.items()
-              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    out = {}
-    for key, value in args.items():
-        if key not in params:
-            close = difflib.get_close_matches(key, list(params), n=1, cutoff=0.5)
-            hint = f" (did you mean 'model.args.{close[0]}'?)" if close else (
-                "; valid: " + ", ".join(params))
-            raise ConfigError(f"unknown key 'model.args.{key}' for model {name}{hint}")
-        default = params[key].default
-        if default is not inspect.Parameter.empty and default is not None:
-            if isinstance(default, tuple) and isinstance(value, (list, tuple)):
-                value = tuple(value)
-            elif isinstance(default, bool) != isinstance(value, bool) or (
-                    isinstance(default, (int, float)) and not isinstance(value, (int, float))) or (
-                    isinstance(default, str) and not isinstance(value, str)) or (
-                    isinstance(default, int) and not isinstance(default, bool)
-                    and isinstance(value, float)):
-                raise ConfigError(f"model.args.{key}: got {value!r}, expected a value like "
-                                  f"{default!r}")
-        out[key] = value
-    return out
+    """``args`` checked against the factory's schema (``bpkit.validate.MODEL_ARGS``: unknown
+    keys, types, sizes; config loading has already done this for a config), with lists
+    turned into tuples where the factory's default is a tuple."""
+    problems = model_problems(name, args)
+    if problems:
+        raise ConfigError(report(problems), problems)
+    params = inspect.signature(fn).parameters
+    return {k: tuple(v) if isinstance(params[k].default, tuple) and isinstance(v, list) else v
+            for k, v in args.items()}
 
 
 def _fill(fn, args: dict, **available) -> dict:
@@ -174,11 +150,11 @@ def build_task(cfg, ds: Dataset) -> Task:
 def _check_fit(cfg, model, ds, args):
     """Run the model on two examples: a clear error if features or classes do not fit."""
     from bpkit.data import DataError
-    params = model.init(jax.random.PRNGKey(0))
-    state = model.init_state() if model.stateful else None
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(0))  # shapes only: no memory
+    state = jax.eval_shape(model.init_state) if model.stateful else None
     try:
-        out = jax.eval_shape(lambda p, x: _run(model, p, x, state=state)[0], params,
-                             ds.x_train[:2])
+        out = jax.eval_shape(lambda p, x, s: _run(model, p, x, state=s)[0], params,
+                             ds.x_train[:2], state)
     except Exception as e:
         raise DataError(f"data does not fit model {cfg.model.name}: examples of shape "
                         f"{tuple(ds.x_train.shape[1:])} fail in the model "

@@ -4,8 +4,10 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax import lax
 from jax._src import core as jax_core
+from jax.custom_derivatives import linear_call
 
 import bpkit
 from tests.rules.harness import Case, args, const, parametrize, assert_case_parity, uniform
@@ -29,6 +31,12 @@ def _closed_call(x, y):
         from jax._src.lax.eval_jaxpr import eval_jaxpr_p  # stages a closed_call on JAX 0.10
         return eval_jaxpr_p.bind(x, y, jaxpr=closed)[0]
     return jax_core.closed_call_p.bind(x, y, call_jaxpr=closed)[0]
+
+
+# --- linear_call -------------------------------------------------------------------------------
+def _scale(r, x):
+    """Linear in ``x`` and symmetric, so it is its own transpose (for linear_call)."""
+    return r * x
 
 
 # --- remat -------------------------------------------------------------------------------------
@@ -206,6 +214,9 @@ CASES = [
     Case("switch", _switch, args(const(jnp.int32(1)), uniform(*S), uniform(*S)), argnums=(1, 2)),
     Case("switch_constant_branch", _switch, args(const(jnp.int32(2)), uniform(*S), uniform(*S)),
          argnums=(1, 2)),
+    # linear_call
+    Case("linear_call", lambda r, x: linear_call(_scale, _scale, r, jnp.tanh(x)) * x,
+         args(uniform(*S), uniform(*S)), argnums=(1,)),
 ]
 
 
@@ -243,3 +254,25 @@ def test_remat_recomputes_in_the_backward_pass():
     w, x = jnp.ones((3, 3)) * 0.1, jnp.ones((2, 3))
     jax.block_until_ready(bpkit.grad(jax.checkpoint(f))(w, x))
     assert len(calls) == 2  # once forward, once recomputed in the backward pass
+
+
+def test_linear_call_refuses_differentiated_residuals():
+    f = lambda r, x: jnp.sum(linear_call(_scale, _scale, r, x))  # noqa: E731
+    with pytest.raises(bpkit.UnsupportedPrimitiveError, match="residual"):
+        bpkit.grad(f, (0, 1))(jnp.ones(3), jnp.ones(3))
+
+
+def test_composite_and_second_order_through_optimize_remat_are_refused_like_jax():
+    composite = lax.composite(lambda x: jnp.sin(x) * 2, name="bpkit_test.op")
+
+    @jax.custom_vjp
+    def sin_opt_remat(x):
+        return jnp.sin(x)
+    sin_opt_remat.defvjp(lambda x: (jnp.sin(x), jnp.cos(x)), lambda c, ct: (c * ct,),
+                         optimize_remat=True)
+    twice = lambda x: jnp.sum(jax.grad(lambda y: jnp.sum(sin_opt_remat(y) ** 2))(x))  # noqa: E731
+    for f, name in ((lambda x: jnp.sum(composite(x)), "composite"), (twice, "remat_opt")):
+        with pytest.raises(bpkit.UnsupportedPrimitiveError, match=name):
+            bpkit.grad(f)(jnp.ones(3))
+        with pytest.raises(Exception):  # noqa: B017  (JAX's own error types differ)
+            jax.grad(f)(jnp.ones(3))

@@ -73,6 +73,11 @@ CASES = [
          lambda x, w: lax.conv_general_dilated(x, w, (1, 1), "SAME",
                                                preferred_element_type=jnp.float64),
          args(uniform(2, 3, 5, 5), uniform(4, 3, 3, 3)), argnums=(0, 1), dtypes=("float32",)),
+    # zero-size operands (JAX's grid has an empty spatial input dimension)
+    conv((2, 2, 0, 4), (3, 2, 1, 2), "conv2d_empty_input_dim_padded_lhs_dilated",
+         padding=((1, 0), (0, 1)), lhs_dilation=(2, 1)),
+    conv((0, 2, 4, 4), (3, 2, 2, 2), "conv2d_empty_batch"),
+    conv((2, 2, 4, 4), (0, 2, 2, 2), "conv2d_no_output_features"),
 ]
 
 

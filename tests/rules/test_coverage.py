@@ -1,12 +1,14 @@
 """Every primitive that bpkit registers a rule for appears in at least one rule-table case.
 
 The tables are the ``CASES`` of every ``tests/rules/test_*.py``; each case's function is traced
-(float32 arguments) and the primitives of its jaxpr are collected, including those inside
-sub-jaxprs (jit, scan, cond branches, remat, custom_jvp/custom_vjp primal functions). The JVP
-rule of a ``custom_jvp`` does not count: the case must reach the primitive itself.
+(float32 arguments, complex64 for complex rows) and the primitives of its jaxpr are collected,
+including those inside sub-jaxprs (jit, scan, cond branches, remat, custom_jvp/custom_vjp primal
+functions). The JVP rule of a ``custom_jvp`` does not count: the case must reach the primitive
+itself.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import pathlib
 import zlib
@@ -34,9 +36,18 @@ def table_modules():
 
 
 def primitives_of_case(case) -> set[str]:
-    rng = np.random.default_rng(zlib.crc32(case.name.encode()))
-    args = case.make_args(rng, jnp.dtype("float32"))
-    return primitives_in_jaxpr(jax.make_jaxpr(case.fun)(*args))
+    """The primitives of the case's jaxpr, traced with each of its dtypes (single precision:
+    a complex-only row such as ``real`` emits its primitive only for complex arguments), under
+    the case's context (e.g. a mesh) if it has one."""
+    names: set[str] = set()
+    single = {"float64": "float32", "complex128": "complex64"}
+    context = getattr(case, "context", None)
+    for dtype in sorted({single.get(d, d) for d in case.dtypes}):
+        rng = np.random.default_rng(zlib.crc32(case.name.encode()))
+        args = case.make_args(rng, jnp.dtype(dtype))
+        with context() if context is not None else contextlib.nullcontext():
+            names |= primitives_in_jaxpr(jax.make_jaxpr(case.fun)(*args))
+    return names
 
 
 def test_every_registered_primitive_has_a_case():

@@ -2,7 +2,7 @@
 cotangent. Each case is ``x * g(x)`` (or ``x + ...``) with ``g`` built from the primitive, so
 the gradient is exactly ``g(x)``: any cotangent leaking through ``g`` would show up.
 
-Also: ``while_loop`` is refused with advice, and a primitive without a rule raises
+Also: a ``while_loop`` over integers alone needs no rule, and a primitive without a rule raises
 ``bpkit.UnsupportedPrimitiveError`` until a rule is registered with ``bpkit.register_vjp``.
 """
 import jax
@@ -11,12 +11,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from jax.interpreters import mlir
 
 import bpkit
+from bpkit.check.coverage import unsupported_in
 from bpkit.engine import registry
+from jax._src import core as _jax_core
+from jax._src.lax import lax as _lax_internal  # empty, empty2, dce_sink: not in jax.lax everywhere
+from jax._src.random import philox2x32 as _p2, philox4x32 as _p4, threefry4x32 as _t4
 from tests.rules.harness import Case, args, const, parametrize, assert_case_parity, uniform
 
 S = (3, 4)
+_MEMORY = getattr(_jax_core, "MemorySpace", None) and _jax_core.MemorySpace.Device
 f32 = lambda b, x: b.astype(x.dtype)  # noqa: E731  a mask or integer as x's dtype
 
 
@@ -39,14 +45,22 @@ def bits(key, x):
     return f32(jax.random.bits(key, S, jnp.uint32) >> 28, x)
 
 
+def raw_bits(random_bits, seed, s, x):
+    """Bits from one of JAX's PRNG implementations called directly (``jax.random`` hides
+    their primitives inside ``random_bits``), as ``x``'s dtype."""
+    return f32(random_bits(seed(s), 32, S) >> 28, x)
+
+
 CASES = [
     # zero derivative almost everywhere
-    times("sign", jnp.sign),
     times("floor", jnp.floor),
     times("ceil", jnp.ceil),
     times("round", jnp.round),
     times("is_finite", lambda x: f32(jnp.isfinite(x / (x - x[0, 0])), x)),
     times("stop_gradient", lax.stop_gradient),
+    times("bitcast_convert_type",
+          lambda x: f32(lax.bitcast_convert_type(x, jnp.int32 if x.dtype == jnp.float32
+                                                 else jnp.int64) >> 60, x)),
     # comparisons and logic
     times("eq", lambda x: f32(x == x[0, 0], x)),
     times("ne", lambda x: f32(x != x[0, 0], x)),
@@ -54,6 +68,9 @@ CASES = [
     times("le", lambda x: f32(x <= 0.5, x)),
     times("gt", lambda x: f32(x > 0.5, x)),
     times("ge", lambda x: f32(x >= 0.5, x)),
+    times("eq_to", lambda x: f32(lax.eq_to_p.bind(x, x[::-1]), x)),
+    times("lt_to", lambda x: f32(lax.lt_to_p.bind(x, x[::-1]), x)),
+    times("le_to", lambda x: f32(lax.le_to_p.bind(x, x[::-1]), x)),
     times("and", lambda x: f32((x > 0) & (x < 1), x)),
     times("or", lambda x: f32((x < 0) | (x > 1), x)),
     times("not", lambda x: f32(~(x > 0), x)),
@@ -67,11 +84,13 @@ CASES = [
     times("argmin", lambda x: f32(jnp.argmin(x, axis=0), x)[None, :]),
     times("population_count", lambda x: f32(lax.population_count(as_int(x)), x)),
     times("clz", lambda x: f32(lax.clz(as_int(x)), x)),
+    times("mulhi", lambda x: f32(lax.mulhi(as_int(x), jnp.int32(1 << 30)), x)),
     times("shift_left", lambda x: f32(lax.shift_left(as_int(x), jnp.int32(2)), x)),
     times("shift_right_arithmetic",
           lambda x: f32(lax.shift_right_arithmetic(as_int(x), jnp.int32(1)), x)),
     times("shift_right_logical",
           lambda x: f32(lax.shift_right_logical(as_int(x), jnp.int32(1)), x)),
+    times("platform_index", lambda x: lax.platform_dependent(x, cpu=jnp.sin, default=jnp.cos)),
     # random numbers
     Case("random_seed", lambda x, s: x * bits(jax.random.key(s), x),
          args(uniform(*S), const(jnp.int32(7)))),
@@ -80,21 +99,39 @@ CASES = [
     key_case("random_unwrap_key_data", lambda k, x: f32(jax.random.key_data(k)[0] >> 30, x)),
     key_case("random_split", lambda k, x: bits(jax.random.split(k)[1], x)),
     key_case("random_fold_in", lambda k, x: bits(jax.random.fold_in(k, 3), x)),
+    key_case("random_clone", lambda k, x: bits(jax.random.clone(k), x)),
     key_case("random_normal_dropout_mask",
              lambda k, x: f32(jax.random.bernoulli(k, 0.7, S), x) / 0.7),
     Case("threefry2x32",
          lambda x, k: x * f32(jex.random.threefry_2x32(k, jnp.arange(12, dtype=jnp.uint32))
                               .reshape(S) >> 29, x),
          args(uniform(*S), const(jnp.array([1, 2], jnp.uint32)))),
+    Case("threefry4x32", lambda x, s: x * raw_bits(_t4.threefry4x32_random_bits, _t4.threefry4x32_seed, s, x),
+         args(uniform(*S), const(jnp.uint32(5)))),
+    Case("philox2x32_and_iota_2x32_shape",
+         lambda x, s: x * raw_bits(_p2.philox2x32_random_bits, _p2.philox2x32_seed, s, x),
+         args(uniform(*S), const(jnp.uint32(5)))),
+    Case("philox4x32", lambda x, s: x * raw_bits(_p4.philox4x32_random_bits, _p4.philox4x32_seed, s, x),
+         args(uniform(*S), const(jnp.uint32(5)))),
     Case("rng_bit_generator",
          lambda x, k: x * f32(lax.rng_bit_generator(k, S, dtype=jnp.uint32)[1] >> 29, x),
          args(uniform(*S), const(jnp.array([1, 2, 3, 4], jnp.uint32)))),
     Case("rng_uniform", lambda x: x + 0 * jnp.sum(lax.rng_uniform(
         jnp.zeros((), x.dtype), jnp.ones((), x.dtype), S)), args(uniform(*S))),
+    # values that do not depend on any input's value
+    times("empty", lambda x: 0 * _lax_internal.empty(S, x.dtype) + 1),
+    times("empty2", lambda x: 0 * _lax_internal.empty2(x.dtype, memory_space=_MEMORY) + 1),
     # bookkeeping
     Case("create_token_after_all",
          lambda x: (lax.after_all(lax.create_token(), lax.create_token()), x * 2)[1],
          args(uniform(*S))),
+    times("dce_sink", lambda x: (_lax_internal.dce_sink(x), jnp.cos(x))[1]),
+    times("debug_print", lambda x: (jax.debug.print("{}", x[0, 0], ordered=False),
+                                    jnp.cos(x))[1]),
+    times("debug_callback", lambda x: (jax.debug.callback(lambda v: None, x), jnp.cos(x))[1]),
+    times("inspect_sharding",
+          lambda x: (jax.debug.inspect_array_sharding(x, callback=lambda s: None),
+                     jnp.cos(x))[1]),
 ]
 
 
@@ -115,13 +152,6 @@ def test_gradient_is_exactly_zero(fun):
     g = bpkit.grad(fun)(x)
     assert g.dtype == x.dtype and g.shape == x.shape
     np.testing.assert_array_equal(np.asarray(g), 0.0)
-
-
-def test_while_loop_is_refused_with_advice():
-    f = lambda x: lax.while_loop(lambda c: c < 10.0, lambda c: c * 2.0, x)  # noqa: E731
-    with pytest.raises(bpkit.UnsupportedPrimitiveError, match="while") as err:
-        bpkit.grad(f)(1.0)
-    assert "scan" in str(err.value) and "fori_loop" in str(err.value)
 
 
 def test_while_loop_on_non_differentiated_values_is_fine():
@@ -165,3 +195,31 @@ def test_register_vjp_makes_a_custom_primitive_work():
         np.testing.assert_allclose(g_jit, g, rtol=1e-12)
     finally:
         registry.vjp_rules.pop(my_sin_p, None)
+
+
+# --- equations without a floating-point output need no rule ------------------------------------
+flag_p = jex.core.Primitive("bpkit_test_flag")  # a rule-less primitive with a boolean output
+flag_p.def_impl(lambda x: x > 0)
+flag_p.def_abstract_eval(lambda x: jax.core.ShapedArray(x.shape, jnp.bool_))
+mlir.register_lowering(flag_p, mlir.lower_fun(lambda x: x > 0, multiple_results=False))
+
+
+def test_equations_without_float_outputs_are_skipped():
+    """The engine never looks up a rule for an equation whose outputs are all integer or
+    boolean (they carry no cotangent), even when its inputs are differentiated."""
+    f = lambda x: jnp.sum(jnp.where(flag_p.bind(x), x * x, -x))  # noqa: E731
+    x = jnp.array([-1.5, 0.5, 2.0])
+    assert not registry.has_rule(flag_p)
+    np.testing.assert_allclose(bpkit.grad(f)(x), jnp.where(x > 0, 2 * x, -1.0), rtol=1e-12)
+    np.testing.assert_allclose(jax.jit(bpkit.grad(f))(x), bpkit.grad(f)(x), rtol=1e-12)
+    assert unsupported_in(f, x) == []
+
+
+def test_interp_and_searchsorted_differentiate():
+    """jnp.interp reaches total-order comparisons (lt_to/le_to on JAX 0.10, an integer-valued
+    hijax searchsorted on 0.12): none of them needs a rule."""
+    xp = jnp.linspace(0.0, 3.0, 7)
+    f = lambda x, fp: jnp.sum(jnp.interp(x, xp, fp) ** 2)  # noqa: E731
+    x, fp = jnp.array([0.3, 1.7, 2.9, 3.5]), jnp.sin(xp)
+    for a, b in zip(bpkit.grad(f, (0, 1))(x, fp), jax.grad(f, (0, 1))(x, fp)):
+        np.testing.assert_allclose(a, b, rtol=1e-12)

@@ -30,6 +30,14 @@ def avg_pool(x, window, strides, padding):
                              padding) / float(np.prod(window))
 
 
+def _gather_add(t, x, select_prim, base_dilation):
+    """select_and_gather_add: per 2x2 window (stride 2, padded), t where x is selected."""
+    return lax.select_and_gather_add_p.bind(
+        t, x, select_prim=select_prim, window_dimensions=NCHW(2, 2), window_strides=NCHW(2, 1),
+        padding=((0, 0), (0, 0), (0, 1), (1, 0)), base_dilation=(1, 1) + base_dilation,
+        window_dilation=(1, 1, 1, 1))
+
+
 _rng = np.random.default_rng(7)
 TIES = _rng.integers(0, 3, size=(2, 2, 5, 5)).astype(float)  # many equal values per window
 CONST = np.ones((2, 2, 5, 5))  # every window is one big tie
@@ -66,6 +74,18 @@ CASES = [
          ((0, 0), (0, 0), (1, 1), (1, 0)), make_x=const(CONST), fd=False),
     pool("min", (2, 2, 5, 5), "min_pool2d_ties_some", NCHW(2, 3), NCHW(1, 2), "SAME",
          make_x=const(TIES), fd=False),
+    # zero-size operands
+    pool("add", (2, 0, 4, 4), "sum_pool_zero_channels", NCHW(2, 2)),
+    pool("max", (0, 2, 4, 4), "max_pool_zero_batch", NCHW(2, 2), NCHW(1, 1), "SAME"),
+    # JAX's own max-pool gradient primitives, met in second order through a jax.grad
+    Case("select_and_gather_add", lambda t, x: _gather_add(t, x, lax.ge_p, (1, 1)),
+         args(uniform(2, 1, 5, 4), uniform(2, 1, 5, 4)), argnums=(0, 1)),
+    Case("select_and_gather_add_min_base_dilated", lambda t, x: _gather_add(t, x, lax.le_p, (2, 1)),
+         args(uniform(2, 1, 5, 4), uniform(2, 1, 5, 4)), argnums=(0, 1)),
+    Case("select_and_scatter_add_in_a_jax_grad",
+         lambda x: jax.grad(lambda y: jnp.sum(lax.reduce_window(
+             y, -jnp.inf, lax.max, NCHW(2, 2), NCHW(2, 1), "SAME") ** 2))(x),
+         args(uniform(2, 1, 5, 4))),
 ]
 
 

@@ -118,7 +118,9 @@ def test_nonfinite_loss_can_be_skipped(tmp_path, capsys):
     run = tmp_path / "skip"
     code = cli.main(["train", CFG, *TINY, "optimizer.name=sgd", "optimizer.learning_rate=1e12",
                      "optimizer.schedule=constant", "optimizer.warmup_steps=0",
-                     "run.on_nonfinite=skip", "run.check_parity=false", f"run.out_dir={run}"])
+                     "run.on_nonfinite=skip", "run.max_skipped=1000", "run.check_parity=false",
+                     f"run.out_dir={run}"])
     assert code == 0, capsys.readouterr().err
     recs = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert sum(r.get("skipped", 0) for r in recs) > 0
+    assert summary(run)["skipped_steps"] == sum(r.get("skipped", 0) for r in recs)

@@ -1,0 +1,198 @@
+"""``bpkit launch``: real multi-process runs through ``jax.distributed`` on this machine.
+
+Two processes with two simulated CPU devices each form one 4-device mesh (cross-process
+collectives over gloo, coordinator on 127.0.0.1). They must train to the losses of one process
+with four devices: the same global batches and the same jitted step, only the reduction order
+of the gradient all-reduce differs, so the losses agree to float32 rounding (``LOSS_RTOL``).
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.train.helpers import CONFIGS, REPO, TINY, summary, train_losses
+
+MLP = os.path.join(CONFIGS, "mnist1d_mlp.yaml")
+LOSS_RTOL = 1e-4  # float32 reduction-order differences over 30 steps (measured ~1e-7)
+
+
+# Loaded at start-up by every process of a launch (sitecustomize): JAX's differentiation
+# entry points raise, so a run that finishes computed its gradients with bpkit's engine.
+FORBID_JAX_AUTODIFF = """
+import jax
+from jax._src.interpreters import ad
+
+def _forbidden(name):
+    def fail(*args, **kwargs):
+        raise AssertionError("JAX's " + name + " was called in a training process")
+    return fail
+
+for _name in ("grad", "value_and_grad", "vjp", "jvp", "linearize", "linear_transpose"):
+    setattr(jax, _name, _forbidden("jax." + _name))
+ad.backward_pass = _forbidden("ad.backward_pass")
+"""
+
+
+def _env(devices: int | None = None, site: str | None = None) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
+        ([site] if site else []) + [REPO, os.environ.get("PYTHONPATH", "")])}
+    env.pop("XLA_FLAGS", None)
+    if devices:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+        env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def launch(cwd, *args, timeout=240, site=None, **kw) -> subprocess.CompletedProcess:
+    """``bpkit launch --processes 2 --local-devices 2 ARGS`` run from ``cwd``."""
+    return subprocess.run([sys.executable, "-m", "bpkit.cli", "launch", "--processes", "2",
+                           "--local-devices", "2", *args], cwd=cwd, env=_env(site=site),
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def train_one(cwd, *args, devices=4) -> subprocess.CompletedProcess:
+    """The same run in one process with ``devices`` simulated devices."""
+    return subprocess.run([sys.executable, "-m", "bpkit.cli", "train", *args], cwd=cwd,
+                          env=_env(devices), capture_output=True, text=True, timeout=240)
+
+
+def _ok(res: subprocess.CompletedProcess) -> None:
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+
+
+def _assert_same_losses(a: str, b: str) -> None:
+    la, lb = train_losses(a), train_losses(b)
+    assert [s for s, _ in la] == [s for s, _ in lb]
+    np.testing.assert_allclose([v for _, v in la], [v for _, v in lb], rtol=LOSS_RTOL)
+
+
+def test_two_processes_match_one(tmp_path):
+    """2 processes x 2 devices end with the losses of 1 process x 4 devices; only process 0
+    writes (one metrics line per step, nothing outside the run directory); every process
+    computes its gradients with bpkit's engine (JAX's autodiff raises in them)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(FORBID_JAX_AUTODIFF)
+    work = tmp_path / "work"
+    work.mkdir()
+    args = [MLP, *TINY, "mesh.data=4"]
+    res = launch(work, *args, "run.check_parity=false", site=str(site))
+    _ok(res)
+    assert sorted(os.listdir(work)) == ["runs"]
+    run = work / "runs" / "mnist1d_mlp"
+    lines = res.stdout.splitlines()
+    assert any(line.startswith("[p0]   engine  bpkit;") and "2 processes" in line
+               for line in lines)
+    assert not [line for line in lines if line.startswith("[p1] step")]  # p1 logs nothing
+    steps = [s for s, _ in train_losses(str(run))]
+    assert steps == sorted(set(steps)) and steps[-1] == 30  # each step written once
+    assert summary(str(run))["processes"] == 2
+
+    one = train_one(tmp_path, *args, f"run.out_dir={tmp_path / 'one'}")  # parity check on
+    _ok(one)
+    assert "parity  first batch" in one.stdout
+    _assert_same_losses(str(run), str(tmp_path / "one"))
+
+
+def test_user_errors_exit_2(tmp_path):
+    res = launch(tmp_path, MLP, "distributed.process_id=1")
+    assert res.returncode == 2 and "sets the distributed section itself" in res.stderr
+    res = launch(tmp_path, MLP, "run.stepz=3")
+    assert res.returncode == 2 and "run.stepz" in res.stderr
+    res = launch(tmp_path, MLP, "mesh.data=3")  # cannot split evenly over the 2 processes
+    assert res.returncode == 2 and "Make mesh.data x mesh.fsdp a multiple of 2" in res.stdout
+    assert re.search(r"process [01] exited with status 2; stopping the others", res.stderr)
+    assert not os.listdir(tmp_path)  # nothing written
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_match_one(tmp_path):
+    args = [MLP, *TINY, "mesh.data=2", "mesh.fsdp=2", "model.args.hidden=[32]"]
+    _ok(launch(tmp_path, *args))
+    _ok(train_one(tmp_path, *args, f"run.out_dir={tmp_path / 'one'}"))
+    _assert_same_losses(str(tmp_path / "runs" / "mnist1d_mlp"), str(tmp_path / "one"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("first", ["two", "one"])
+def test_checkpoint_moves_between_process_counts(tmp_path, first):
+    """A run stopped at step 20 by 2 processes resumes in 1 (and vice versa) to the
+    uninterrupted run's losses."""
+    base = [MLP, *TINY, "mesh.data=4", "optimizer.decay_steps=30"]  # the 20-step leg too
+    _ok(train_one(tmp_path, *base, f"run.out_dir={tmp_path / 'ref'}"))
+    out = f"run.out_dir={tmp_path / 'moved'}"
+    legs = [lambda extra: launch(tmp_path, *base, out, *extra),
+            lambda extra: train_one(tmp_path, *base, out, *extra)]
+    if first == "one":
+        legs.reverse()
+    _ok(legs[0](["run.steps=20"]))
+    res = legs[1](["run.steps=30"])
+    _ok(res)
+    assert "resumed from checkpoint at step 20" in res.stdout
+    _assert_same_losses(str(tmp_path / "moved"), str(tmp_path / "ref"))
+
+
+@pytest.mark.slow
+def test_killed_process_stops_the_other_and_resumes(tmp_path):
+    """SIGKILL one process mid-run: the launcher stops the other and exits non-zero; the same
+    command resumes from the last checkpoint to the uninterrupted run's losses."""
+    args = [MLP, *TINY, "mesh.data=4", "run.steps=200", "run.checkpoint_every=20"]
+    proc = subprocess.Popen([sys.executable, "-m", "bpkit.cli", "launch", "--processes", "2",
+                             "--local-devices", "2", *args], cwd=tmp_path, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "runs" / "mnist1d_mlp"
+    deadline = time.time() + 180
+    while not (run / "checkpoints" / "40").exists():  # past the first checkpoints
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    victim = _child_pids(proc.pid)[1]
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "process 1 exited with status -9; stopping the others" in err
+    assert not _child_pids(proc.pid)
+    res = launch(tmp_path, *args)
+    _ok(res)
+    assert "resumed from checkpoint at step" in res.stdout
+    _ok(train_one(tmp_path, *args, f"run.out_dir={tmp_path / 'ref'}"))
+    _assert_same_losses(str(run), str(tmp_path / "ref"))
+
+
+@pytest.mark.slow
+def test_sigint_saves_in_every_process_and_resumes(tmp_path):
+    """SIGINT to the launcher reaches both processes; they agree on the step to stop at, save
+    one checkpoint there and exit 130; the same command resumes to the uninterrupted losses."""
+    args = [MLP, *TINY, "mesh.data=4", "run.steps=400", "run.checkpoint_every=1000"]
+    proc = subprocess.Popen([sys.executable, "-m", "bpkit.cli", "launch", "--processes", "2",
+                             "--local-devices", "2", *args], cwd=tmp_path, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = tmp_path / "runs" / "mnist1d_mlp"
+    deadline = time.time() + 180
+    while not (run / "metrics.jsonl").exists() or len(train_losses(str(run))) < 3:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert "[p0] " in out and "SIGINT received: checkpoint saved at step" in out
+    res = launch(tmp_path, *args)
+    _ok(res)
+    assert "resumed from checkpoint at step" in res.stdout
+    _ok(train_one(tmp_path, *args, f"run.out_dir={tmp_path / 'ref'}"))
+    _assert_same_losses(str(run), str(tmp_path / "ref"))
+
+
+def _child_pids(pid: int) -> list[int]:
+    """The launcher's processes in start order (process 0 first)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except FileNotFoundError:
+        return []
