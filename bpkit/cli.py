@@ -81,6 +81,8 @@ def cmd_eval(args) -> int:
               "eval_accuracy": res.get("accuracy") if task.kind == "classifier" else None}
     if task.kind == "gan":  # held-out d_loss + g_loss, and how close the samples are
         result["eval_chamfer"] = res.get("chamfer")
+    if task.kind in ("seq2seq", "diffusion", "policy"):  # bpkit/train/app_tasks.py's metrics
+        result.update({f"eval_{k}": v for k, v in res.items() if k != "loss"})
     from bpkit.train.writers import dumps
     print(dumps(result))  # strict JSON: a NaN is null, named under "nonfinite"
     return 0

@@ -41,4 +41,8 @@ def test_ddpm_beats_the_gan_on_the_same_data(tmp_path):
 
 @pytest.mark.slow
 def test_cartpole_reinforce_reaches_475(tmp_path):
-    assert _train("cartpole_reinforce", tmp_path)["eval_return"] >= 475
+    last = _train("cartpole_reinforce", tmp_path)
+    assert last["eval_return"] >= 475
+    p = bpkit("eval", str(tmp_path))  # the checkpoint replays the same held-out episodes
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout.strip().splitlines()[-1])["eval_return"] == last["eval_return"]
