@@ -17,8 +17,6 @@ from jax._src.interpreters import ad
 import bpkit
 from bpkit import nn as bpkit_nn
 from bpkit.engine import registry
-from bpkit.envs import cartpole, policy_gradient
-from bpkit.models import policy_mlp
 
 
 class JaxAutodiffUsed(AssertionError):
@@ -214,18 +212,6 @@ def cross_attention(params, x, memory):
 
 CROSS_ARGS = (bpkit_nn.cast(_CROSS.init(K[2], (3, 4))[0], jnp.float64),
               _normal(K[3], (2, 3, 4), 1.0), _normal(K[4], (2, 5, 4), 1.0))
-_POLICY = policy_mlp(hidden=(8,))
-
-
-def reinforce(params, seeds):
-    """REINFORCE on CartPole: a 500-step rollout under scan (stop_gradient), then the
-    log-probabilities of the taken actions."""
-    return policy_gradient.reinforce_loss(cartpole, _POLICY.apply, params, seeds)[0]
-
-
-_RL_PARAMS = bpkit_nn.cast(_POLICY.init(K[5]), jnp.float64)
-_RL_PARAMS["head"]["w"] = _normal(K[6], (8, 2))  # not the zero init: every layer gets a gradient
-RL_ARGS = (_RL_PARAMS, jnp.arange(3, dtype=jnp.int32))
 
 
 PROGRAMS = {
@@ -240,7 +226,6 @@ PROGRAMS = {
     "linalg_decompositions": (linalg_program, (_normal(K[0], (3, 3), 1.0), _normal(K[1], (3,))),
                               (0, 1), (lax.linalg.cholesky_p, lax.linalg.eigh_p, lax.linalg.svd_p)),
     "cross_attention": (cross_attention, CROSS_ARGS, (0, 1, 2), None),
-    "reinforce_rollout_scan": (reinforce, RL_ARGS, 0, None),
     "shard_map_collectives": (spmd, (_normal(K[0], (3, 2)), _normal(K[1], (8, 3), 1.0)), (0, 1),
                               None),
     "fft_complex_special": (spectral_complex, SPECTRAL_ARGS, (0, 1, 2), (lax.fft_p,)),

@@ -97,6 +97,11 @@ def test_offline_data_sets():
     assert digits.x_train.shape == (1437, 8, 8, 1) and digits.x_test.shape == (360, 8, 8, 1)
     assert 0.0 <= digits.x_train.min() and digits.x_train.max() == 1.0
     assert sorted(set(digits.y_test.tolist())) == list(range(10))
+
+
+@pytest.mark.slow  # importing scikit-learn takes seconds
+def test_digits_read_from_the_package_equal_scikit_learns_loader():
+    digits = load_digits_images()
     sklearn = pytest.importorskip("sklearn.datasets")
     reference = sklearn.load_digits()  # the file read directly equals scikit-learn's loader
     all_images = np.concatenate([digits.x_train, digits.x_test]).reshape(-1, 64) * 16
