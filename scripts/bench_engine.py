@@ -91,7 +91,8 @@ def gru(key):
     return loss, params, batch
 
 
-def gpt(key, n_layer=2, d=64, ctx=64, vocab=128, nh=4):
+def gpt(key, n_layer=2, d=64, ctx=64, vocab=128, nh=4, batch=8, remat=lambda block: block):
+    """``remat`` wraps each block, e.g. ``functools.partial(jax.checkpoint, policy=...)``."""
     ks = iter(jax.random.split(key, 8 + 4 * n_layer))
     params = {"wte": _init(next(ks), (vocab, d), 0.02), "wpe": _init(next(ks), (ctx, d), 0.02),
               "blocks": [{"ln1": jnp.ones((d,)), "ln2": jnp.ones((d,)),
@@ -99,7 +100,7 @@ def gpt(key, n_layer=2, d=64, ctx=64, vocab=128, nh=4):
                           "fc": _init(next(ks), (d, 4 * d)), "fc2": _init(next(ks), (4 * d, d))}
                          for _ in range(n_layer)],
               "lnf": jnp.ones((d,))}
-    tokens = jax.random.randint(next(ks), (8, ctx + 1), 0, vocab)
+    tokens = jax.random.randint(next(ks), (batch, ctx + 1), 0, vocab)
     batch = (tokens[:, :-1], tokens[:, 1:])
 
     def ln(x, g):
@@ -107,20 +108,25 @@ def gpt(key, n_layer=2, d=64, ctx=64, vocab=128, nh=4):
         var = jnp.mean((x - mu) ** 2, -1, keepdims=True)
         return (x - mu) * lax.rsqrt(var + 1e-5) * g
 
+    @remat
+    def block(x, blk):
+        B, T, _ = x.shape
+        mask = jnp.tril(jnp.ones((T, T), bool))
+        h = ln(x, blk["ln1"])
+        q, k, v = jnp.split(h @ blk["qkv"], 3, axis=-1)
+        q, k, v = (t.reshape(B, T, nh, d // nh).transpose(0, 2, 1, 3) for t in (q, k, v))
+        att = (q @ k.transpose(0, 1, 3, 2)) / np.sqrt(d // nh)  # (B, nh, T, T)
+        att = jax.nn.softmax(jnp.where(mask[None, None], att, -jnp.inf), -1)
+        y = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, d)
+        x = x + y @ blk["proj"]
+        return x + jax.nn.gelu(ln(x, blk["ln2"]) @ blk["fc"]) @ blk["fc2"]
+
     def loss(params, batch):
         idx, tgt = batch
         B, T = idx.shape
         x = params["wte"][idx] + params["wpe"][None, :T]  # (B, T, d)
-        mask = jnp.tril(jnp.ones((T, T), bool))
         for blk in params["blocks"]:
-            h = ln(x, blk["ln1"])
-            q, k, v = jnp.split(h @ blk["qkv"], 3, axis=-1)
-            q, k, v = (t.reshape(B, T, nh, d // nh).transpose(0, 2, 1, 3) for t in (q, k, v))
-            att = (q @ k.transpose(0, 1, 3, 2)) / np.sqrt(d // nh)  # (B, nh, T, T)
-            att = jax.nn.softmax(jnp.where(mask[None, None], att, -jnp.inf), -1)
-            y = (att @ v).transpose(0, 2, 1, 3).reshape(B, T, d)
-            x = x + y @ blk["proj"]
-            x = x + jax.nn.gelu(ln(x, blk["ln2"]) @ blk["fc"]) @ blk["fc2"]
+            x = block(x, blk)
         logits = ln(x, params["lnf"]) @ params["wte"].T
         return xent(logits.reshape(B * T, vocab), tgt.reshape(B * T))
     return loss, params, batch

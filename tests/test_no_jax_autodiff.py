@@ -13,6 +13,8 @@ import pytest
 from jax import lax
 from jax.sharding import PartitionSpec as P
 from jax._src.interpreters import ad
+from jax._src.interpreters import partial_eval as pe
+from jax.ad_checkpoint import checkpoint_name
 
 import bpkit
 from bpkit import nn as bpkit_nn
@@ -66,6 +68,12 @@ def forbid_jax_autodiff(monkeypatch):
     for fn in ("grad", "value_and_grad", "vjp", "jvp", "linearize", "linear_transpose",
                "jacfwd", "jacrev", "hessian"):
         monkeypatch.setattr(jax, fn, _forbidden(f"jax.{fn}"))
+    # JAX's partial evaluation, which splits a checkpointed function by its policy.
+    for fn in ("partial_eval_jaxpr_custom", "partial_eval_jaxpr_nounits"):
+        monkeypatch.setattr(pe, fn, _forbidden(f"pe.{fn}"))
+    monkeypatch.setattr(pe, "partial_eval_jaxpr_custom_rules",
+                        ForbiddenRules("partial_eval_jaxpr_custom_rules",
+                                       pe.partial_eval_jaxpr_custom_rules))
 
 
 # --- the programs -------------------------------------------------------------------------------
@@ -120,6 +128,17 @@ _scaled_tanh.defvjp(lambda x: (jnp.tanh(x), jnp.tanh(x)), lambda t, ct: (ct * (1
 def remat_and_custom_vjp(w, x):
     block = jax.checkpoint(lambda w, x: _scaled_tanh(x @ w) @ w.T)
     return jnp.sum(block(w, block(w, x)) ** 2)
+
+
+def remat_policies(w, x):
+    """Per-block checkpoints that save dots (one inside jnp.einsum's jit) or a named value."""
+    def block(w, x):
+        h = checkpoint_name(jnp.tanh(x @ w), "h")
+        return jnp.einsum("bi,ij->bj", h, w.T) * h
+    cp = jax.checkpoint_policies
+    for policy in (cp.dots_with_no_batch_dims_saveable, cp.save_only_these_names("h")):
+        x = jax.checkpoint(block, policy=policy)(w, x)
+    return jnp.sum(x ** 2)
 
 
 def cnn(p, x):
@@ -220,6 +239,8 @@ PROGRAMS = {
     "cond": (with_cond, (_normal(K[12], (5,)), _normal(K[13], (5,))), (0, 1), None),
     "remat_custom_vjp": (remat_and_custom_vjp, (_normal(K[14], (3, 3)), _normal(K[15], (2, 3))),
                          (0, 1), None),
+    "remat_policies": (remat_policies, (_normal(K[14], (3, 3)), _normal(K[15], (2, 3))),
+                       (0, 1), None),
     "cnn_conv_pooling": (cnn, CNN_ARGS, (0, 1), (lax.conv_general_dilated_p,
                                                   lax.reduce_window_max_p)),
     "embedding_gather": (embedding, EMB_ARGS, (0, 2), (lax.gather_p,)),
@@ -311,3 +332,21 @@ def test_while_loop_without_jax_autodiff(monkeypatch):
     got = jax.jit(bpkit.grad(loss, (0, 1), while_checkpoints=3))(w, x)
     for a, b in zip(got, want):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)
+
+
+def _with_statics(x, n, train, mode):
+    y = lax.fori_loop(0, n, lambda i, c: jnp.sin(c) * 1.5, x)  # concrete n: a scan
+    y = y * 0.5 if train else y
+    return {"sum": jnp.sum, "mean": jnp.mean}[mode](y ** 2)
+
+
+STATIC_ARGS = (_normal(K[0], (3,)), jnp.int32(3), True, "mean")
+STATIC_REFERENCE = jax.grad(_with_statics)(*STATIC_ARGS)
+
+
+def test_calling_convention_without_jax_autodiff(no_jax_autodiff):
+    eager = bpkit.grad(_with_statics)(*STATIC_ARGS)
+    jitted = jax.jit(bpkit.grad(_with_statics), static_argnums=(1, 2, 3))(
+        STATIC_ARGS[0], 3, *STATIC_ARGS[2:])
+    for got in (eager, jitted):
+        np.testing.assert_allclose(got, STATIC_REFERENCE, rtol=1e-9, atol=1e-12)

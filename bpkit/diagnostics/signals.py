@@ -97,9 +97,8 @@ def layer_names(fun: Callable, argnums: int = 0) -> Callable:
     It only traces ``loss``; use it with ``param_grad_norms`` for gradients from ``jax.grad``.
     """
     def wrapped(*args, **kwargs):
-        flat_args, in_tree = jax.tree_util.tree_flatten((args, kwargs))
-        traced = core.trace(fun, flat_args, in_tree)
-        return [name for name, _ in _layers(traced.jaxpr, args[argnums])]
+        _, _, trace = api.flatten_wrt(fun, args, kwargs, [argnums % len(args)])
+        return [name for name, _ in _layers(trace().jaxpr, args[argnums])]
 
     return wrapped
 
@@ -115,13 +114,11 @@ def backward_signals(fun: Callable, argnums: int = 0) -> Callable:
     layer's name (NaN for a layer without parameters).
     """
     def wrapped(*args, **kwargs):
-        flat_args, in_tree = jax.tree_util.tree_flatten((args, kwargs))
-        flat_args = [compat.as_array(x) for x in flat_args]
-        spans = api._leaf_spans(args)
-        lo, hi = spans[argnums]
-        traced = core.trace(fun, flat_args, in_tree)
-        active = [lo <= i < hi and compat.is_inexact(compat.typeof(x))
-                  for i, x in enumerate(flat_args)]
+        i = argnums % len(args)
+        flat_args, spans, trace = api.flatten_wrt(fun, args, kwargs, [i])
+        lo, hi = spans[i]
+        traced = trace()
+        active = [compat.is_inexact(compat.typeof(x)) for x in flat_args]
         outs, backward, _ = core.vjp_jaxpr(traced.jaxpr, traced.consts, flat_args, active)
         value = outs[0]
         taps = layer_outputs(traced.jaxpr)

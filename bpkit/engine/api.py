@@ -3,7 +3,34 @@
 These wrap the engine in ``bpkit.engine.core`` with JAX's pytree and dtype conventions:
 gradients have the structure of the differentiated arguments; integer, boolean and PRNG-key
 inputs are never differentiated (``grad`` refuses them unless ``allow_int=True``, ``vjp`` gives
-float0 cotangents); keyword arguments are passed through undifferentiated.
+float0 cotangents).
+
+**Calling convention** (``jax.grad``'s): only the ``argnums`` arguments are traced and
+differentiated. Every other positional and keyword argument reaches the function exactly as
+the caller passed it: Python bools, ints and strings, modules, callables, and arrays, so
+Python control flow on them, ``range(n)``, ``lax.fori_loop(0, n, ...)`` with a concrete bound
+(a scan, differentiable) and library objects behave as under ``jax.grad``, eagerly and inside
+``jax.jit`` (where the caller's values are the jit's tracers, for bpkit as for JAX). ``vjp``
+differentiates all its primals; what the function closes over reaches it untouched.
+
+**Trace cache.** A trace is reused for a call whose differentiated leaves have the same
+shapes and dtypes and whose other arguments are the same, keyed the way ``jax.jit`` keys
+static arguments: hashable values by type and value (``train=True`` and ``train=False`` are two
+traces), a concrete ``jax.Array`` by identity (it is immutable, so the same object is the same
+value; the last two such traces per function are kept, holding their arrays), and anything
+else (a NumPy array, which can be mutated in place; an unhashable object; an enclosing
+transformation's tracer) is not cached: that call traces afresh.
+
+Why concrete arrays are not traced abstractly to share one trace across batches: the function
+must see the caller's values (JAX's semantics), and whether a trace depended on them cannot
+be told afterwards. Looking at a value is everywhere in ordinary code and mostly harmless:
+``jnp.asarray(x)``, ``x.astype(...)``, ``one_hot``, ``device_put`` and optax's losses all ask
+whether their input is concrete, while ``fori_loop``, ``x ** n`` and boolean masks change
+the program they emit on the answer. Tracing abstractly and detecting such queries would
+miss nothing only by treating all of them as dependence, which retraces for nearly every
+real loss anyway. So an eager call with a new batch array traces once (like ``jax.grad``,
+which re-runs the Python function on every call); the same array, or any value inside
+``jax.jit`` (the fast path), costs no trace.
 """
 from __future__ import annotations
 
@@ -65,27 +92,17 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
 
     @functools.wraps(fun)
     def value_and_grad_fun(*args, **kwargs):
-        if max(argnums_tuple) >= len(args):
-            raise TypeError(
-                f"differentiating with respect to argnums={argnums} requires at least "
-                f"{max(argnums_tuple) + 1} positional arguments to be passed by the caller, "
-                f"but got only {len(args)} positional arguments.")
-        flat_args, in_tree = jax.tree_util.tree_flatten((args, kwargs))
-        flat_args = [compat.as_array(x) for x in flat_args]
-        spans = _leaf_spans(args)
-        wrt = set()
-        for i in argnums_tuple:
-            wrt.update(range(*spans[i]))
-        for i in sorted(wrt):
-            aval = compat.typeof(flat_args[i])
+        positions = _positions(argnums, argnums_tuple, len(args))
+        flat_args, spans, trace = flatten_wrt(fun, args, kwargs, positions)
+        for x in flat_args:
+            aval = compat.typeof(x)
             if not compat.is_inexact(aval) and not allow_int:
                 raise TypeError(
                     "grad requires real- or complex-valued inputs (input dtype that is a "
                     f"sub-dtype of np.inexact), but got {aval.dtype.name}. If you want to use "
                     "Boolean- or integer-valued inputs, use vjp or set allow_int to True.")
-        traced = core.trace(fun, flat_args, in_tree)
-        active_in = [i in wrt and compat.is_inexact(compat.typeof(x))
-                     for i, x in enumerate(flat_args)]
+        traced = trace()
+        active_in = [compat.is_inexact(compat.typeof(x)) for x in flat_args]
         outs, backward, _ = core.vjp_jaxpr(traced.jaxpr, traced.consts, flat_args, active_in)
         out_tree, aux = _split_aux(traced.out_tree, outs, has_aux, "grad")
         if out_tree.num_leaves != 1:
@@ -105,7 +122,7 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
                 "directly.")
         cts = backward([jnp.ones((), aval.dtype)] + [None] * (len(outs) - 1))
         grads = []
-        for i in argnums_tuple:
+        for i in positions:
             lo, hi = spans[i]
             leaves = [_instantiate(cts[j], flat_args[j]) for j in range(lo, hi)]
             grads.append(jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(args[i]),
@@ -157,10 +174,84 @@ def _with_while_setting(fun: Callable, count: int | None) -> Callable:
 
 def _check_argnums(argnums) -> tuple[int, ...]:
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-    if not nums or not all(isinstance(i, int) and i >= 0 for i in nums):
-        raise TypeError(f"argnums must be a non-negative int or a non-empty tuple of them, "
-                        f"got {argnums!r}.")
+    if not nums or not all(isinstance(i, int) for i in nums):
+        raise TypeError(f"argnums must be an int or a non-empty tuple of ints, got {argnums!r}.")
     return nums
+
+
+def _positions(argnums, nums: tuple[int, ...], num_args: int) -> list[int]:
+    """``argnums`` as non-negative positions (JAX accepts ``-1`` for the last argument)."""
+    for i in nums:
+        if not -num_args <= i < num_args:
+            raise TypeError(
+                f"differentiating with respect to argnums={argnums} requires at least "
+                f"{(i if i >= 0 else -i - 1) + 1} positional arguments to be passed by the "
+                f"caller, but got only {num_args} positional arguments.")
+    return [i % num_args for i in nums]
+
+
+def flatten_wrt(fun: Callable, args: tuple, kwargs: dict, positions: Sequence[int]):
+    """The differentiated leaves of ``fun(*args, **kwargs)`` and how to trace it.
+
+    Returns ``(flat_args, spans, trace)``: the leaves of ``args[i]`` for ``i`` in
+    ``positions`` (Python scalars as arrays), ``spans[i] = (lo, hi)`` their range in
+    ``flat_args``, and ``trace()``, which traces ``fun`` with those leaves as inputs and every
+    other argument passed as the caller passed it (cached, see the module docstring).
+    """
+    dyn_pos = sorted(set(positions))
+    call, dyn_args, static_key, keepalive = _partial(fun, args, kwargs, dyn_pos)
+    flat_args, in_tree = jax.tree_util.tree_flatten((dyn_args, {}))
+    flat_args = [compat.as_array(x) for x in flat_args]
+    spans = dict(zip(dyn_pos, _leaf_spans(dyn_args)))
+
+    def trace() -> core.Traced:
+        return core.trace(fun, flat_args, in_tree, call=call, static_key=static_key,
+                          keepalive=keepalive)
+
+    return flat_args, spans, trace
+
+
+class _Uncacheable(Exception):
+    """A non-differentiated argument that cannot be part of a trace-cache key."""
+
+
+def _partial(fun: Callable, args: tuple, kwargs: dict, dyn_pos: Sequence[int]):
+    """JAX's ``argnums_partial``: ``(call, dyn_args, static_key, keepalive)``.
+
+    ``call(*dyn_args)`` calls ``fun(*args, **kwargs)`` with the arguments at ``dyn_pos``
+    replaced by the traced ``dyn_args``; every other argument is passed as the caller passed
+    it. ``static_key`` keys those arguments for the trace cache (``None``: do not cache; see
+    the module docstring) and ``keepalive`` lists the arrays it names by identity.
+    """
+    dyn_args = tuple(args[i] for i in dyn_pos)
+
+    def call(*dyn):
+        full = list(args)
+        for i, a in zip(dyn_pos, dyn):
+            full[i] = a
+        return fun(*full, **kwargs)
+
+    statics = (tuple((i, a) for i, a in enumerate(args) if i not in dyn_pos), kwargs)
+    leaves, treedef = jax.tree_util.tree_flatten(statics)
+    keepalive: list = []
+    try:
+        key = (treedef, tuple(_static_leaf_key(x, keepalive) for x in leaves))
+        hash(key)
+    except (_Uncacheable, TypeError):
+        return call, dyn_args, None, ()
+    return call, dyn_args, key, keepalive
+
+
+def _static_leaf_key(x, keepalive: list):
+    """How ``jax.jit`` would key a static argument: by type and value; arrays by identity."""
+    if compat.is_tracer(x):
+        raise _Uncacheable  # an enclosing transformation's value: this trace closes over it
+    if isinstance(x, jax.Array):
+        keepalive.append(x)  # immutable: while it is alive, its id stands for its value
+        return ("jax.Array", id(x))
+    if isinstance(x, np.ndarray):
+        raise _Uncacheable  # mutable in place: the same object may hold new values next call
+    return (type(x), x)
 
 
 def _leaf_spans(args) -> list[tuple[int, int]]:

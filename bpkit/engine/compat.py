@@ -26,6 +26,7 @@ custom rules.
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import jax
@@ -96,12 +97,39 @@ def source_context(eqn):
     return _source_info.user_context(eqn.source_info.traceback, name_stack=name_stack)
 
 
-def user_frame(eqn) -> str:
-    """``file:line (function)`` of the user's code that produced ``eqn``, or ``"unknown"``."""
-    frame = _source_info.user_frame(eqn.source_info.traceback)
-    if frame is None:
-        return "unknown location"
-    return f"{frame.file_name}:{frame.start_line} ({frame.function_name})"
+_BPKIT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def user_frame(eqn, default: str | None = "unknown location", *,
+               allow_bpkit: bool = True) -> str | None:
+    """``file:line (function)`` of the user's code that produced ``eqn``, or ``default``.
+
+    The user's frame is the innermost one outside JAX (and the standard library) and outside
+    bpkit; a bpkit frame (a layer of ``bpkit.nn``) only when there is no other and
+    ``allow_bpkit``. Equations inside a ``jit`` (most of ``jnp.linalg``, ``jax.random``,
+    ``jax.scipy``) carry only JAX's frames: the equations that call them name the user's line
+    (see ``context_user_frame``).
+    """
+    return _frame_outside_jax(eqn.source_info.traceback, allow_bpkit) or default
+
+
+def context_user_frame(*, allow_bpkit: bool = True) -> str | None:
+    """The user's frame of the enclosing equation while bpkit evaluates the jaxpr inside it (a
+    ``jit``, ``checkpoint``, ``scan``: see ``source_context``); ``None`` at top level."""
+    return _frame_outside_jax(_source_info._source_info_context.context.traceback, allow_bpkit)
+
+
+def _frame_outside_jax(traceback, allow_bpkit: bool) -> str | None:
+    if traceback is None:
+        return None
+    frames = list(_source_info.user_frames(traceback))
+    outside = [f for f in frames if not f.file_name.startswith(_BPKIT_DIR)]
+    if not outside and allow_bpkit:
+        outside = frames
+    if not outside:
+        return None
+    f = outside[0]
+    return f"{f.file_name}:{f.start_line} ({f.function_name})"
 
 
 def name_stack(eqn) -> str:
@@ -118,9 +146,26 @@ def custom_jvp_jaxpr(params: dict, tangent_is_zero: Sequence[bool]):
     fun = params.get("jvp_jaxpr_fun", params.get("jvp_jaxpr_thunk"))
     jvp_jaxpr, consts, out_zeros = fun.call_wrapped(*tangent_is_zero)
     if hasattr(jvp_jaxpr, "eqns") and not hasattr(jvp_jaxpr, "consts"):
-        return jvp_jaxpr, list(consts), list(out_zeros)
-    inner, inner_consts = open_jaxpr(jvp_jaxpr)
-    return inner, list(inner_consts) + list(consts), list(out_zeros)
+        inner, consts = jvp_jaxpr, list(consts)
+    else:
+        inner, inner_consts = open_jaxpr(jvp_jaxpr)
+        consts = list(inner_consts) + list(consts)
+    return _consts_as_constvars(inner, consts), consts, list(out_zeros)
+
+
+def _consts_as_constvars(jaxpr, consts: list):
+    """On JAX 0.12 a custom JVP rule's jaxpr takes the constants it closes over (e.g. the NumPy
+    tables of ``jax.scipy.special.zeta``'s rule) as its leading *inputs*, which JAX binds with
+    ``eval_jaxpr(jaxpr, consts, *args)`` to ``constvars + invars`` in order. Make those inputs
+    constvars, so that the jaxpr's inputs are exactly ``(*primals, *nonzero_tangents)``."""
+    extra = len(consts) - len(jaxpr.constvars)
+    if extra <= 0:
+        return jaxpr
+    if isinstance(jaxpr, _core.Jaxpr) and hasattr(jaxpr, "consts"):
+        # 0.11+: a Jaxpr's constvars are its first inputs that carry values (ClosedJaxpr style)
+        return _core.Jaxpr(jaxpr, consts)
+    return jaxpr.replace(constvars=list(jaxpr.constvars) + list(jaxpr.invars[:extra]),
+                         invars=list(jaxpr.invars[extra:]))
 
 
 def custom_vjp_parts(params: dict):

@@ -2,8 +2,10 @@
 
 The whole algorithm (compare JAX's autodidax, ``eval_jaxpr_transposed``):
 
-1. **Trace** the function to a jaxpr with ``jax.make_jaxpr`` (cached per function and input
-   types, so eager calls with the same shapes do not trace again).
+1. **Trace** the function to a jaxpr with ``jax.make_jaxpr`` (cached per function, input
+   types and non-differentiated arguments, so eager calls with the same shapes do not trace
+   again). Only the differentiated arguments become jaxpr inputs; the others reach the
+   function as the caller passed them, as with ``jax.grad`` (see ``bpkit.engine.api``).
 2. **Forward pass**: evaluate the equations in order, keeping every value in ``primal_env``.
    An input is *active* when it is differentiated and floating point; an equation with an
    active input and a floating-point output is *on the tape*: its rule is looked up, and its
@@ -22,6 +24,7 @@ again by bpkit (second derivatives) or by ``jax.grad``.
 from __future__ import annotations
 
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -47,32 +50,54 @@ class Traced:
     out_tree: Any  # pytree structure of the function's output
 
 
-# fun -> {(in_tree, input types): Traced}; weak keys so traces die with their functions.
-_trace_cache: "weakref.WeakKeyDictionary[Callable, dict]" = weakref.WeakKeyDictionary()
+# fun -> {key: (Traced, arrays the key names by identity)}, least recently used first; weak
+# keys so that traces die with their functions. A function keeps at most MAX_TRACES traces
+# (statics such as a Python float that changes every call would otherwise pile up), and at
+# most MAX_IDENTITY_TRACES of those that keep arrays alive (enough for a loop over the same
+# data, without holding on to every batch of a loop over new ones).
+_trace_cache: "weakref.WeakKeyDictionary[Callable, OrderedDict]" = weakref.WeakKeyDictionary()
+MAX_TRACES = 64
+MAX_IDENTITY_TRACES = 2
 
 
-def trace(fun: Callable, flat_args: Sequence[Any], in_tree) -> Traced:
-    """Trace ``fun(*args, **kwargs)`` to a jaxpr, with caching.
+def trace(fun: Callable, flat_args: Sequence[Any], in_tree, *, call: Callable | None = None,
+          static_key: Any = (), keepalive: Sequence[Any] = ()) -> Traced:
+    """Trace ``call(*args, **kwargs)`` to a jaxpr, with caching (``call`` defaults to ``fun``).
 
-    ``flat_args`` are the leaves of the pytree ``(args, kwargs)`` whose structure is ``in_tree``.
+    ``flat_args`` are the leaves of the pytree ``(args, kwargs)`` whose structure is ``in_tree``;
+    they become the jaxpr's inputs. Everything else ``call`` uses reaches the function as it
+    is (the API passes the non-differentiated arguments this way, see ``bpkit.engine.api``).
+    Traces are cached per ``fun`` under ``(in_tree, input types, static_key)``;
+    ``static_key=None`` means the trace must not be reused. ``keepalive`` holds the arrays
+    that ``static_key`` names by identity, so that their ids cannot be reused while cached.
     """
-    key = (in_tree, tuple(_type_key(x) for x in flat_args), compat.trace_context())
-    try:
-        per_fun = _trace_cache.setdefault(fun, {})
-    except TypeError:  # not weak-referenceable (e.g. some builtins): no caching
-        per_fun = None
-    if per_fun is not None and key in per_fun:
-        return per_fun[key]
+    key = (in_tree, tuple(_type_key(x) for x in flat_args), static_key,
+           compat.trace_context())
+    entries = None
+    if static_key is not None:
+        try:
+            entries = _trace_cache.setdefault(fun, OrderedDict())
+        except TypeError:  # not weak-referenceable (e.g. some builtins): no caching
+            pass
+    if entries is not None and key in entries:
+        entries.move_to_end(key)
+        return entries[key][0]
+    call = fun if call is None else call
 
     def flat_fun(*leaves):
         args, kwargs = jax.tree_util.tree_unflatten(in_tree, leaves)
-        return fun(*args, **kwargs)
+        return call(*args, **kwargs)
 
     jaxpr, consts, out_shape = compat.make_jaxpr(flat_fun, *flat_args)
     traced = Traced(jaxpr, consts, jax.tree_util.tree_structure(out_shape))
     # A trace that closed over tracers of an enclosing transformation must not outlive it.
-    if per_fun is not None and not any(compat.is_tracer(c) for c in consts):
-        per_fun[key] = traced
+    if entries is not None and not any(compat.is_tracer(c) for c in consts):
+        entries[key] = (traced, tuple(keepalive))
+        holding = [k for k, (_, alive) in entries.items() if alive]
+        for k in holding[:-MAX_IDENTITY_TRACES]:
+            del entries[k]
+        while len(entries) > MAX_TRACES:
+            entries.popitem(last=False)
     return traced
 
 
@@ -82,12 +107,16 @@ def _type_key(x):
             compat.varying_axes(aval))
 
 
-def vjp_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any], active_in: Sequence[bool]):
+def vjp_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any], active_in: Sequence[bool],
+              known: dict | None = None):
     """Run the forward pass of an open ``jaxpr``; return ``(outs, backward, active_out)``.
 
     ``active_in[i]`` says whether input ``i`` is differentiated. ``backward(cts_out)`` takes one
     cotangent per output (``None`` = zero) and returns one per input (``None`` = zero).
     ``active_out[j]`` says whether output ``j`` depends on an active input at all.
+    ``known`` maps equations (of VJP-rule or non-differentiable primitives) to outputs
+    already computed: they are used instead of evaluating the equation again, and its rule
+    sees them as ``out`` (how a checkpoint policy's saved values enter the recomputation).
     """
     primal_env: dict = {}
     active: set = set()
@@ -106,11 +135,12 @@ def vjp_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any], active_in: Sequ
     for eqn in jaxpr.eqns:
         invals = [read(v) for v in eqn.invars]
         active_mask = [isinstance(v, compat.Var) and v in active for v in eqn.invars]
+        outs = None if known is None else known.get(eqn)
         if (not any(active_mask) or eqn.primitive in registry.nondiff_primitives
                 or not any(compat.is_inexact(v.aval) for v in eqn.outvars)):
-            outs = compat.eval_eqn(eqn, invals)
+            outs = compat.eval_eqn(eqn, invals) if outs is None else outs
         else:
-            outs, pullback = _forward_with_rule(eqn, invals, active_mask)
+            outs, pullback = _forward_with_rule(eqn, invals, active_mask, outs)
             tape.append((eqn, pullback))
             active.update(v for v in eqn.outvars
                           if not isinstance(v, compat.DropVar) and compat.is_inexact(v.aval))
@@ -138,7 +168,11 @@ def vjp_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any], active_in: Sequ
                     if ct is not None:
                         observe(v, ct)
             with compat.source_context(eqn):
-                cts_in = pullback(cts if eqn.primitive.multiple_results else cts[0])
+                try:
+                    cts_in = pullback(cts if eqn.primitive.multiple_results else cts[0])
+                except registry.UnsupportedPrimitiveError as e:
+                    e.locate(eqn)  # a primitive inside this call, loop or checkpoint
+                    raise
             if CHECK_RULE_OUTPUTS:
                 _check_rule_outputs(eqn, cts_in)
             for v, ct in zip(eqn.invars, cts_in):
@@ -149,18 +183,23 @@ def vjp_jaxpr(jaxpr, consts: Sequence[Any], args: Sequence[Any], active_in: Sequ
     return outs, backward, active_out
 
 
-def _forward_with_rule(eqn, invals, active_mask):
-    """Evaluate ``eqn`` and return ``(outs, pullback)`` from its registered rule."""
+def _forward_with_rule(eqn, invals, active_mask, outs=None):
+    """Evaluate ``eqn`` (unless its ``outs`` are given) and return ``(outs, pullback)`` from
+    its registered rule."""
     prim = eqn.primitive
     fwd_bwd = registry.fwd_bwd_rules.get(prim)
     if fwd_bwd is not None:
         with compat.source_context(eqn):
-            outs, pullback = fwd_bwd(invals, active_mask, **eqn.params)
+            try:
+                outs, pullback = fwd_bwd(invals, active_mask, **eqn.params)
+            except registry.UnsupportedPrimitiveError as e:
+                e.locate(eqn)  # a primitive inside this call, loop or checkpoint
+                raise
         return list(outs), pullback
     rule = registry.vjp_rules.get(prim)
     if rule is None:
         raise registry.unsupported(eqn)
-    outs = compat.eval_eqn(eqn, invals)
+    outs = compat.eval_eqn(eqn, invals) if outs is None else outs
     out = outs if prim.multiple_results else outs[0]
     params = eqn.params
     return outs, lambda ct: rule(ct, *invals, out=out, **params)

@@ -31,7 +31,25 @@ refused_primitives: dict[compat.Primitive, str] = {}
 
 
 class UnsupportedPrimitiveError(NotImplementedError):
-    """A primitive on the differentiated path has no bpkit rule."""
+    """A primitive on the differentiated path has no bpkit rule.
+
+    ``primitive`` is the primitive object (what ``register_vjp`` takes, also for primitives that
+    no module exports) and ``location`` the user's line that produced it (``None`` if unknown).
+    """
+
+    def __init__(self, message: str, *, primitive=None, location: str | None = None,
+                 render: Callable[[str], str] | None = None):
+        super().__init__(message)
+        self.primitive, self.location, self._render = primitive, location, render
+
+    def locate(self, eqn) -> None:
+        """Name the user's line of ``eqn``, an enclosing call of the equation that failed, if the
+        location is still unknown (the equations inside ``jnp``'s jitted functions only carry
+        JAX's frames)."""
+        if self.location is None and self._render is not None:
+            self.location = compat.user_frame(eqn, None, allow_bpkit=False)
+            if self.location is not None:
+                self.args = (self._render(self.location),)
 
 
 def register_vjp(primitive, rule: VJPRule | None = None):
@@ -97,25 +115,72 @@ def _check_primitive(p) -> None:
 def unsupported(eqn) -> UnsupportedPrimitiveError:
     """The error for an equation whose primitive has no rule, naming the user's line and the fix."""
     prim = eqn.primitive
-    where = compat.user_frame(eqn)
+    where = (compat.user_frame(eqn, None, allow_bpkit=False)
+             or compat.context_user_frame(allow_bpkit=False))
     if prim in refused_primitives:
-        return UnsupportedPrimitiveError(
-            f"bpkit cannot differentiate '{prim.name}' (produced at {where}): "
-            f"{refused_primitives[prim]}")
-    return UnsupportedPrimitiveError(
-        f"bpkit has no VJP rule for the primitive '{prim.name}', produced at {where}, and the "
-        "value it computes depends on the inputs being differentiated. Add a rule with "
-        "bpkit.register_vjp, for example:\n\n"
-        f"    @bpkit.register_vjp({_primitive_expr(prim)})\n"
-        f"    def _{prim.name}_vjp(ct, *primals, out, **params):\n"
-        "        return [...]  # one cotangent per primal input, None for zero\n\n"
-        "or wrap the computation in jax.lax.stop_gradient if it needs no gradient. "
-        "`bpkit rules` lists the primitives that have rules.")
+        render = lambda at: (f"bpkit cannot differentiate '{prim.name}' (produced at {at}): "  # noqa: E731
+                             f"{refused_primitives[prim]}")
+    elif not any(compat.is_inexact(v.aval) for v in eqn.outvars):
+        render = lambda at: (  # noqa: E731
+            f"bpkit has no rule for the primitive '{prim.name}', produced at {at}. Its outputs "
+            "are all integer or boolean, so no cotangent flows back through it and it needs "
+            "no VJP rule: declare it non-differentiable with\n\n"
+            f"{_primitive_snippet(prim, 'bpkit.register_nondiff({})')}")
+    else:
+        render = lambda at: (  # noqa: E731
+            f"bpkit has no VJP rule for the primitive '{prim.name}', produced at {at}, and the "
+            "value it computes depends on the inputs being differentiated. Add a rule with "
+            "bpkit.register_vjp, for example:\n\n"
+            + _primitive_snippet(
+                prim, f"@bpkit.register_vjp({{}})\ndef _{prim.name}_vjp(ct, *primals, out, "
+                "**params):\n    return [...]  # one cotangent per primal input, None for zero")
+            + "\n\nor wrap the computation in jax.lax.stop_gradient if it needs no gradient. "
+            "`bpkit rules` lists the primitives that have rules; docs/engine.md has the recipe "
+            "for third-party primitives.")
+    shown = (where or compat.user_frame(eqn, None) or compat.context_user_frame()
+             or "an unknown location")  # a bpkit frame (a layer of bpkit.nn) if nothing else
+    return UnsupportedPrimitiveError(render(shown), primitive=prim, location=where,
+                                     render=render)
 
 
-def _primitive_expr(prim) -> str:
+def _primitive_snippet(prim, code: str) -> str:
+    """``code`` (with ``{}`` for the primitive), indented, preceded by how to get the object."""
+    public = _public_name(prim)
+    if public is not None:
+        lines = code.format(public)
+    else:
+        found = _defining_module(prim)
+        if found is not None:
+            module, attr = found
+            lines = (f"from {module} import {attr}  # not exported by jax.extend\n\n"
+                     + code.format(attr))
+        else:
+            lines = (f"# No module exports '{prim.name}': take the object from this error\n"
+                     "# (`except bpkit.UnsupportedPrimitiveError as err: prim = err.primitive`)\n"
+                     + code.format("prim"))
+    return "\n".join("    " + line if line else "" for line in lines.split("\n"))
+
+
+def _public_name(prim) -> str | None:
+    """``jax.extend.core.primitives.X`` or ``jax.lax.X`` when a public module exports ``prim``."""
     import jax.extend.core.primitives as prims
-    for name in dir(prims):
-        if getattr(prims, name, None) is prim:
-            return f"jax.extend.core.primitives.{name}"
-    return f"<the '{prim.name}' primitive object>"
+    import jax.lax
+    for module, path in ((prims, "jax.extend.core.primitives"), (jax.lax, "jax.lax")):
+        for name in dir(module):
+            if getattr(module, name, None) is prim:
+                return f"{path}.{name}"
+    return None
+
+
+def _defining_module(prim) -> tuple[str, str] | None:
+    """``(module, attribute)`` of an imported module holding ``prim`` (JAX internals, or a
+    library such as Equinox), preferring the shortest public-looking path."""
+    import sys
+    found = []
+    for mod_name, module in list(sys.modules.items()):
+        if module is None:
+            continue
+        for attr, value in list(getattr(module, "__dict__", {}).items()):
+            if value is prim:
+                found.append((mod_name.count("._"), len(mod_name), mod_name, attr))
+    return min(found)[2:] if found else None

@@ -4,8 +4,10 @@ These are forward-backward rules (``rule(primals, active, **params) -> (outs, pu
 because what their backward pass needs is produced by their forward pass in a special way:
 
 * **jit / closed_call**: the inner jaxpr is differentiated in place by the same engine (inlined).
-* **remat** (``jax.checkpoint``): the forward saves nothing; the pullback re-runs the forward of
-  the inner jaxpr (behind an optimisation barrier so XLA cannot merge it with the first one).
+* **remat** (``jax.checkpoint``): the forward saves what the ``policy`` names (nothing without
+  one); the pullback re-runs the forward of the inner jaxpr with the saved values given (behind
+  an optimisation barrier shared with the cotangents, so XLA can neither merge it with the
+  first one nor run it before the backward pass gets there).
 * **custom_jvp_call**: the user's JVP rule is respected (``jax.nn.relu`` has slope 0 at 0). It is
   linear in the tangents, so its transpose is obtained by running bpkit's own engine on the
   user's JVP jaxpr with respect to the tangent inputs.
@@ -24,16 +26,19 @@ because what their backward pass needs is produced by their forward pass in a sp
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import jax
 import jax.extend.core.primitives as prims
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+from jax.ad_checkpoint import Offloadable, Saveable
 
 from bpkit.engine import compat, registry
 from bpkit.engine.core import vjp_jaxpr
-from bpkit.engine.registry import register_fwd_bwd
+from bpkit.engine.registry import fwd_bwd_rules, register_fwd_bwd
 from bpkit.rules.helpers import instantiate_zeros, zeros_like
 
 
@@ -60,18 +65,143 @@ for _p in {getattr(prims, "jit_p", None), getattr(prims, "pjit_p", None), prims.
         register_fwd_bwd(_p, _call_fwd_bwd)
 
 
-# --- remat: save nothing, recompute in the backward pass --------------------------------------
+# --- remat: save what the policy names, recompute the rest in the backward pass ---------------
 @register_fwd_bwd(prims.remat_p)
-def _remat_fwd_bwd(primals, active, *, jaxpr, prevent_cse, **params):
+def _remat_fwd_bwd(primals, active, *, jaxpr, prevent_cse, policy=None, **params):
+    """``jax.checkpoint(f, policy=...)``: the forward pass keeps the outputs of the equations
+    the policy saves (only those the backward pass reads); the pullback re-runs the forward of
+    ``f`` with those outputs given, so only the rest is recomputed, then pulls back through it.
+
+    A policy is JAX's predicate ``policy(primitive, *input_avals, **params)`` and is asked, as
+    by JAX, about the primitive equations of ``f`` including those inside nested ``jit`` calls;
+    calls with their own rules (scan, cond, custom_jvp/custom_vjp, nested checkpoints) are
+    recomputed whole. ``Offloadable`` answers (offload policies) save the value on the device
+    rather than in host memory. Without a policy nothing is saved.
+    """
     inner, consts = compat.open_jaxpr(jaxpr) if hasattr(jaxpr, "consts") else (jaxpr, [])
-    outs, _, _ = vjp_jaxpr(inner, consts, primals, [False] * len(primals))
+    saved_eqns = []
+    if policy is not None:
+        inner, consts = _inline_calls(inner, consts)
+        saved_eqns = [e for e in inner.eqns if _policy_saves(policy, e)]
 
-    def pullback(cts):
-        xs = lax.optimization_barrier(list(primals)) if prevent_cse else list(primals)
-        _, backward, _ = vjp_jaxpr(inner, consts, xs, active)
-        return backward(cts)
+    def replay(xs, saved):
+        return vjp_jaxpr(inner, consts, xs, active, known=dict(zip(saved_eqns, saved)))[1]
 
-    return outs, pullback
+    def recompute_and_pull_back(xs, saved, cts):
+        # One barrier over the inputs, the saved values and the cotangents: XLA can neither
+        # merge the recomputation with the forward pass nor schedule it before the backward
+        # pass reaches this point (which would keep its values alive as long as saving them).
+        if prevent_cse:
+            xs, saved, cts = lax.optimization_barrier((xs, saved, cts))
+        return replay(xs, saved)(cts)
+
+    if not saved_eqns:
+        outs, _, _ = vjp_jaxpr(inner, consts, primals, [False] * len(primals))
+        return outs, lambda cts: recompute_and_pull_back(list(primals), [], list(cts))
+
+    env = dict(zip(inner.constvars, consts))
+    env.update(zip(inner.invars, primals))
+    _eval_eqns(inner.eqns, env)
+    outs = [env[v] if isinstance(v, compat.Var) else v.val for v in inner.outvars]
+    # Keep only what the recomputation and the backward pass read (as JAX keeps only the
+    # residuals its backward pass uses); the others are recomputed if needed at all.
+    read = _read_saved(replay, primals, saved_eqns, env, outs)
+    saved_eqns = [e for e, r in zip(saved_eqns, read) if r]
+    saved = [[env[v] for v in e.outvars] for e in saved_eqns]
+
+    return outs, lambda cts: recompute_and_pull_back(list(primals), saved, list(cts))
+
+
+def _policy_saves(policy, eqn) -> bool:
+    """Whether ``policy`` saves the outputs of ``eqn`` (JAX's convention: ``True`` or
+    ``Saveable`` save, ``Offloadable`` saves too (kept on the device), ``False`` or
+    ``Recompute`` recompute). Equations with forward-backward rules are never saved whole."""
+    if eqn.primitive in fwd_bwd_rules or not eqn.outvars:
+        return False
+    decision = policy(eqn.primitive, *[v.aval for v in eqn.invars], **eqn.params)
+    return (decision is Saveable or isinstance(decision, Offloadable)
+            or (isinstance(decision, (bool, np.bool_)) and bool(decision)))
+
+
+def _read_saved(replay, primals, saved_eqns, env, outs) -> list[bool]:
+    """For each saved equation, whether the recomputation or backward pass reads its outputs:
+    the pullback is traced once (all output cotangents nonzero) and unused inputs dropped."""
+    saved = [[env[v] for v in e.outvars] for e in saved_eqns]
+    cts = [jnp.zeros(compat.typeof(o).shape, compat.typeof(o).dtype) for o in outs]
+    struct = lambda x: jax.ShapeDtypeStruct(compat.typeof(x).shape, compat.typeof(x).dtype)
+    spec = jax.tree_util.tree_map(struct, (list(primals), saved, cts))
+    flat_spec, tree = jax.tree_util.tree_flatten(spec)
+
+    def flat_pullback(*leaves):
+        xs, res, cts = jax.tree_util.tree_unflatten(tree, leaves)
+        return replay(xs, res)(cts)
+
+    backward, _, _ = compat.make_jaxpr(flat_pullback, *flat_spec)
+    used = _used_inputs(backward)
+    n_x = len(primals)
+    flags, i = [], n_x
+    for outs_of_eqn in saved:
+        flags.append(any(used[i:i + len(outs_of_eqn)]))
+        i += len(outs_of_eqn)
+    return flags
+
+
+def _used_inputs(jaxpr) -> list[bool]:
+    """Which inputs of ``jaxpr`` its outputs depend on (equations with effects count as used;
+    sub-jaxprs are not looked into, so their equations count as reading all their inputs)."""
+    live = {v for v in jaxpr.outvars if isinstance(v, compat.Var)}
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(v in live for v in eqn.outvars):
+            live.update(v for v in eqn.invars if isinstance(v, compat.Var))
+    return [v in live for v in jaxpr.invars]
+
+
+_CALL_PRIMITIVES = {p for p in (getattr(prims, "jit_p", None), getattr(prims, "pjit_p", None),
+                                prims.closed_call_p) if p is not None}
+
+
+@dataclass(frozen=True)
+class _FlatJaxpr:
+    """An open jaxpr rebuilt by bpkit: the fields ``vjp_jaxpr`` reads."""
+
+    constvars: list
+    invars: list
+    outvars: list
+    eqns: list
+
+
+def _inline_calls(jaxpr, consts):
+    """``(jaxpr, consts)`` with every nested ``jit``/``closed_call`` body spliced in place (fresh
+    variables per call site), so that a checkpoint policy sees the equations inside them."""
+    if not any(e.primitive in _CALL_PRIMITIVES for e in jaxpr.eqns):
+        return jaxpr, consts
+    constvars, const_vals, eqns = list(jaxpr.constvars), list(consts), []
+
+    def atom(env, a):
+        return env.get(a, a) if isinstance(a, compat.Var) else a
+
+    def splice(body_eqns, env):
+        for eqn in body_eqns:
+            ins = [atom(env, a) for a in eqn.invars]
+            if eqn.primitive in _CALL_PRIMITIVES:
+                body, body_consts = compat.open_jaxpr(compat.jit_jaxpr(eqn.params))
+                inner_env = dict(zip(body.invars, ins))
+                for v, c in zip(body.constvars, body_consts):
+                    inner_env[v] = compat.Var(v.aval)
+                    constvars.append(inner_env[v])
+                    const_vals.append(c)
+                splice(body.eqns, inner_env)
+                env.update((o, atom(inner_env, r)) for o, r in zip(eqn.outvars, body.outvars))
+            else:
+                outs = [o if isinstance(o, compat.DropVar) else compat.Var(o.aval)
+                        for o in eqn.outvars]
+                env.update(zip(eqn.outvars, outs))
+                eqns.append(eqn.replace(invars=ins, outvars=outs))
+
+    env: dict = {}
+    splice(jaxpr.eqns, env)
+    flat = _FlatJaxpr(constvars, list(jaxpr.invars), [atom(env, v) for v in jaxpr.outvars], eqns)
+    return flat, const_vals
 
 
 # --- custom_jvp: transpose the user's JVP rule with bpkit's own engine ------------------------

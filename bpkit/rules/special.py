@@ -9,8 +9,8 @@ defines none:
   ``dP/dx = x^(a-1) e^(-x) / Gamma(a)``; ``dP/da`` has no closed form and is evaluated by
   ``lax.igamma_grad_a`` (series / continued fraction). ``igammac = 1 - P``: both negated.
 * ``igamma_grad_a`` itself and ``zeta`` (Hurwitz zeta) have no derivative in JAX: refused.
-  (``jax.scipy.special.zeta`` is a ``custom_jvp`` with JAX's own rule in ``q``, which bpkit
-  follows like any custom JVP.)
+  (``jax.scipy.special.zeta`` is a ``custom_jvp`` with JAX's own rule in ``s`` and ``q``; bpkit
+  follows it like any custom JVP.)
 * ``polygamma(m, x) = psi^(m)(x)``: ``d/dx = psi^(m+1)(x)``; differentiating the order ``m``
   raises ``ValueError``, as in JAX.
 * ``regularized_incomplete_beta(a, b, x) = I_x(a, b)``: ``d/dx = x^(a-1) (1-x)^(b-1) / B(a, b)``;

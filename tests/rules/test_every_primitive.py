@@ -29,27 +29,21 @@ MODULES = ("jax.lax", "jax.extend.core.primitives", "jax._src.ad_checkpoint",
            "jax._src.custom_derivatives", "jax._src.ad_util", "jax._src.pjit",
            "jax._src.shard_map", "jax._src.debugging", "jax._src.callback")
 
-# TEMPORARY (the lead removes entries when merging the branches that rule them): primitives
-# whose rules are being written in parallel on other branches. Names absent from the installed
+# Known gaps, by the family that will rule them (open work, not refusals): primitives of the
+# installed JAX that no rule covers yet and no user-facing program in the tests emits. Names absent from the installed
 # JAX are ignored; an entry that has a rule in this checkout fails the test (remove it).
 PENDING_IN_OTHER_BRANCHES = {
-    # branch linalg: factorizations and solves
+    # linalg: the factorizations and solves without a rule yet (eig, tridiagonal_solve, ...)
     **dict.fromkeys([
-        "cholesky", "cholesky_update", "eig", "eigh", "geqp3", "geqrf", "hessenberg",
-        "householder_product", "lu", "lu_pivots_to_permutation", "ormqr", "qr", "schur", "svd",
-        "symmetric_product", "triangular_solve", "tridiagonal", "tridiagonal_solve",
-        "custom_linear_solve"], "linalg"),
-    # branch complex: complex numbers, FFT, special functions, random_gamma
+        "cholesky_update", "eig", "geqp3", "geqrf", "hessenberg",
+        "ormqr", "schur", "symmetric_product", "tridiagonal", "tridiagonal_solve"], "linalg"),
+    # special: random_gamma_grad is no primitive on either supported end
     **dict.fromkeys([
-        "complex", "conj", "real", "imag", "fft", "random_gamma", "igamma", "igammac",
-        "igamma_grad_a", "random_gamma_grad", "bessel_i0e", "bessel_i1e", "polygamma", "zeta",
-        "regularized_incomplete_beta"], "complex"),
-    # branch collect: shard_map and collectives (with their async start/done halves)
+        "random_gamma_grad"], "complex"),
+    # collectives: async start/done halves, ragged/unreduced variants, psend/precv
     **dict.fromkeys([
-        "shard_map", "psum", "pmax", "pmin", "ppermute", "all_gather", "all_to_all",
-        "reduce_scatter", "axis_index", "pbroadcast", "pbroadcast_dynamic", "psum_invariant",
-        "all_gather_invariant", "all_gather_reduced", "ragged_all_to_all", "preduced", "psend",
-        "precv", "pvary", "vary_unreduced_cast", "vary_unreduced_cast_p", "unreduced_psum",
+        "pbroadcast_dynamic", "all_gather_reduced", "ragged_all_to_all", "preduced", "psend",
+        "precv", "vary_unreduced_cast", "vary_unreduced_cast_p", "unreduced_psum",
         "unreduced_pmax", "unreduced_pmin", "unreduced_reduce_scatter", "psum_start",
         "psum_done", "psum_invariant_start", "all_gather_start", "all_gather_done",
         "all_gather_reduced_start", "all_to_all_start", "all_to_all_done", "ppermute_start",

@@ -4,6 +4,7 @@ reparameterised gamma samples (``jax.random.gamma/beta/dirichlet/loggamma``, dif
 with respect to the shape parameters). Where JAX refuses a derivative, bpkit must refuse it
 too (``test_refused_like_jax``)."""
 import jax
+import jax.extend.core.primitives as prims
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -11,11 +12,13 @@ from jax import lax
 from jax.scipy import special as sp
 
 import bpkit
+from bpkit.engine import registry
 from tests.rules.harness import Case, args, assert_case_parity, const, parametrize, uniform
 
 S = (3, 4)
 shape = dict(lo=0.6, hi=3.0)  # gamma shape parameters
 KEY, KEY2 = jax.random.key(7), jax.random.key(8)
+ADD_ANY = prims.add_jaxvals_p
 # igamma's derivative in a compiles a large series/continued-fraction program: by default only
 # the float64 check with finite differences runs.
 HEAVY = ("float32-jit", "float64-jit")
@@ -30,6 +33,11 @@ CASES = [
     Case("igammac", lambda a, x: sp.gammaincc(a, x),
          args(uniform(*S, **shape), uniform(*S, lo=0.2, hi=4.0)), argnums=(0, 1),
          marks=(pytest.mark.slow,)),
+    # zeta: lax.zeta is refused as in JAX; jax.scipy.special.zeta's custom JVP (in s and q)
+    # is followed (its rule emits add_any, whose rule lives in another family)
+    Case("zeta_through_scipy_custom_jvp", lambda s, q: sp.zeta(s, q),
+         args(uniform(*S, lo=2.0, hi=4.0), uniform(*S, lo=0.5, hi=3.0)), argnums=(0, 1),
+         marks=(pytest.mark.skipif(not registry.has_rule(ADD_ANY), reason="no add_any rule yet"),)),
     # polygamma in x (its order m is a constant)
     Case("polygamma", lambda x: sp.polygamma(2, x) + lax.polygamma(jnp.ones_like(x), x),
          args(uniform(*S, lo=0.5, hi=3.0))),
