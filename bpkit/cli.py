@@ -90,6 +90,8 @@ def _eval_one(run_dir: str) -> None:
               else None}  # a language model's: next-token accuracy
     if task.kind == "gan":  # held-out d_loss + g_loss, and how close the samples are
         result["eval_chamfer"] = res.get("chamfer")
+    if task.kind in ("seq2seq", "diffusion", "policy"):  # bpkit/train/app_tasks.py's metrics
+        result.update({f"eval_{k}": v for k, v in res.items() if k != "loss"})
     from bpkit.train.writers import dumps
     print(dumps(result), flush=True)  # strict JSON: a NaN is null, named under "nonfinite"
 

@@ -63,17 +63,19 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    # the data set: generated offline (mnist1d, toy2d, regression1d) or read from data.path
-    name: Literal["mnist1d", "text", "toy2d", "regression1d", "npz", "idx"] = "mnist1d"
-    batch_size: int = 128                 # examples (sequences) per step
+    # the data set: generated offline (mnist1d, toy2d, regression1d, reverse), shipped by an
+    # installed package (digits: scikit-learn's), simulated (cartpole) or read from data.path
+    name: Literal["mnist1d", "text", "toy2d", "regression1d", "npz", "idx", "digits",
+                  "reverse", "cartpole"] = "mnist1d"
+    batch_size: int = 128                 # examples (sequences, episodes) per step
     eval_batch_size: int = 500            # examples per evaluation batch
     path: str | None = None               # text file, .npz file, or IDX images file (train)
     test_path: str | None = None          # .npz / IDX images file for evaluation
     labels_path: str | None = None        # IDX labels file (train)
     test_labels_path: str | None = None   # IDX labels file (test)
-    num_train: int = 4000                 # mnist1d/regression1d: training examples
-    num_test: int = 1000                  # mnist1d/regression1d: test examples
-    context: int = 64                     # text: characters per training sequence
+    num_train: int = 4000                 # mnist1d/regression1d/reverse: training examples
+    num_test: int = 1000                  # mnist1d/regression1d/reverse: test examples
+    context: int = 64                     # text: characters per sequence; reverse: per string
     max_chars: int = 2_000_000            # text: cap on the corpus size
     encoding: str | None = None           # text: the file's encoding (null: UTF-8, strictly)
     distribution: Literal["ring", "grid", "moons", "spiral"] = "ring"  # toy2d: the 2-D shape
@@ -85,7 +87,8 @@ class DataConfig:
 class ModelConfig:
     name: str = "mlp"                     # a factory in bpkit.models
     args: dict = field(default_factory=dict)  # keyword arguments of bpkit.models.<name>
-    loss: Literal["cross_entropy", "mse", "huber", "gan"] = "cross_entropy"  # the training loss
+    # the training loss (reinforce: the policy gradient of bpkit/envs/policy_gradient.py)
+    loss: Literal["cross_entropy", "mse", "huber", "gan", "reinforce"] = "cross_entropy"
     label_smoothing: float = 0.0          # cross-entropy: weight of the uniform target, [0, 1)
     # float32, or bfloat16 compute on float32 master parameters
     compute_dtype: Literal["float32", "bfloat16"] = "float32"

@@ -222,7 +222,9 @@ MODEL_ARGS: dict[str, dict[str, Arg]] = {
               "batch_norm": Arg("bool", False, "BatchNorm after each convolution")},
     "cnn2d": {"in_shape": Arg("shape3", (28, 28, 1), "[height, width, channels] of an image"),
               "channels": Arg("sizes", (16, 32), "channels of each 3x3 convolution stage"),
-              "num_classes": _CLASSES},
+              "num_classes": _CLASSES,
+              "batch_norm": Arg("bool", False, "BatchNorm after each convolution"),
+              "dropout": Arg("fraction", 0.0, "dropout before the head during training")},
     "gru_classifier": {"in_features": Arg("size", 1, "features per time step"),
                        "hidden": Arg("size", 128, "GRU state width"),
                        "num_classes": _CLASSES},
@@ -250,6 +252,22 @@ MODEL_ARGS: dict[str, dict[str, Arg]] = {
                        "hidden": Arg("sizes", (64, 64), "widths of the hidden layers"),
                        "out_features": Arg("size", 1, "outputs per example"),
                        "activation": Arg("activation", "tanh", _ACT.doc)},
+    "seq2seq_transformer": {
+        "vocab_size": Arg("size", 26, "vocabulary size (default: from the data)"),
+        "d_model": Arg("size", 64, "residual stream width (a multiple of n_heads)"),
+        "n_layers": Arg("size", 2, "encoder blocks, and decoder blocks", max=1024),
+        "n_heads": Arg("size", 4, "attention heads per attention layer", max=1024),
+        "context": Arg("size", 20, "longest sequence (default: data.context)", max=100_000),
+        "dropout": Arg("fraction", 0.0, "dropout rate during training"),
+        "fused": Arg("bool", True, "fused attention and layer-norm ops")},
+    "ddpm_mlp": {"data_dim": Arg("size", 2, "features of a data point"),
+                 "hidden": Arg("size", 128, "units per hidden layer"),
+                 "depth": Arg("size", 3, "hidden layers", max=10_000),
+                 "time_dim": Arg("size", 32, "sinusoidal time-embedding features"),
+                 "num_steps": Arg("size", 100, "diffusion steps T", max=100_000)},
+    "policy_mlp": {"obs_dim": Arg("size", 4, "observation features (default: from the env)"),
+                   "num_actions": Arg("size", 2, "actions (default: from the env)"),
+                   "hidden": Arg("sizes", (64, 64), "widths of the tanh hidden layers")},
 }
 MODEL_NAMES = tuple(MODEL_ARGS)
 ALIASES = {"gru": "gru_classifier", "lstm": "lstm_classifier", "cnn": "cnn1d",
@@ -258,12 +276,19 @@ ALIASES = {"gru": "gru_classifier", "lstm": "lstm_classifier", "cnn": "cnn1d",
 # What each built-in data set is, and which models and losses fit it (npz/idx: known only
 # once the file is read).
 DATA_KINDS = {"mnist1d": "classification", "text": "lm", "toy2d": "sampler",
-              "regression1d": "regression"}
-_KIND_MODELS = {"lm": ("gpt",), "sampler": ("gan_2d",), "regression": ("regression_mlp",)}
+              "regression1d": "regression", "digits": "classification", "reverse": "seq2seq",
+              "cartpole": "env"}
+_KIND_MODELS = {"lm": ("gpt",), "sampler": ("gan_2d", "ddpm_mlp"),
+                "regression": ("regression_mlp",), "seq2seq": ("seq2seq_transformer",),
+                "env": ("policy_mlp",)}
 _KIND_LOSSES = {"classification": ("cross_entropy",), "lm": ("cross_entropy",),
-                "regression": ("mse", "huber"), "sampler": ("gan",)}
+                "regression": ("mse", "huber"), "sampler": ("gan", "mse"),
+                "seq2seq": ("cross_entropy",), "env": ("reinforce",)}
+_MODEL_LOSSES = {"gan_2d": ("gan",), "ddpm_mlp": ("mse",)}  # where the kind allows several
 _KIND_WORDS = {"classification": "classification", "lm": "character-level language modelling",
-               "sampler": "2-D points for a GAN", "regression": "regression"}
+               "sampler": "2-D points for a GAN or a diffusion model",
+               "regression": "regression", "seq2seq": "sequence-to-sequence pairs",
+               "env": "episodes of a simulated environment"}
 
 
 def _close(name: str, options) -> str:
@@ -312,7 +337,7 @@ def model_problems(name: str, args: dict) -> list[str]:
         problem = schema[key].problem(f"model.args.{key}", value)
         if problem:
             problems.append(problem)
-    if factory == "gpt" and not problems:
+    if factory in ("gpt", "seq2seq_transformer") and not problems:
         d = args.get("d_model", schema["d_model"].default)
         h = args.get("n_heads", schema["n_heads"].default)
         if d % h:
@@ -445,16 +470,19 @@ def _fit_problems(cfg) -> list[str]:
     words = _KIND_WORDS[kind]
     models = _KIND_MODELS.get(kind)
     if models is None:  # classification: any classifier
-        models = tuple(m for m in MODEL_NAMES if m not in ("gpt", "gan_2d", "regression_mlp"))
+        others = {m for k, ms in _KIND_MODELS.items() for m in ms}
+        models = tuple(m for m in MODEL_NAMES if m not in others)
     if factory not in models:
         problems.append(f"model.name: {factory} does not fit data.name={cfg.data.name} "
                         f"({words}); use " + (f"model.name={models[0]}" if len(models) == 1
                                               else f"one of {', '.join(models)}") + ".")
-    if cfg.model.loss not in _KIND_LOSSES[kind]:
-        problems.append(f"model.loss: {cfg.model.loss!r} does not fit data.name="
-                        f"{cfg.data.name} ({words}); use model.loss="
-                        f"{' or '.join(_KIND_LOSSES[kind])}.")
-    if kind == "sampler" and cfg.diagnostics.every:
+    losses = _MODEL_LOSSES.get(factory, _KIND_LOSSES[kind])
+    if cfg.model.loss not in losses:
+        problems.append(f"model.loss: {cfg.model.loss!r} does not fit "
+                        + (f"model.name={factory}" if factory in _MODEL_LOSSES else
+                           f"data.name={cfg.data.name} ({words})")
+                        + f"; use model.loss={' or '.join(losses)}.")
+    if factory == "gan_2d" and cfg.diagnostics.every:
         problems.append("diagnostics.every: backward signals are not available for GAN runs "
                         "(two losses); set diagnostics.every=0.")
     ctx = cfg.model.args.get("context")

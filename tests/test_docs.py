@@ -84,6 +84,7 @@ EXERCISED = {
     "python scripts/bench.py": "test_readme_scripts_run (slow); bpkit.bench in test_bench.py",
     "python scripts/bench_fused.py": "test_readme_scripts_run (slow)",
     "python scripts/bench_while.py": "test_readme_scripts_run (slow)",
+    "python scripts/bench_per_example.py": "test_readme_scripts_run (slow)",
     "pip install -e .[models]": ".ci/run's second leg installs the models extra",
     "tensorboard --logdir runs": "tests/train/test_look.py reads a logdir with TensorBoard's "
                                  "multiplexer",
@@ -150,7 +151,9 @@ def test_readme_shell_commands_are_exercised():
 @pytest.mark.parametrize("argv", [["scripts/bench.py", "--models", "mlp", "--repeats", "10"],
                                   ["scripts/bench_fused.py", "--small", "--reps", "1"],
                                   ["scripts/bench_while.py", "--sizes", "20", "--checkpoints",
-                                   "4", "--reps", "1"]])
+                                   "4", "--reps", "1"],
+                                  ["scripts/bench_per_example.py", "--models", "mlp", "--batch",
+                                   "8", "--reps", "1"]])
 def test_readme_scripts_run(argv, tmp_path):
     """README's benchmark scripts, with the smallest arguments, run to the end."""
     import subprocess

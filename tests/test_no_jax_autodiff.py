@@ -17,6 +17,7 @@ from jax._src.interpreters import partial_eval as pe
 from jax.ad_checkpoint import checkpoint_name
 
 import bpkit
+from bpkit import nn as bpkit_nn
 from bpkit.engine import registry
 
 
@@ -212,6 +213,18 @@ def misc_primitives(x, w):
     return jnp.sum(total * prod) + jnp.sum(r ** 2) + jnp.sum(d ** 3)
 
 
+_CROSS = bpkit_nn.cross_attention(2)
+
+
+def cross_attention(params, x, memory):
+    """The encoder-decoder's cross-attention (the fused attention's hand-written backward)."""
+    return jnp.sum(jnp.tanh(_CROSS.apply(params, x, memory=memory)))
+
+
+CROSS_ARGS = (bpkit_nn.cast(_CROSS.init(K[2], (3, 4))[0], jnp.float64),
+              _normal(K[3], (2, 3, 4), 1.0), _normal(K[4], (2, 5, 4), 1.0))
+
+
 PROGRAMS = {
     "mlp_relu_gelu_softmax_ce": (mlp, MLP_ARGS, 0, None),
     "gru_scan": (gru, GRU_ARGS, 0, None),
@@ -225,6 +238,7 @@ PROGRAMS = {
     "embedding_gather": (embedding, EMB_ARGS, (0, 2), (lax.gather_p,)),
     "linalg_decompositions": (linalg_program, (_normal(K[0], (3, 3), 1.0), _normal(K[1], (3,))),
                               (0, 1), (lax.linalg.cholesky_p, lax.linalg.eigh_p, lax.linalg.svd_p)),
+    "cross_attention": (cross_attention, CROSS_ARGS, (0, 1, 2), None),
     "shard_map_collectives": (spmd, (_normal(K[0], (3, 2)), _normal(K[1], (8, 3), 1.0)), (0, 1),
                               None),
     "fft_complex_special": (spectral_complex, SPECTRAL_ARGS, (0, 1, 2), (lax.fft_p,)),

@@ -4,7 +4,8 @@ Classification and regression sets are shuffled once per epoch with a permutatio
 ``(seed, epoch)``; the last partial batch of an epoch is dropped, so every batch has the same
 shape and the step function compiles once. Sequence sets (``kind="lm"``) draw random windows
 from ``(seed, step)``; sampler sets (``kind="sampler"``, the GAN's 2-D distributions) draw
-fresh points from ``(seed, step)``.
+fresh points from ``(seed, step)``; environment sets (``kind="env"``) draw fresh episode seeds
+the same way.
 """
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ class DataError(ValueError):
 @dataclass
 class Dataset:
     name: str
-    kind: str                              # "classification" | "regression" | "lm" | "sampler"
+    # "classification" | "regression" | "lm" | "sampler" | "seq2seq" | "env" (episode seeds)
+    kind: str
     x_train: np.ndarray | None = None
     y_train: np.ndarray | None = None
     x_test: np.ndarray | None = None
@@ -36,8 +38,13 @@ class Dataset:
         if self.kind == "lm":
             return (f"{self.name}: {len(self.x_train):,} train / {len(self.x_test):,} test "
                     f"characters, vocab {len(self.vocab)}, context {self.context}")
+        if self.kind == "seq2seq":
+            return (f"{self.name}: {len(self.x_train):,} train / {len(self.x_test):,} test "
+                    f"sequence pairs of length {self.context}, vocab {len(self.vocab)}")
         if self.kind == "sampler":
             return f"{self.name}: sampled 2-D points ({self.info.get('distribution')})"
+        if self.kind == "env":
+            return f"{self.name}: episodes of the pure-JAX environment, one seed each"
         return (f"{self.name}: {len(self.x_train):,} train / {len(self.x_test):,} test examples, "
                 f"features {tuple(self.x_train.shape[1:])}"
                 + (f", {self.num_classes} classes" if self.num_classes else ""))
@@ -49,7 +56,7 @@ def _rng(seed: int, *stream: int) -> np.random.Generator:
 
 def train_batch(ds: Dataset, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
     """The training batch for ``step``: a pure function of ``(ds, step, batch_size, seed)``."""
-    if ds.kind == "sampler":
+    if ds.kind in ("sampler", "env"):
         return {"x": ds.sampler(_rng(seed, 2, step), batch_size)}
     if ds.kind == "lm":
         T = ds.context
@@ -73,8 +80,9 @@ def eval_batches(ds: Dataset, batch_size: int, max_batches: int | None = None
 
     A sampler (the GAN's 2-D toys) has no test split: its held-out set is ``max_batches``
     (default 4) batches drawn from stream 3 with seed 0 -- the same points for every run and
-    disjoint from the training stream."""
-    if ds.kind == "sampler":
+    disjoint from the training stream. An environment's held-out episodes (their seeds) are
+    drawn the same way."""
+    if ds.kind in ("sampler", "env"):
         for i in range(4 if max_batches is None else max_batches):
             yield {"x": ds.sampler(_rng(0, 3, i), batch_size),
                    "mask": np.ones(batch_size, np.float32)}

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from bpkit.data.batching import DataError, Dataset
+from bpkit.data.digits import load_digits_images
+from bpkit.data.episodes import load_env
 from bpkit.data.finite import check_finite
 from bpkit.data.mnist1d import load_mnist1d
 from bpkit.data.readers import load_idx, load_npz
+from bpkit.data.reversal import load_reversal
 from bpkit.data.text import load_text
 from bpkit.data.toy import load_regression1d, load_toy2d
 
@@ -24,6 +27,12 @@ def _load(data_cfg, seed: int) -> Dataset:
         return load_toy2d(c.distribution, c.noise)
     if c.name == "regression1d":
         return load_regression1d(c.num_train, c.num_test, c.noise)
+    if c.name == "cartpole":
+        return load_env(c.name)
+    if c.name == "reverse":
+        return load_reversal(c.num_train, c.num_test, c.context)
+    if c.name == "digits":
+        return load_digits_images()
     if c.name == "npz":
         if not c.path:
             raise DataError("data.name=npz needs data.path (an .npz file with arrays x and y)")

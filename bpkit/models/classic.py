@@ -59,15 +59,23 @@ def cnn1d(in_length: int = 40, channels=(32, 32, 32), kernel_size: int = 5,
     return from_layer(nn.sequential(*layers, name="cnn1d"), (in_length, 1), prepare=prepare)
 
 
-def cnn2d(in_shape=(28, 28, 1), channels=(16, 32), num_classes: int = 10) -> Model:
+def cnn2d(in_shape=(28, 28, 1), channels=(16, 32), num_classes: int = 10,
+          batch_norm: bool = False, dropout: float = 0.0) -> Model:
     """2-D CNN: per stage ``conv 3x3 (SAME) -> relu -> max_pool 2x2``; then flatten and head.
-    Input ``(B, H, W, C)`` (or flattened ``(B, H*W*C)``)."""
+    Input ``(B, H, W, C)`` (or flattened ``(B, H*W*C)``).
+
+    ``batch_norm=True`` puts a ``batch_norm`` between each convolution and its relu (the
+    convolutions then have no bias; the model is stateful, see ``cnn1d``); ``dropout > 0``
+    drops that fraction of the flattened features before the head in training."""
     in_shape = tuple(in_shape)
     layers = []
     for i, c in enumerate(channels):
-        layers += [nn.conv2d(c, 3, name=f"conv_{i}"), nn.relu(name=f"relu_{i}"),
-                   nn.max_pool2d(2, name=f"pool_{i}")]
-    layers += [nn.flatten(), nn.dense(num_classes, name="head")]
+        layers += [nn.conv2d(c, 3, use_bias=not batch_norm, name=f"conv_{i}")]
+        layers += [nn.batch_norm(name=f"bn_{i}")] if batch_norm else []
+        layers += [nn.relu(name=f"relu_{i}"), nn.max_pool2d(2, name=f"pool_{i}")]
+    layers += [nn.flatten()]
+    layers += [nn.dropout(dropout, name="dropout")] if dropout else []
+    layers += [nn.dense(num_classes, name="head")]
 
     def prepare(x):
         return x.reshape((x.shape[0],) + in_shape) if x.ndim == 2 else x  # (B, H, W, C)

@@ -8,7 +8,12 @@
 See ``bpkit.nn.core`` for the contract (shapes, names, state) and the combinators.
 """
 from bpkit.nn import activations, losses
-from bpkit.nn.attention import self_attention, transformer_block
+from bpkit.nn.attention import (
+    cross_attention,
+    decoder_block,
+    self_attention,
+    transformer_block,
+)
 from bpkit.nn.core import (
     Layer,
     ShapeError,
@@ -56,5 +61,6 @@ __all__ = [
     "avg_pool2d", "global_avg_pool", "flatten", "reshape", "activation", "ACTIVATIONS", "relu",
     "leaky_relu", "elu", "gelu", "silu", "tanh", "sigmoid", "softplus", "dropout", "layer_norm",
     "rms_norm", "batch_norm", "embedding", "positional_embedding", "self_attention",
-    "transformer_block", "rnn", "gru", "lstm", "activations", "losses",
+    "transformer_block", "cross_attention", "decoder_block", "rnn", "gru", "lstm",
+    "activations", "losses",
 ]

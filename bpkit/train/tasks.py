@@ -3,12 +3,12 @@
 ``model.name`` names a factory in ``bpkit.models``; ``model.args`` are its keyword arguments,
 checked against its schema in ``bpkit.validate.MODEL_ARGS`` (an unknown argument gets the
 closest valid one; types, sizes and activations are checked, and gpt's heads must divide its
-width). Arguments the
-data determines (``in_features``, ``in_length``, ``num_classes``, ``vocab_size``, ``context``)
-are filled in from the dataset when not given.
+width). Arguments the data determines (``in_features``, ``in_length``, ``in_shape``,
+``num_classes``, ``vocab_size``, ``context``) are filled in from the dataset when not given.
 
 Task kinds: ``classifier`` (softmax cross-entropy + accuracy), ``lm`` (next-token
-cross-entropy), ``regression`` (MSE or Huber), ``gan`` (non-saturating GAN: two losses).
+cross-entropy), ``regression`` (MSE or Huber), ``gan`` (non-saturating GAN: two losses), and
+the kinds of bpkit/train/app_tasks.py (``seq2seq``, ...).
 
 A stateful model (BatchNorm: ``Model.init_state``) makes a stateful task: its ``loss_fn`` takes
 and returns the running statistics, as ``make_train_step(has_state=True)`` expects, and its
@@ -123,6 +123,9 @@ def build_task(cfg, ds: Dataset) -> Task:
     """The model, loss and metrics of ``cfg`` for ``ds``; validates that they fit."""
     name, fn = _factory(cfg.model.name)
     args = _check_args(name, fn, dict(cfg.model.args))
+    from bpkit.train.app_tasks import BUILDERS  # seq2seq, diffusion, reinforcement learning
+    if name in BUILDERS:
+        return BUILDERS[name](cfg, name, fn, args, ds)
     if is_user_model(name):  # any library's model, as a bpkit Model (bpkit.models.adapters)
         if cfg.model.loss == "gan" or ds.kind == "sampler":
             raise ConfigError("model.name: a GAN needs a generator and a discriminator; "
@@ -148,6 +151,7 @@ def build_task(cfg, ds: Dataset) -> Task:
         feat = int(shape[-1]) if len(shape) else 1
         args = _fill(fn, args, in_features=feat if len(shape) == 1 else None,
                      in_length=int(shape[0]) if len(shape) == 1 else None,
+                     in_shape=[int(n) for n in shape] if len(shape) == 3 else None,
                      num_classes=ds.num_classes)
         if name in ("gru_classifier", "lstm_classifier"):
             args.pop("in_features", None) if "in_features" not in cfg.model.args else None
@@ -259,18 +263,14 @@ def _gan_task(cfg, name, fn, args, ds) -> Task:
 
     def metric_fn(params, batch):
         """Per held-out real point ``x_i`` and one generated point ``f_i`` (fixed latent
-        draws): the two losses, and the symmetric nearest-neighbour ("chamfer") distance
-        ``(min_j |f_i - x_j| + min_j |x_i - f_j|) / 2``, whose mean falls towards the noise
-        scale as the generator covers the data and only the data."""
+        draws): the two losses, and the chamfer distance (``chamfer_distance``)."""
         g, d, x = params["generator"], params["discriminator"], batch["x"]      # x (B, 2)
         x_fake = fake(g, jax.random.PRNGKey(0), x.shape[0])                     # (B, 2)
         real, gen = discriminator.apply(d, x), discriminator.apply(d, x_fake)   # (B,)
         d_loss = bce(real, jnp.ones_like(real)) + bce(gen, jnp.zeros_like(gen))
         g_loss = bce(gen, jnp.ones_like(gen))
-        dist = jnp.sqrt(jnp.sum(jnp.square(x_fake[:, None, :] - x[None, :, :]), -1))  # (B, B)
-        chamfer = 0.5 * (jnp.min(dist, axis=1) + jnp.min(dist, axis=0))
         return {"loss": d_loss + g_loss, "d_loss": d_loss, "g_loss": g_loss,
-                "chamfer": chamfer}
+                "chamfer": chamfer_distance(x_fake, x)}
 
     def init(key):
         kg, kd = jax.random.split(key)
@@ -278,3 +278,13 @@ def _gan_task(cfg, name, fn, args, ds) -> Task:
 
     return Task("gan", (generator, discriminator), init, metric_fn=metric_fn,
                 d_loss_fn=d_loss_fn, g_loss_fn=g_loss_fn, latent_dim=latent, model_args=args)
+
+
+def chamfer_distance(generated, real):
+    """Per pair ``i`` of a generated point ``f_i`` and a held-out real point ``x_i`` (both
+    ``(B, D)``): the symmetric nearest-neighbour ("chamfer") distance ``(min_j |f_i - x_j| +
+    min_j |x_i - f_j|) / 2``, ``(B,)``. Its mean falls towards the noise scale as the
+    generated points cover the data and only the data; the generative tasks (GAN,
+    diffusion) report it as ``chamfer`` on the same held-out points."""
+    dist = jnp.sqrt(jnp.sum(jnp.square(generated[:, None, :] - real[None, :, :]), -1))  # (B, B)
+    return 0.5 * (jnp.min(dist, axis=1) + jnp.min(dist, axis=0))

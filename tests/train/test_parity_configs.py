@@ -19,6 +19,15 @@ SMALL = {
     "gan_2d": ["model.args.hidden=8"],
     "finetune": ["model.args.hidden=[16,16]"],
     "regression_mse": ["model.args.hidden=[8,8]"],
+    "diverging_lr": ["model.args.hidden=[16,16]"],  # parity at the initial weights
+    # The application configs' parity runs in the default run in tests/apps (with the same
+    # sizes, sharing the set-up with their short training runs); through the CLI: slow.
+    "digits_cnn": ["model.args.channels=[8,16]"],
+    "reverse_transformer": ["model.args.d_model=16", "model.args.n_layers=1",
+                            "model.args.n_heads=2", "data.context=6", "data.num_train=512",
+                            "data.num_test=64"],
+    "ddpm_2d": ["model.args.hidden=32", "model.args.depth=2", "model.args.num_steps=20"],
+    "cartpole_reinforce": ["model.args.hidden=[16]"],
 }
 
 
@@ -26,7 +35,11 @@ def test_every_shipped_config_is_covered():
     assert sorted(n[:-5] for n in os.listdir(CONFIGS) if n.endswith(".yaml")) == sorted(SMALL)
 
 
-@pytest.mark.parametrize("name", sorted(SMALL))
+APPS = ("digits_cnn", "reverse_transformer", "ddpm_2d", "cartpole_reinforce")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in APPS else n
+                                  for n in sorted(SMALL)])
 def test_parity_passes(name, capsys):
     code = cli.main(["parity", os.path.join(CONFIGS, f"{name}.yaml"), "data.batch_size=2",
                      *SMALL[name]])
