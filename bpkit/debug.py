@@ -704,13 +704,7 @@ def nonfinite_origin(fun: Callable, argnums: int | Sequence[int] = 0) -> Callabl
                 _, _, detailed = jax.jit(lambda consts, leaves: _run(
                     traced, consts, leaves, wrt, names, targets))(traced.consts, flat_args)
                 report = report.with_details(detailed)
-        grads = []
-        for n in argnums_tuple:
-            lo, hi = spans[n]
-            leaves = [api._instantiate(cts[j], flat_args[j]) for j in range(lo, hi)]
-            grads.append(jax.tree_util.tree_unflatten(
-                jax.tree_util.tree_structure(args[n]), leaves))
-        grad = grads[0] if isinstance(argnums, int) else tuple(grads)
+        grad = api.gradients_of(cts, flat_args, spans, args, argnums_tuple, argnums)
         return jax.tree_util.tree_unflatten(traced.out_tree, [value]), grad, report
 
     return wrapped

@@ -1096,13 +1096,7 @@ def clipped_value_and_grad(fun: Callable, l2_clip: float, argnums: int | Sequenc
                 ct.dtype)
             seeds.append(g.reshape(ct.shape))
         cts = backward([None] * n_out + seeds)
-        grads = []
-        for n in argnums_tuple:
-            lo, hi = spans[n]
-            leaves = [api._instantiate(cts[j], flat_args[j]) for j in range(lo, hi)]
-            grads.append(jax.tree_util.tree_unflatten(
-                jax.tree_util.tree_structure(args[n]), leaves))
-        grad = grads[0] if isinstance(argnums, int) else tuple(grads)
+        grad = api.gradients_of(cts, flat_args, spans, args, argnums_tuple, argnums)
         out_tree = traced.out_tree
         if has_aux:
             _, aux = api._split_aux(out_tree, outs[:n_out], True, "clipped_value_and_grad")

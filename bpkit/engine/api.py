@@ -121,13 +121,7 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
                 f"np.floating), but got {aval.dtype.name}. For complex outputs use bpkit.vjp "
                 "directly.")
         cts = backward([jnp.ones((), aval.dtype)] + [None] * (len(outs) - 1))
-        grads = []
-        for i in positions:
-            lo, hi = spans[i]
-            leaves = [_instantiate(cts[j], flat_args[j]) for j in range(lo, hi)]
-            grads.append(jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(args[i]),
-                                                      leaves))
-        grad = grads[0] if isinstance(argnums, int) else tuple(grads)
+        grad = gradients_of(cts, flat_args, spans, args, positions, argnums)
         value = jax.tree_util.tree_unflatten(out_tree, [value])
         return ((value, aux) if has_aux else value), grad
 
@@ -277,6 +271,18 @@ def _split_aux(out_tree, outs, has_aux: bool, who: str):
     n = jax.tree_util.tree_structure(out_part).num_leaves
     aux = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(aux_part), outs[n:])
     return jax.tree_util.tree_structure(out_part), aux
+
+
+def gradients_of(cts, flat_args, spans, args, positions, argnums):
+    """The gradient pytrees of the arguments at ``positions`` from the flat input cotangents
+    ``cts`` (symbolic zeros instantiated), one tree per argument; a single tree when
+    ``argnums`` is an int, as ``jax.grad`` returns."""
+    grads = []
+    for i in positions:
+        lo, hi = spans[i]
+        leaves = [_instantiate(cts[j], flat_args[j]) for j in range(lo, hi)]
+        grads.append(jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(args[i]), leaves))
+    return grads[0] if isinstance(argnums, int) else tuple(grads)
 
 
 def _instantiate(ct, primal):

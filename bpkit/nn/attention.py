@@ -11,6 +11,16 @@ from bpkit.nn.core import Layer, shape_error
 from bpkit.nn.layers import dense, dropout, layer_norm
 
 
+
+def _model_width(name: str, in_shape, num_heads: int) -> int:
+    """``d`` of a ``(T, d)`` per-example input shape, checked to split into ``num_heads``."""
+    if len(in_shape) != 2:
+        raise shape_error(name, f"expects (T, d) per example, got {tuple(in_shape)}.")
+    d = in_shape[-1]
+    if d % num_heads:
+        raise shape_error(name, f"model width {d} is not divisible by num_heads={num_heads}.")
+    return d
+
 def self_attention(num_heads: int, *, causal: bool = False, fused: bool = True,
                    dropout_rate: float = 0.0, name: str = "attn") -> Layer:
     """Multi-head self-attention.
@@ -29,11 +39,7 @@ def self_attention(num_heads: int, *, causal: bool = False, fused: bool = True,
     drop = dropout(dropout_rate)
 
     def init(key, in_shape, dtype=jnp.float32):
-        if len(in_shape) != 2:
-            raise shape_error(name, f"expects (T, d) per example, got {tuple(in_shape)}.")
-        d = in_shape[-1]
-        if d % num_heads:
-            raise shape_error(name, f"model width {d} is not divisible by num_heads={num_heads}.")
+        d = _model_width(name, in_shape, num_heads)
         k1, k2 = jax.random.split(key)
         return {"qkv": dense(3 * d).init(k1, in_shape, dtype)[0],
                 "proj": dense(d).init(k2, in_shape, dtype)[0]}, tuple(in_shape)
@@ -124,11 +130,7 @@ def cross_attention(num_heads: int, *, fused: bool = True, dropout_rate: float =
     drop = dropout(dropout_rate)
 
     def init(key, in_shape, dtype=jnp.float32):
-        if len(in_shape) != 2:
-            raise shape_error(name, f"expects (T, d) per example, got {tuple(in_shape)}.")
-        d = in_shape[-1]
-        if d % num_heads:
-            raise shape_error(name, f"model width {d} is not divisible by num_heads={num_heads}.")
+        d = _model_width(name, in_shape, num_heads)
         k1, k2, k3 = jax.random.split(key, 3)
         return {"q": dense(d).init(k1, in_shape, dtype)[0],
                 "kv": dense(2 * d).init(k2, in_shape, dtype)[0],

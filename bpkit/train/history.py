@@ -13,6 +13,7 @@ import numpy as np
 import yaml
 
 from bpkit.train.plots import read_metrics  # noqa: F401  (re-exported: one reader)
+from bpkit.train.resume import flatten  # noqa: F401  (re-exported: compare uses it)
 
 
 def read_config(run_dir: str) -> dict:
@@ -22,18 +23,6 @@ def read_config(run_dir: str) -> dict:
         return {}
     with open(path, encoding="utf-8") as f:
         return yaml.safe_load(f) or {}
-
-
-def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"optimizer": {"name": "sgd"}}`` -> ``{"optimizer.name": "sgd"}`` (lists kept whole)."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def read_summary(run_dir: str) -> dict | None:
