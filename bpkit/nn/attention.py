@@ -11,7 +11,6 @@ from bpkit.nn.core import Layer, shape_error
 from bpkit.nn.layers import dense, dropout, layer_norm
 
 
-
 def _model_width(name: str, in_shape, num_heads: int) -> int:
     """``d`` of a ``(T, d)`` per-example input shape, checked to split into ``num_heads``."""
     if len(in_shape) != 2:
@@ -20,6 +19,7 @@ def _model_width(name: str, in_shape, num_heads: int) -> int:
     if d % num_heads:
         raise shape_error(name, f"model width {d} is not divisible by num_heads={num_heads}.")
     return d
+
 
 def self_attention(num_heads: int, *, causal: bool = False, fused: bool = True,
                    dropout_rate: float = 0.0, name: str = "attn") -> Layer:
