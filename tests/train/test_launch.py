@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+from bpkit.train.writers import read_jsonl
 from tests.train.helpers import CONFIGS, REPO, TINY, summary, train_losses
 
 MLP = os.path.join(CONFIGS, "mnist1d_mlp.yaml")
@@ -73,10 +74,48 @@ def _assert_same_losses(a: str, b: str) -> None:
     np.testing.assert_allclose([v for _, v in la], [v for _, v in lb], rtol=LOSS_RTOL)
 
 
+CLOCKS = ("examples_per_second", "wall_seconds")  # process 0's clock, not a batch value
+
+
+def _numbers(rec: dict, prefix: str = "") -> dict:
+    """``{dotted key: value}`` of a metrics record's values (nested: backward signals)."""
+    out = {}
+    for k, v in rec.items():
+        if isinstance(v, dict):
+            out.update(_numbers(v, f"{prefix}{k}."))
+        elif k not in CLOCKS:
+            out[prefix + k] = v
+    return out
+
+
+def _assert_same_global_metrics(a: str, b: str) -> None:
+    """Every train and eval record of run ``a`` (several processes) is marked global and
+    equals run ``b``'s (one process): the same keys, strings and nulls, numbers to float32
+    reduction-order rounding; their summaries too."""
+    ra, rb = ([r for r in read_jsonl(os.path.join(d, "metrics.jsonl"))
+               if r["split"] in ("train", "eval")] for d in (a, b))
+    assert [(r["step"], r["split"]) for r in ra] == [(r["step"], r["split"]) for r in rb]
+    for x, y in zip(ra, rb):
+        assert x["scope"] == y["scope"] == "global", x
+        x, y = _numbers(x), _numbers(y)
+        assert set(x) == set(y)
+        exact = [k for k in x if not isinstance(x[k], float)]
+        assert {k: x[k] for k in exact} == {k: y[k] for k in exact}
+        close = sorted(set(x) - set(exact))
+        np.testing.assert_allclose([x[k] for k in close], [y[k] for k in close],
+                                   rtol=LOSS_RTOL, atol=1e-7, err_msg=str(close))
+    sa, sb = summary(a), summary(b)
+    assert sa["scope"] == sb["scope"] == "global" and sa["processes"] == 2
+    for k in ("train_loss", "eval_loss", "eval_accuracy"):
+        np.testing.assert_allclose(sa[k], sb[k], rtol=LOSS_RTOL)
+
+
 def test_two_processes_match_one(tmp_path):
-    """2 processes x 2 devices end with the losses of 1 process x 4 devices; only process 0
-    writes (one metrics line per step, nothing outside the run directory); every process
-    computes its gradients with bpkit's engine (JAX's autodiff raises in them)."""
+    """2 processes x 2 devices end with the losses of 1 process x 4 devices, and every
+    metrics value (train windows, evaluations, summary) is marked global and equals the one
+    process's; only process 0 writes (one metrics line per step, nothing outside the run
+    directory); every process computes its gradients with bpkit's engine (JAX's autodiff
+    raises in them)."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(FORBID_JAX_AUTODIFF)
@@ -99,6 +138,7 @@ def test_two_processes_match_one(tmp_path):
     _ok(one)
     assert "parity  first batch" in one.stdout
     _assert_same_losses(str(run), str(tmp_path / "one"))
+    _assert_same_global_metrics(str(run), str(tmp_path / "one"))
 
 
 def test_user_errors_exit_2(tmp_path):
