@@ -179,7 +179,8 @@ def gather_split(tree: Any) -> Any:
     shardings, and so the gathers, are the same in every process). Other leaves unchanged."""
     from jax.experimental import multihost_utils
     return jax.tree_util.tree_map(
-        lambda x: multihost_utils.process_allgather(x) if _split_across_processes(x) else x,
+        lambda x: (multihost_utils.process_allgather(x, tiled=True)
+                   if _split_across_processes(x) else x),
         tree)
 
 

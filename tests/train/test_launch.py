@@ -107,7 +107,10 @@ def _assert_same_global_metrics(a: str, b: str) -> None:
     sa, sb = summary(a), summary(b)
     assert sa["scope"] == sb["scope"] == "global" and sa["processes"] == 2
     for k in ("train_loss", "eval_loss", "eval_accuracy"):
-        np.testing.assert_allclose(sa[k], sb[k], rtol=LOSS_RTOL)
+        if sb[k] is None:  # non-finite (a diverged run)
+            assert sa[k] is None, (k, sa[k])
+        else:
+            np.testing.assert_allclose(sa[k], sb[k], rtol=LOSS_RTOL)
 
 
 def test_two_processes_match_one(tmp_path):
@@ -158,6 +161,32 @@ def test_fsdp_two_processes_match_one(tmp_path):
     _ok(launch(tmp_path, *args))
     _ok(train_one(tmp_path, *args, f"run.out_dir={tmp_path / 'one'}"))
     _assert_same_losses(str(tmp_path / "runs" / "mnist1d_mlp"), str(tmp_path / "one"))
+
+
+@pytest.mark.slow
+def test_nonfinite_skips_signals_and_health_are_global(tmp_path):
+    """A diverging fsdp run under ``run.on_nonfinite=skip`` with backward signals and layer
+    health every 2 steps: 2 processes skip the same updates, log the same signals and health
+    (gathered fsdp gradients for the histograms), trace the same non-finite origin and write
+    the same plots as one process with the same 4-device mesh."""
+    args = [os.path.join(CONFIGS, "diverging_lr.yaml"), "run.on_nonfinite=skip",
+            "run.max_skipped=100", "run.steps=12", "run.log_every=2", "diagnostics.every=2",
+            "mesh.data=2", "mesh.fsdp=2", "run.progress=log"]
+    res = launch(tmp_path, *args)
+    _ok(res)
+    assert "not written" not in res.stderr
+    _ok(train_one(tmp_path, *args, f"run.out_dir={tmp_path / 'one'}"))
+    run, one = str(tmp_path / "runs" / "diverging_lr"), str(tmp_path / "one")
+    _assert_same_global_metrics(run, one)
+    recs = {d: read_jsonl(os.path.join(d, "metrics.jsonl")) for d in (run, one)}
+    assert sum(r.get("skipped", 0) for r in recs[run]) == summary(run)["skipped_steps"] > 0
+    assert all("backward_signals" in r for r in recs[run] if r["split"] == "train")
+    origins = {d: [(r["step"], r["nonfinite_origin"]["forward"]["primitive"],
+                    r["nonfinite_origin"]["forward"]["layer"])
+                   for r in recs[d] if r["split"] == "nonfinite"] for d in (run, one)}
+    assert len(origins[run]) == 1 and origins[run] == origins[one]
+    assert sorted(os.listdir(os.path.join(run, "plots"))) == sorted(
+        os.listdir(os.path.join(one, "plots")))
 
 
 @pytest.mark.slow
