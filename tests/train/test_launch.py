@@ -190,6 +190,23 @@ def test_nonfinite_skips_signals_and_health_are_global(tmp_path):
 
 
 @pytest.mark.slow
+def test_dp_sgd_signals_and_parity_check_are_global(tmp_path):
+    """DP-SGD (per-example clipping over the global batch) with backward signals and layer
+    health: 2 processes log the clipped fraction, signals and health of one process; both
+    pass the first-batch parity check (a decision they take together)."""
+    args = [MLP, *TINY, "mesh.data=4", "diagnostics.every=5", "run.check_parity=true",
+            "optimizer.dp={l2_clip: 0.5, noise_multiplier: 1.0}"]
+    res = launch(tmp_path, *args)
+    _ok(res)
+    assert "[p0]   parity  first batch" in res.stdout
+    _ok(train_one(tmp_path, *args, f"run.out_dir={tmp_path / 'one'}"))
+    run = str(tmp_path / "runs" / "mnist1d_mlp")
+    _assert_same_global_metrics(run, str(tmp_path / "one"))
+    train = [r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if r["split"] == "train"]
+    assert all(0 <= r["dp_clipped_fraction"] <= 1 and "backward_signals" in r for r in train)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("first", ["two", "one"])
 def test_checkpoint_moves_between_process_counts(tmp_path, first):
     """A run stopped at step 20 by 2 processes resumes in 1 (and vice versa) to the
