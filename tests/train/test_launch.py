@@ -190,6 +190,20 @@ def test_nonfinite_skips_signals_and_health_are_global(tmp_path):
 
 
 @pytest.mark.slow
+def test_nonfinite_stop_is_decided_by_every_process(tmp_path):
+    """``run.on_nonfinite=stop``: both processes stop at the same update with the same
+    message (each reads the same global loss), and process 0 logs the traced origin."""
+    res = launch(tmp_path, os.path.join(CONFIGS, "diverging_lr.yaml"), "mesh.data=4",
+                 "run.progress=log")
+    assert res.returncode == 1, res.stdout[-3000:]
+    stops = {p: [line.split(" at step ")[1].split(";")[0] for line in res.stdout.splitlines()
+                 if line.startswith(f"[p{p}] bpkit: non-finite")] for p in (0, 1)}
+    assert len(stops[0]) == 1 and stops[0] == stops[1], res.stdout[-3000:]
+    recs = read_jsonl(str(tmp_path / "runs" / "diverging_lr" / "metrics.jsonl"))
+    assert [str(r["step"]) for r in recs if r["split"] == "nonfinite"] == stops[0]
+
+
+@pytest.mark.slow
 def test_dp_sgd_signals_and_parity_check_are_global(tmp_path):
     """DP-SGD (per-example clipping over the global batch) with backward signals and layer
     health: 2 processes log the clipped fraction, signals and health of one process; both
