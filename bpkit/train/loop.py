@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from functools import partial
 from typing import Any, Callable
 
 import jax
@@ -303,7 +304,9 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
             f" (changed: {resume.describe_changes(run.changes)})" if run.changes else ""))
 
     views = RunViews(cfg, run, con, start)  # progress, TensorBoard, report (train/views.py)
-    first = train_batch(ds, start, cfg.data.batch_size, cfg.run.seed)
+    # whole(step): the global batch of ``step``, all of it, on the host
+    whole = partial(train_batch, ds, batch_size=cfg.data.batch_size, seed=cfg.run.seed)
+    first = whole(start)
     if cfg.run.check_parity and start < cfg.run.steps:
         report = check_step_parity(task, state.params, first,
                                    jax.random.fold_in(state.key, start),
@@ -320,10 +323,6 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
                 "train with run.engine=jax and report the mismatch")
 
     state = place_state(state, mesh)
-
-    def whole(step: int):
-        """The global batch of ``step``, all of it, on the host."""
-        return train_batch(ds, step, cfg.data.batch_size, cfg.run.seed)
 
     def load(step: int):
         """The global batch of ``step``: this process's rows, split over the mesh."""
