@@ -13,6 +13,9 @@ inputs with ``NamedSharding`` is all it takes for XLA's GSPMD partitioner to spl
 
 Multi-host runs call ``initialize_distributed`` first (``jax.distributed.initialize``); each
 process then feeds only its own slice of every global batch (``process_batch_slice``).
+What a run reports is computed on the global batch inside the jitted programs, so every
+process holds the same values (``METRICS_SCOPE``); ``to_host`` reads them, gathering the
+arrays split across processes (fsdp) with ``process_allgather``.
 """
 from __future__ import annotations
 
@@ -155,6 +158,50 @@ def process_batch_slice(global_batch_size: int) -> slice:
                             f"the {n} processes.")
     per = global_batch_size // n
     return slice(i * per, (i + 1) * per)
+
+
+# What metrics.jsonl and summary.json say about their values: computed over the whole global
+# batch (every process's rows, every device of the mesh) inside one jitted program, so every
+# process of a multi-process run holds the same numbers; summary.json's ``processes`` and
+# ``devices`` say over how many they were reduced.
+METRICS_SCOPE = "global"
+
+
+def _split_across_processes(x) -> bool:
+    return (isinstance(x, jax.Array) and not x.is_fully_addressable
+            and not x.is_fully_replicated)
+
+
+def gather_split(tree: Any) -> Any:
+    """``tree`` with every array that is split across processes (an fsdp-sharded parameter
+    whose shards live in several processes) replaced by its whole value as NumPy, through
+    ``process_allgather``: a collective, so every process calls this at the same point (the
+    shardings, and so the gathers, are the same in every process). Other leaves unchanged."""
+    from jax.experimental import multihost_utils
+    return jax.tree_util.tree_map(
+        lambda x: (multihost_utils.process_allgather(x, tiled=True)
+                   if _split_across_processes(x) else x),
+        tree)
+
+
+def host_value(x) -> np.ndarray:
+    """``x`` as a NumPy array holding its global value, in every process: a replicated array
+    is whole in each process; one split across processes is gathered (``gather_split``)."""
+    return np.asarray(gather_split(x))
+
+
+def to_host(tree: Any) -> Any:
+    """``host_value`` of every leaf of ``tree`` (a collective where ``gather_split`` is)."""
+    return jax.tree_util.tree_map(host_value, tree)
+
+
+def any_process(flag: bool) -> bool:
+    """Whether ``flag`` holds in any process (one tiny all-gather; every process calls it at
+    the same point), so that all of them take the same decision."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
 def is_main_process() -> bool:

@@ -9,6 +9,10 @@ checkpoint before the update (or the initial state), then the same steps again. 
 (primitive, file:line, layer, operand values) goes to the console and, as a record with
 ``"split": "nonfinite"``, to metrics.jsonl. ``stop`` explains the update that stopped the run;
 ``skip`` explains the run's first skipped update (once).
+
+In a multi-process run every process replays the whole global batch of each step on its own
+first device (no collective: the processes take the decision to explain together, from the
+same global metrics, and each reaches the same report; process 0 prints and logs it).
 """
 from __future__ import annotations
 
@@ -27,14 +31,23 @@ from bpkit.train.step import with_compute_dtype
 class Replay(NamedTuple):
     """What reproducing a state takes: ``fresh_state()`` (the run's initial state, built
     again), ``place(state)`` (onto the run's mesh), the jitted ``step_fn``, ``load(step)``
-    (that step's batch) and the checkpoint directory. ``done`` collects explained updates."""
+    (that step's batch, split over the mesh), ``load_whole(step)`` (the whole global batch,
+    on the host) and the checkpoint directory. ``done`` collects explained updates."""
 
     fresh_state: Callable[[], TrainState]
     place: Callable[[TrainState], TrainState]
     step_fn: Callable
     load: Callable[[int], Any]
+    load_whole: Callable[[int], Any]
     ckpt_dir: str
     done: set
+
+
+def _local(replay: Replay) -> Replay:
+    """``replay`` on this process's first device with whole batches (multi-process runs)."""
+    device = jax.local_devices()[0]
+    return replay._replace(place=lambda state: jax.device_put(state, device),
+                           load=lambda step: jax.device_put(replay.load_whole(step), device))
 
 
 def state_before(update: int, replay: Replay) -> tuple[TrainState, int]:
@@ -76,10 +89,12 @@ def explain_update(cfg, task, update: int | None, replay: Replay, con, metrics) 
     if not cfg.diagnostics.explain_nonfinite or update is None or update in replay.done:
         return
     replay.done.add(update)
-    if task.kind == "gan" or jax.process_count() > 1:
-        con.warn("note: the origin of the non-finite values is not traced for "
-                 + ("GAN runs (two losses)" if task.kind == "gan" else "multi-process runs"))
+    if task.kind == "gan":
+        con.warn("note: the origin of the non-finite values is not traced for GAN runs "
+                 "(two losses)")
         return
+    if jax.process_count() > 1:
+        replay = _local(replay)
     state, replayed = state_before(update, replay)
     report = origin_report(cfg, task, state, replay.load(update - 1))
     how = f" (replayed {replayed} steps to reproduce it)" if replayed else ""

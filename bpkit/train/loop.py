@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from functools import partial
 from typing import Any, Callable
 
 import jax
@@ -303,14 +304,16 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
             f" (changed: {resume.describe_changes(run.changes)})" if run.changes else ""))
 
     views = RunViews(cfg, run, con, start)  # progress, TensorBoard, report (train/views.py)
-    first = train_batch(ds, start, cfg.data.batch_size, cfg.run.seed)
+    # whole(step): the global batch of ``step``, all of it, on the host
+    whole = partial(train_batch, ds, batch_size=cfg.data.batch_size, seed=cfg.run.seed)
+    first = whole(start)
     if cfg.run.check_parity and start < cfg.run.steps:
         report = check_step_parity(task, state.params, first,
                                    jax.random.fold_in(state.key, start),
                                    model_state=state.model_state, fd=False,
                                    max_examples=PARITY_EXAMPLES)
         views.parity(report)
-        if report.ok:
+        if not sharding.any_process(not report.ok):  # every process takes the same decision
             con.out(f"  parity  first batch: max |bpkit - jax.grad| = {report.max_jax_abs:.2e} "
                     f"over {len(report.leaves)} parameter arrays: OK")
         else:
@@ -323,13 +326,13 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
 
     def load(step: int):
         """The global batch of ``step``: this process's rows, split over the mesh."""
-        host = train_batch(ds, step, cfg.data.batch_size, cfg.run.seed)
+        host = whole(step)
         if jax.process_count() > 1:
             host = jax.tree_util.tree_map(lambda x: x[rows], host)
         return sharding.global_batch(host, mesh, cfg.data.batch_size)
 
     replay = explain.Replay(lambda: init_state(cfg, task, tx), lambda s: place_state(s, mesh),
-                            step_fn, load, run.ckpt_dir, set())
+                            step_fn, load, whole, run.ckpt_dir, set())
     window = MetricsWindow(cfg.run.on_nonfinite, cfg.run.max_skipped, run.newest_checkpoint,
                            con.warn)
     last_train: dict[str, float] = {}
@@ -348,8 +351,8 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
         del window_rec["step"]
         last_train = window_rec
         rate = views.window(step, window_rec)  # the log line; compilation left out
-        rec = {"step": step, "split": "train", **window_rec, "examples_per_second": rate,
-               "wall_seconds": time.time() - t_start}
+        rec = {"step": step, "split": "train", "scope": sharding.METRICS_SCOPE, **window_rec,
+               "examples_per_second": rate, "wall_seconds": time.time() - t_start}
         if pending_signals:
             s_step, s_dev = pending_signals.pop()
             pending_signals.clear()
@@ -370,7 +373,7 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
         res = evaluate(eval_step, eval_inputs(task, state),
                        eval_batches(ds, cfg.data.eval_batch_size, cfg.run.eval_batches or None))
         last_eval = res
-        run.metrics.write({"step": step, "split": "eval",
+        run.metrics.write({"step": step, "split": "eval", "scope": sharding.METRICS_SCOPE,
                            **{f"eval_{k}": v for k, v in res.items()}})
         con.out(f"eval  {step:>6}/{cfg.run.steps}  loss {fmt(res.get('loss'))}"
                 + "".join(f"  {k} {fmt(res[k])}" for k in ("accuracy", "chamfer") if k in res))
@@ -420,7 +423,8 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
         except NonFiniteLoss as e:
             last = window.record()  # the window up to the step that stopped the run
             if last is not None:
-                run.metrics.write({"step": last.pop("step"), "split": "train", **last})
+                run.metrics.write({"step": last.pop("step"), "split": "train",
+                                   "scope": sharding.METRICS_SCOPE, **last})
             views.close()
             explain.explain_update(cfg, task, e.step, replay, con, run.metrics)
             raise
@@ -456,19 +460,19 @@ def _finish(cfg, run, con, task, state, ds, start, step, steps_run, t_start, las
             time.time() - p.t0, 1e-9) if timed else None,
         "engine": cfg.run.engine, "devices": n_devices,
         "mesh": {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp},
-        "processes": jax.process_count(), "parameters": _param_count(state.params),
+        "processes": jax.process_count(), "scope": sharding.METRICS_SCOPE,
+        "parameters": _param_count(state.params),
         "resumed_from": start or None}
     if cfg.run.on_nonfinite == "skip":
         summary["skipped_steps"] = skipped
     summary.update(dp.summary(cfg, step, ds))
-    if not run.main:
-        return summary
-    run.write_summary(summary)
+    if run.main:
+        run.write_summary(summary)
     con.out(f"done: {step} steps in {wall:.1f}s; train loss {fmt(summary['train_loss'])}, "
             f"eval loss {fmt(summary['eval_loss'])}"
             + (f", eval accuracy {fmt(summary['eval_accuracy'])}"
                if summary["eval_accuracy"] is not None else ""))
-    sample = views.finish(task, state, ds, step)
+    sample = views.finish(task, state, ds, step)  # every process (fsdp: a gather)
     if sample is not None:
         con.out("sample:\n" + sample)
     return summary

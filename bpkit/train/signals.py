@@ -16,8 +16,8 @@ import math
 from typing import Any, Callable
 
 import jax
-import numpy as np
 
+from bpkit import sharding
 from bpkit.diagnostics import backward_signals, layer_names, param_grad_norms, signal_warnings
 from bpkit.diagnostics.health import health_warnings, layer_health, update_health
 from bpkit.train.step import value_and_grad_for, with_compute_dtype
@@ -99,12 +99,13 @@ def make_signals_fn(loss_fn: Callable, *, engine: str = "bpkit", has_aux: bool =
 def signals_to_host(signals: dict) -> dict[str, dict[str, Any]]:
     """Plain floats for metrics.jsonl; NaN (a quantity that does not apply to the layer, such
     as a parameter norm of a layer without parameters) becomes ``None``. ``update_ratio`` is
-    logged as ``update_ratio_log10``."""
+    logged as ``update_ratio_log10``. The values are global: the signals function runs on the
+    global batch, and every process reads the same numbers (``sharding.host_value``)."""
     out = {}
     for name, d in signals.items():
         rec: dict[str, Any] = {"activation_grad_norm": None, "param_grad_norm": None}
         for k, v in d.items():
-            v = float(np.asarray(v))
+            v = float(sharding.host_value(v))
             if k == "update_ratio":
                 k, v = "update_ratio_log10", (math.log10(v) if v > 0 and math.isfinite(v)
                                               else float("nan"))

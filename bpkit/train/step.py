@@ -22,9 +22,9 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
+from bpkit import sharding
 from bpkit.engine import api
 from bpkit.train.state import TrainState
 
@@ -201,4 +201,5 @@ def evaluate(eval_step: Callable, params, batches) -> dict[str, float]:
 
 
 def to_host(metrics) -> dict[str, float]:
-    return {k: float(np.asarray(v)) for k, v in metrics.items()}
+    """Plain floats of a step's metrics: their global values (the same in every process)."""
+    return {k: float(sharding.host_value(v)) for k, v in metrics.items()}

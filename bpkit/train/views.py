@@ -57,7 +57,9 @@ class RunViews:
         return self.progress.window(step, metrics)
 
     def histograms(self, step: int, params, grads=None) -> None:
-        """Parameter and gradient histograms (TensorBoard) at a backward-signals step."""
+        """Parameter and gradient histograms (TensorBoard) at a backward-signals step. Every
+        process calls this: arrays split across processes (fsdp) are gathered first."""
+        params, grads = _whole((params, grads))
         if self.tb is not None:
             self.tb.histograms(step, params, grads)
 
@@ -65,9 +67,12 @@ class RunViews:
     def finish(self, task, state, ds, step: int) -> str | None:
         """Plots (with ``samples.png``/``fit.png`` from the final parameters), the text sample
         of a language model (printed and saved), the plots into TensorBoard, report.html.
-        Returns the text sample, if any. Nothing here fails a finished run."""
+        Returns the text sample, if any. Nothing here fails a finished run. Every process
+        calls this: parameters split across processes (fsdp) are gathered first."""
         self.progress.close()
         self.con.bar = None
+        state = state._replace(**_whole({"params": state.params,
+                                         "model_state": state.model_state}, host=True))
         if not self.main:
             return None
         from bpkit.report import record_sample, write_report
@@ -103,6 +108,17 @@ class RunViews:
             self.tb.close()
             self.tb = None
         self.progress.close()
+
+
+def _whole(tree, *, host: bool = False):
+    """``tree`` with its arrays split across processes gathered (a collective: every process
+    of a multi-process run calls it), so process 0 alone can read them; ``host``: every array
+    as NumPy, so process 0 alone can also compute with them (plots, the text sample)."""
+    import jax
+    if jax.process_count() == 1:
+        return tree
+    from bpkit import sharding
+    return sharding.to_host(tree) if host else sharding.gather_split(tree)
 
 
 def summary_extras(task, last_eval: dict) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import time
 import numpy as np
 import pytest
 
+from bpkit.train.writers import read_jsonl
 from tests.train.helpers import CONFIGS, REPO, TINY, summary, train_losses
 
 MLP = os.path.join(CONFIGS, "mnist1d_mlp.yaml")
@@ -73,10 +74,51 @@ def _assert_same_losses(a: str, b: str) -> None:
     np.testing.assert_allclose([v for _, v in la], [v for _, v in lb], rtol=LOSS_RTOL)
 
 
+CLOCKS = ("examples_per_second", "wall_seconds")  # process 0's clock, not a batch value
+
+
+def _numbers(rec: dict, prefix: str = "") -> dict:
+    """``{dotted key: value}`` of a metrics record's values (nested: backward signals)."""
+    out = {}
+    for k, v in rec.items():
+        if isinstance(v, dict):
+            out.update(_numbers(v, f"{prefix}{k}."))
+        elif k not in CLOCKS:
+            out[prefix + k] = v
+    return out
+
+
+def _assert_same_global_metrics(a: str, b: str) -> None:
+    """Every train and eval record of run ``a`` (several processes) is marked global and
+    equals run ``b``'s (one process): the same keys, strings and nulls, numbers to float32
+    reduction-order rounding; their summaries too."""
+    ra, rb = ([r for r in read_jsonl(os.path.join(d, "metrics.jsonl"))
+               if r["split"] in ("train", "eval")] for d in (a, b))
+    assert [(r["step"], r["split"]) for r in ra] == [(r["step"], r["split"]) for r in rb]
+    for x, y in zip(ra, rb):
+        assert x["scope"] == y["scope"] == "global", x
+        x, y = _numbers(x), _numbers(y)
+        assert set(x) == set(y)
+        exact = [k for k in x if not isinstance(x[k], float)]
+        assert {k: x[k] for k in exact} == {k: y[k] for k in exact}
+        close = sorted(set(x) - set(exact))
+        np.testing.assert_allclose([x[k] for k in close], [y[k] for k in close],
+                                   rtol=LOSS_RTOL, atol=1e-7, err_msg=str(close))
+    sa, sb = summary(a), summary(b)
+    assert sa["scope"] == sb["scope"] == "global" and sa["processes"] == 2
+    for k in ("train_loss", "eval_loss", "eval_accuracy"):
+        if sb[k] is None:  # non-finite (a diverged run)
+            assert sa[k] is None, (k, sa[k])
+        else:
+            np.testing.assert_allclose(sa[k], sb[k], rtol=LOSS_RTOL)
+
+
 def test_two_processes_match_one(tmp_path):
-    """2 processes x 2 devices end with the losses of 1 process x 4 devices; only process 0
-    writes (one metrics line per step, nothing outside the run directory); every process
-    computes its gradients with bpkit's engine (JAX's autodiff raises in them)."""
+    """2 processes x 2 devices end with the losses of 1 process x 4 devices, and every
+    metrics value (train windows, evaluations, summary) is marked global and equals the one
+    process's; only process 0 writes (one metrics line per step, nothing outside the run
+    directory); every process computes its gradients with bpkit's engine (JAX's autodiff
+    raises in them)."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(FORBID_JAX_AUTODIFF)
@@ -99,6 +141,7 @@ def test_two_processes_match_one(tmp_path):
     _ok(one)
     assert "parity  first batch" in one.stdout
     _assert_same_losses(str(run), str(tmp_path / "one"))
+    _assert_same_global_metrics(str(run), str(tmp_path / "one"))
 
 
 def test_user_errors_exit_2(tmp_path):
@@ -118,6 +161,63 @@ def test_fsdp_two_processes_match_one(tmp_path):
     _ok(launch(tmp_path, *args))
     _ok(train_one(tmp_path, *args, f"run.out_dir={tmp_path / 'one'}"))
     _assert_same_losses(str(tmp_path / "runs" / "mnist1d_mlp"), str(tmp_path / "one"))
+
+
+@pytest.mark.slow
+def test_nonfinite_skips_signals_and_health_are_global(tmp_path):
+    """A diverging fsdp run under ``run.on_nonfinite=skip`` with backward signals and layer
+    health every 2 steps: 2 processes skip the same updates, log the same signals and health
+    (gathered fsdp gradients for the histograms), trace the same non-finite origin and write
+    the same plots as one process with the same 4-device mesh."""
+    args = [os.path.join(CONFIGS, "diverging_lr.yaml"), "run.on_nonfinite=skip",
+            "run.max_skipped=100", "run.steps=12", "run.log_every=2", "diagnostics.every=2",
+            "mesh.data=2", "mesh.fsdp=2", "run.progress=log"]
+    res = launch(tmp_path, *args)
+    _ok(res)
+    assert "not written" not in res.stderr
+    _ok(train_one(tmp_path, *args, f"run.out_dir={tmp_path / 'one'}"))
+    run, one = str(tmp_path / "runs" / "diverging_lr"), str(tmp_path / "one")
+    _assert_same_global_metrics(run, one)
+    recs = {d: read_jsonl(os.path.join(d, "metrics.jsonl")) for d in (run, one)}
+    assert sum(r.get("skipped", 0) for r in recs[run]) == summary(run)["skipped_steps"] > 0
+    assert all("backward_signals" in r for r in recs[run] if r["split"] == "train")
+    origins = {d: [(r["step"], r["nonfinite_origin"]["forward"]["primitive"],
+                    r["nonfinite_origin"]["forward"]["layer"])
+                   for r in recs[d] if r["split"] == "nonfinite"] for d in (run, one)}
+    assert len(origins[run]) == 1 and origins[run] == origins[one]
+    assert sorted(os.listdir(os.path.join(run, "plots"))) == sorted(
+        os.listdir(os.path.join(one, "plots")))
+
+
+@pytest.mark.slow
+def test_nonfinite_stop_is_decided_by_every_process(tmp_path):
+    """``run.on_nonfinite=stop``: both processes stop at the same update with the same
+    message (each reads the same global loss), and process 0 logs the traced origin."""
+    res = launch(tmp_path, os.path.join(CONFIGS, "diverging_lr.yaml"), "mesh.data=4",
+                 "run.progress=log")
+    assert res.returncode == 1, res.stdout[-3000:]
+    stops = {p: [line.split(" at step ")[1].split(";")[0] for line in res.stdout.splitlines()
+                 if line.startswith(f"[p{p}] bpkit: non-finite")] for p in (0, 1)}
+    assert len(stops[0]) == 1 and stops[0] == stops[1], res.stdout[-3000:]
+    recs = read_jsonl(str(tmp_path / "runs" / "diverging_lr" / "metrics.jsonl"))
+    assert [str(r["step"]) for r in recs if r["split"] == "nonfinite"] == stops[0]
+
+
+@pytest.mark.slow
+def test_dp_sgd_signals_and_parity_check_are_global(tmp_path):
+    """DP-SGD (per-example clipping over the global batch) with backward signals and layer
+    health: 2 processes log the clipped fraction, signals and health of one process; both
+    pass the first-batch parity check (a decision they take together)."""
+    args = [MLP, *TINY, "mesh.data=4", "diagnostics.every=5", "run.check_parity=true",
+            "optimizer.dp={l2_clip: 0.5, noise_multiplier: 1.0}"]
+    res = launch(tmp_path, *args)
+    _ok(res)
+    assert "[p0]   parity  first batch" in res.stdout
+    _ok(train_one(tmp_path, *args, f"run.out_dir={tmp_path / 'one'}"))
+    run = str(tmp_path / "runs" / "mnist1d_mlp")
+    _assert_same_global_metrics(run, str(tmp_path / "one"))
+    train = [r for r in read_jsonl(os.path.join(run, "metrics.jsonl")) if r["split"] == "train"]
+    assert all(0 <= r["dp_clipped_fraction"] <= 1 and "backward_signals" in r for r in train)
 
 
 @pytest.mark.slow
