@@ -107,8 +107,10 @@ def _stopped_before_bad_step(work, p):
     steps = sorted(int(s) for s in os.listdir(ckpts)) if os.path.isdir(ckpts) else []
     assert steps and all(s < bad for s in steps), (steps, err)
     assert f"The newest checkpoint, step {steps[-1]}" in err
-    last = strict_json_lines(os.path.join(work, RUN, "metrics.jsonl"))[-1]
+    lines = strict_json_lines(os.path.join(work, RUN, "metrics.jsonl"))
+    last = [r for r in lines if r["split"] == "train"][-1]
     assert last["step"] == bad and last["loss"] is None and "loss" in last["nonfinite"]
+    assert lines[-1]["split"] == "nonfinite"  # then where it came from (train/explain.py)
 
 
 def _no_checkpoint_yet(work, p):
