@@ -86,6 +86,8 @@ EXERCISED = {
     "python scripts/bench_while.py": "test_readme_scripts_run (slow)",
     "python scripts/bench_per_example.py": "test_readme_scripts_run (slow)",
     "pip install -e .[models]": ".ci/run's second leg installs the models extra",
+    "python scripts/forgetting.py": "test_readme_scripts_run (slow); the LoRA fine-tune in "
+                                    "tests/apps/test_lora_finetune.py",
     "tensorboard --logdir runs": "tests/train/test_look.py reads a logdir with TensorBoard's "
                                  "multiplexer",
 }
@@ -153,7 +155,11 @@ def test_readme_shell_commands_are_exercised():
                                   ["scripts/bench_while.py", "--sizes", "20", "--checkpoints",
                                    "4", "--reps", "1"],
                                   ["scripts/bench_per_example.py", "--models", "mlp", "--batch",
-                                   "8", "--reps", "1"]])
+                                   "8", "--reps", "1"],
+                                  ["scripts/forgetting.py", "--steps", "3", "--eval-batches", "1",
+                                   "run.steps=3", "run.check_parity=false", "data.context=8",
+                                   "data.max_chars=20000", "model.args.d_model=16",
+                                   "model.args.n_layers=1", "model.args.n_heads=2"]])
 def test_readme_scripts_run(argv, tmp_path):
     """README's benchmark scripts, with the smallest arguments, run to the end."""
     import subprocess
