@@ -168,7 +168,8 @@ ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu", "gelu_exact", "silu", "tanh"
 class Arg:
     """One keyword argument of a model factory: ``kind`` is ``size`` (a positive integer),
     ``count`` (a non-negative one), ``sizes`` (a list of sizes), ``shape3`` (three of them),
-    ``fraction`` ([0, 1)), ``positive`` (a number > 0), ``bool`` or ``activation``; ``default`` mirrors the factory's (``None``: filled from the data)."""
+    ``fraction`` ([0, 1)), ``positive`` (a number > 0), ``bool`` or ``activation``;
+    ``default`` mirrors the factory's (``None``: filled from the data)."""
 
     kind: str
     default: Any

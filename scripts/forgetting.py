@@ -6,7 +6,8 @@ result is evaluated on the held-out text of both corpora.
     python scripts/forgetting.py --out runs/forgetting --steps 200
 
 Rows: full fine-tuning at a low (3e-4) and a high (3e-3) learning rate, LoRA (rank 4, the base
-frozen) and full fine-tuning at the high rate with an L2 pull toward the pre-trained weights.
+frozen) and full fine-tuning at the high rate with an L2 pull toward the pre-trained weights
+(``--l2-pull``: one row per strength).
 Forgetting = loss on A after - before; gain = loss on B before - after (nats per character).
 Writes ``<out>/forgetting.md`` (the table), ``forgetting.json`` and ``forgetting.png``
 (forgetting against gain). The LoRA row is evaluated merged (``nn.lora_merge``, the base
@@ -26,12 +27,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 CONFIGS = os.path.join(ROOT, "configs")
-# (label, config, extra overrides)
+# (label, config, run directory name, extra overrides); the L2-pull rows: --l2-pull
 VARIANTS = [
-    ("full FT, lr 3e-4", "charlm_finetune", []),
-    ("full FT, lr 3e-3", "charlm_finetune", ["optimizer.learning_rate=0.003"]),
-    ("LoRA r=4, lr 3e-3", "charlm_lora", []),
-    ("full FT + L2 pull 0.1, lr 3e-3", "charlm_l2_pull", []),
+    ("full FT, lr 3e-4", "charlm_finetune", "charlm_finetune", []),
+    ("full FT, lr 3e-3", "charlm_finetune", "charlm_finetune_high",
+     ["optimizer.learning_rate=0.003"]),
+    ("LoRA r=4, lr 3e-3", "charlm_lora", "charlm_lora", []),
 ]
 
 
@@ -71,6 +72,8 @@ def main(argv=None) -> int:
                    help="run directory of configs/charlm_gpt.yaml (trained here if missing)")
     p.add_argument("--out", default="runs/forgetting", help="where the fine-tuned runs go")
     p.add_argument("--steps", type=int, default=200, help="fine-tuning steps per variant")
+    p.add_argument("--l2-pull", default="0.001,0.01,0.1",
+                   help="optimizer.l2_pull strengths of the charlm_l2_pull rows (comma-separated)")
     p.add_argument("--eval-batches", type=int, default=16,
                    help="held-out batches (of 64 sequences) per corpus")
     p.add_argument("overrides", nargs="*",
@@ -96,8 +99,9 @@ def main(argv=None) -> int:
                 for corpus in ("python_source", "python_docs")}
     before = _losses(base, datasets, base.params, eval_batches=args.eval_batches)
     rows = []
-    for label, config, extra in VARIANTS:
-        name = config + ("_high" if extra else "")
+    pulls = [(f"full FT + L2 pull {v}, lr 3e-3", "charlm_l2_pull", f"charlm_l2_pull_{v}",
+              [f"optimizer.l2_pull={v}"]) for v in args.l2_pull.split(",") if v.strip()]
+    for label, config, name, extra in VARIANTS + pulls:
         out = os.path.join(os.path.abspath(args.out), name)
         if not os.path.isdir(os.path.join(out, "checkpoints")):
             _train(config, out, [f"model.init_from={pre}", f"run.steps={args.steps}",
@@ -150,12 +154,13 @@ def _plot(rows, path: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for r in rows:
         ax.scatter(r["gain"], r["forgetting"])
         ax.annotate(r["label"], (r["gain"], r["forgetting"]), fontsize=8,
                     xytext=(4, 4), textcoords="offset points")
     ax.axhline(0, color="grey", lw=0.5)
+    ax.margins(x=0.35, y=0.1)  # room for the labels
     ax.set_xlabel("gain: loss on B (prose) before - after")
     ax.set_ylabel("forgetting: loss on A (source) after - before")
     ax.set_title("Fine-tuning a char GPT from Python source to prose")

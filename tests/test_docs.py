@@ -157,6 +157,7 @@ def test_readme_shell_commands_are_exercised():
                                   ["scripts/bench_per_example.py", "--models", "mlp", "--batch",
                                    "8", "--reps", "1"],
                                   ["scripts/forgetting.py", "--steps", "3", "--eval-batches", "1",
+                                   "--l2-pull", "0.1",
                                    "run.steps=3", "run.check_parity=false", "data.context=8",
                                    "data.max_chars=20000", "model.args.d_model=16",
                                    "model.args.n_layers=1", "model.args.n_heads=2"]])

@@ -27,7 +27,8 @@ def test_lora_dense_parity():
     params = f64(_with_random_adapters(params))
     x = random_input(np.random.default_rng(1), (2, 3, 4))
     check_parity_of(layer.apply, params, x)
-    want = x @ params["w"] + params["b"][None, None] + 2.0 * (x @ params["lora_a"]) @ params["lora_b"]
+    low_rank = (x @ params["lora_a"]) @ params["lora_b"]  # (B, T, 5); scale alpha/r = 2
+    want = x @ params["w"] + params["b"][None, None] + 2.0 * low_rank
     np.testing.assert_allclose(layer.apply(params, x), want, rtol=1e-12)
 
 
