@@ -79,3 +79,9 @@ def test_l2_pull_adds_the_gradient_of_the_penalty():
     for k in p0:  # -lr * (g + 0.3 (p - p0))
         np.testing.assert_allclose(updates[k], -0.1 * (grads[k] + 0.3 * (params[k] - p0[k])),
                                    rtol=1e-6)
+
+
+def test_lora_without_a_trainable_pattern_is_refused():
+    from bpkit.config import ConfigError
+    with pytest.raises(ConfigError, match=r'optimizer.trainable: \["\*lora_\*"\]'):
+        load_config(os.path.join(CONFIGS, "charlm_lora.yaml"), ["optimizer.trainable=[]"])
