@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from bpkit.config import ConfigError
-from bpkit.train.history import flatten, read_config, read_summary, run_name
+from bpkit.config import flatten
+from bpkit.train.history import read_config, read_summary, run_name
 
 # Keys that never change what a run computes: not "differences" between runs.
 IGNORED_KEYS = ("run.name", "run.out_dir", "run.progress", "run.keep_checkpoints",

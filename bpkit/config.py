@@ -78,6 +78,9 @@ class DataConfig:
     context: int = 64                     # text: characters per sequence; reverse: per string
     max_chars: int = 2_000_000            # text: cap on the corpus size
     encoding: str | None = None           # text: the file's encoding (null: UTF-8, strictly)
+    # text without data.path: the standard library's source, or its docstrings (English prose
+    # in the source's vocabulary: the corpus B of the fine-tuning study, docs/training.md)
+    corpus: Literal["python_source", "python_docs"] = "python_source"
     distribution: Literal["ring", "grid", "moons", "spiral"] = "ring"  # toy2d: the 2-D shape
     noise: float = 0.1                    # toy2d/regression1d: noise scale
     cache_dir: str | None = None          # default: $BPKIT_CACHE or ~/.cache/bpkit
@@ -114,6 +117,9 @@ class OptimizerConfig:
     b2: float = 0.999                     # adam-family: second-moment decay, [0, 1)
     eps: float = 1e-8                     # added to the denominator, > 0
     weight_decay: float = 0.0             # decoupled (adamw/lion/lamb) or L2 weight decay
+    # pull toward the starting (with init_from: pre-trained) weights: the gradient of
+    # (l2_pull/2)||params - params_0||^2 is added to the loss's (L2-SP; 0: off)
+    l2_pull: float = 0.0
     decay_mask: Literal["default", "all", "none"] = "default"  # default: no biases/norm scales
     clip_norm: float | None = None        # clip gradients by global norm
     accumulate_steps: int = 1             # gradient accumulation (optax.MultiSteps)
@@ -175,6 +181,18 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_CLASSES = {"run": RunConfig, "data": DataConfig, "model": ModelConfig,
                     "optimizer": OptimizerConfig, "mesh": MeshConfig,
                     "distributed": DistributedConfig, "diagnostics": DiagnosticsConfig}
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (mappings all the way down; lists are values)."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 def _suggest(name: str, valid, prefix: str = "") -> str:

@@ -139,6 +139,7 @@ DOMAINS: dict[str, Domain] = {
     "optimizer.b2": Domain(**_FRACTION, example=0.999),
     "optimizer.eps": Domain(**_POSITIVE, example=1e-8),
     "optimizer.weight_decay": Domain(lo=0.0, example=0.01),
+    "optimizer.l2_pull": Domain(lo=0.0, example=1.0),
     "optimizer.clip_norm": Domain(**_POSITIVE, null=True, example=1.0,
                                   why="A clip norm <= 0 would flip or zero the gradient; null "
                                       "turns clipping off."),
@@ -166,8 +167,9 @@ ACTIVATIONS = ("relu", "leaky_relu", "elu", "gelu", "gelu_exact", "silu", "tanh"
 @dataclass(frozen=True)
 class Arg:
     """One keyword argument of a model factory: ``kind`` is ``size`` (a positive integer),
-    ``sizes`` (a list of them), ``shape3`` (three of them), ``fraction`` ([0, 1)), ``bool``
-    or ``activation``; ``default`` mirrors the factory's (``None``: filled from the data)."""
+    ``count`` (a non-negative one), ``sizes`` (a list of sizes), ``shape3`` (three of them),
+    ``fraction`` ([0, 1)), ``positive`` (a number > 0), ``bool`` or ``activation``;
+    ``default`` mirrors the factory's (``None``: filled from the data)."""
 
     kind: str
     default: Any
@@ -182,6 +184,14 @@ class Arg:
             example = self.default if self.default is not None else 64
             return (f"{key}: got {value!r}; use a positive integer up to {self.max:,} "
                     f"(for example {example}).")
+        if self.kind == "count" and not (isinstance(value, int) and not isinstance(value, bool)
+                                         and 0 <= value <= self.max):
+            return (f"{key}: got {value!r}; use an integer from 0 to {self.max:,} (for example "
+                    f"{self.default}).")
+        if self.kind == "positive" and not (isinstance(value, (int, float))
+                                            and not isinstance(value, bool)
+                                            and 0 < value < float("inf")):
+            return f"{key}: got {value!r}; use a finite number > 0 (for example {self.default})."
         if self.kind == "sizes" and not (isinstance(value, (list, tuple))
                                          and all(size_ok(v) for v in value)):
             example = list(self.default)
@@ -238,7 +248,9 @@ MODEL_ARGS: dict[str, dict[str, Arg]] = {
             "context": Arg("size", 128, "longest sequence (default: data.context)",
                            max=100_000),
             "dropout": Arg("fraction", 0.0, "dropout rate during training"),
-            "fused": Arg("bool", True, "fused attention and layer-norm ops")},
+            "fused": Arg("bool", True, "fused attention and layer-norm ops"),
+            "lora_rank": Arg("count", 0, "LoRA adapter rank on every block projection (0: none)"),
+            "lora_alpha": Arg("positive", 8.0, "LoRA scale numerator: updates are alpha/rank AB")},
     "residual_mlp": {"in_features": _IN, "width": Arg("size", 64, "units per block"),
                      "depth": Arg("size", 20, "residual blocks", max=10_000),
                      "num_classes": _CLASSES},
@@ -382,6 +394,12 @@ def config_problems(cfg) -> list[str]:
             problems.append(f"data.encoding: unknown encoding {d.encoding!r}; use a Python "
                             "codec name such as utf-8, latin-1 or cp1252, or null for UTF-8.")
     problems += model_problems(cfg.model.name, cfg.model.args)
+    rank = cfg.model.args.get("lora_rank") if isinstance(cfg.model.args, dict) else None
+    if isinstance(rank, int) and rank > 0 and not o.trainable:
+        problems.append("model.args.lora_rank: LoRA trains the adapters only, but "
+                        "optimizer.trainable is empty, so every weight would train; set "
+                        "optimizer.trainable: [\"*lora_*\"] (add patterns such as \"head/*\" "
+                        "to train more).")
     problems += _fit_problems(cfg)
     g = cfg.diagnostics
     if DOMAINS["diagnostics.vanish_ratio"].contains(g.vanish_ratio) and \

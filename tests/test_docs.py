@@ -86,6 +86,8 @@ EXERCISED = {
     "python scripts/bench_while.py": "test_readme_scripts_run (slow)",
     "python scripts/bench_per_example.py": "test_readme_scripts_run (slow)",
     "pip install -e .[models]": ".ci/run's second leg installs the models extra",
+    "python scripts/forgetting.py": "test_readme_scripts_run (slow); the LoRA fine-tune in "
+                                    "tests/apps/test_lora_finetune.py",
     "tensorboard --logdir runs": "tests/train/test_look.py reads a logdir with TensorBoard's "
                                  "multiplexer",
 }
@@ -119,11 +121,12 @@ EXAMPLES = {"CONFIG": "configs/mnist1d_mlp.yaml", "RUN_DIR": "runs/mnist1d_mlp",
             "RUN_DIR...": "runs/mnist1d_mlp", "COMMAND": "train"}
 
 
-def test_readme_shell_commands_are_exercised():
+def test_readme_shell_commands_are_exercised(tmp_path):
     """Each `bpkit` command parses with the real parser, its config files exist and load;
     every other command is in EXERCISED (a new one needs a test or CI step first)."""
     from bpkit import cli
     from bpkit.config import load_config
+    from bpkit.sweep import plan as sweep_plan
     unknown = []
     for cmd in shell_commands("README.md"):
         argv = shlex.split(cmd)
@@ -141,7 +144,10 @@ def test_readme_shell_commands_are_exercised():
             assert e.code == 0, f"README's `{cmd}` is refused by the parser"
             continue
         config = getattr(args, "config", None)
-        if config:
+        if config and args.command == "sweep" and any("," in o for o in args.overrides):
+            # every combination of the grid (a placeholder grid, `key=v1,v2,...`, has none)
+            sweep_plan(os.path.join(REPO, config), args.overrides, out=str(tmp_path))
+        elif config:
             load_config(os.path.join(REPO, config), args.overrides)
     assert not unknown, ("README commands that no test or CI step runs (add one, then list "
                          f"it in EXERCISED): {unknown}")
@@ -153,7 +159,12 @@ def test_readme_shell_commands_are_exercised():
                                   ["scripts/bench_while.py", "--sizes", "20", "--checkpoints",
                                    "4", "--reps", "1"],
                                   ["scripts/bench_per_example.py", "--models", "mlp", "--batch",
-                                   "8", "--reps", "1"]])
+                                   "8", "--reps", "1"],
+                                  ["scripts/forgetting.py", "--steps", "3", "--eval-batches", "1",
+                                   "--l2-pull", "0.1",
+                                   "run.steps=3", "run.check_parity=false", "data.context=8",
+                                   "data.max_chars=20000", "model.args.d_model=16",
+                                   "model.args.n_layers=1", "model.args.n_heads=2"]])
 def test_readme_scripts_run(argv, tmp_path):
     """README's benchmark scripts, with the smallest arguments, run to the end."""
     import subprocess

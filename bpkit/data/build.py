@@ -22,7 +22,7 @@ def _load(data_cfg, seed: int) -> Dataset:
     if c.name == "mnist1d":
         return load_mnist1d(c.num_train, c.num_test, cache=c.cache_dir)
     if c.name == "text":
-        return load_text(c.path, c.context, c.max_chars, c.encoding)
+        return load_text(c.path, c.context, c.max_chars, c.encoding, c.corpus)
     if c.name == "toy2d":
         return load_toy2d(c.distribution, c.noise)
     if c.name == "regression1d":

@@ -1,6 +1,8 @@
 """A GPT-style (pre-LN, GPT-2) character language model and autoregressive sampling."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -10,7 +12,8 @@ from bpkit.models.core import Model
 
 
 def gpt(vocab_size: int, d_model: int = 128, n_layers: int = 4, n_heads: int = 4,
-        context: int = 128, dropout: float = 0.0, *, fused: bool = True) -> Model:
+        context: int = 128, dropout: float = 0.0, *, fused: bool = True, lora_rank: int = 0,
+        lora_alpha: float = 8.0) -> Model:
     """Tokens ``(B, T)`` int32, ``T <= context`` -> logits ``(B, T, vocab_size)``::
 
         x = tok_emb[tokens] + pos_emb[:T]          (B, T, d)
@@ -20,14 +23,19 @@ def gpt(vocab_size: int, d_model: int = 128, n_layers: int = 4, n_heads: int = 4
 
     Params ``tok_emb``, ``pos_emb``, ``block_{i}/{ln_1, attn/{qkv, proj}, ln_2, mlp/{fc,
     proj}}``, ``ln_f``, ``head``. ``fused`` selects the fused attention/layer-norm ops.
+    ``lora_rank > 0`` adds LoRA adapters (``nn.lora``, scale ``lora_alpha / lora_rank``) to
+    every block's four projections (``.../lora_a``, ``.../lora_b``); the other parameters are
+    those of the model without them, so a pre-trained checkpoint loads into it (``init_from``)
+    and ``nn.lora_merge(params, lora_alpha)`` gives that model's parameters back.
     """
     if d_model % n_heads:
         raise ValueError(f"gpt: d_model={d_model} must be divisible by n_heads={n_heads}.")
+    adapt = functools.partial(nn.lora, rank=lora_rank, alpha=lora_alpha) if lora_rank else None
     tok = nn.embedding(vocab_size, d_model, name="tok_emb")
     pos = nn.positional_embedding(context, name="pos_emb")
     drop = nn.dropout(dropout)
     blocks = [nn.transformer_block(n_heads, causal=True, dropout_rate=dropout, fused=fused,
-                                   name=f"block_{i}") for i in range(n_layers)]
+                                   adapt=adapt, name=f"block_{i}") for i in range(n_layers)]
     ln_f = nn.layer_norm(fused=fused, name="ln_f")
     head = nn.dense(vocab_size, name="head")
 

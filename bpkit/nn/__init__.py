@@ -53,6 +53,7 @@ from bpkit.nn.layers import (
     softplus,
     tanh,
 )
+from bpkit.nn.low_rank import lora, lora_join, lora_merge, lora_split
 from bpkit.nn.recurrent import gru, lstm, rnn
 
 __all__ = [
@@ -62,5 +63,5 @@ __all__ = [
     "leaky_relu", "elu", "gelu", "silu", "tanh", "sigmoid", "softplus", "dropout", "layer_norm",
     "rms_norm", "batch_norm", "embedding", "positional_embedding", "self_attention",
     "transformer_block", "cross_attention", "decoder_block", "rnn", "gru", "lstm",
-    "activations", "losses",
+    "lora", "lora_merge", "lora_split", "lora_join", "activations", "losses",
 ]

@@ -21,8 +21,12 @@ def _model_width(name: str, in_shape, num_heads: int) -> int:
     return d
 
 
+def _identity(layer: Layer) -> Layer:
+    return layer
+
+
 def self_attention(num_heads: int, *, causal: bool = False, fused: bool = True,
-                   dropout_rate: float = 0.0, name: str = "attn") -> Layer:
+                   dropout_rate: float = 0.0, adapt=None, name: str = "attn") -> Layer:
     """Multi-head self-attention.
 
     With ``x (B, T, d)``, ``H`` heads of size ``D = d / H``::
@@ -33,43 +37,47 @@ def self_attention(num_heads: int, *, causal: bool = False, fused: bool = True,
 
     Params ``qkv/{w (d, 3d), b}``, ``proj/{w (d, d), b}``. ``fused=True`` uses
     ``bpkit.ops.attention`` (backward from a saved log-sum-exp), ``False`` the reference.
-    Dropout (if any) is applied to the output projection in training.
+    Dropout (if any) is applied to the output projection in training. ``adapt`` (optional)
+    wraps both projections, e.g. ``functools.partial(nn.lora, rank=4)`` (``bpkit.nn.low_rank``).
     """
     attend = ops.attention if fused else ops.reference.attention
     drop = dropout(dropout_rate)
+    adapt = adapt or _identity
 
     def init(key, in_shape, dtype=jnp.float32):
         d = _model_width(name, in_shape, num_heads)
         k1, k2 = jax.random.split(key)
-        return {"qkv": dense(3 * d).init(k1, in_shape, dtype)[0],
-                "proj": dense(d).init(k2, in_shape, dtype)[0]}, tuple(in_shape)
+        return {"qkv": adapt(dense(3 * d)).init(k1, in_shape, dtype)[0],
+                "proj": adapt(dense(d)).init(k2, in_shape, dtype)[0]}, tuple(in_shape)
 
     def forward(params, x, *, key=None, train=False):
         b, t, d = x.shape
         hd = d // num_heads
-        qkv = dense(3 * d, name="qkv").apply(params["qkv"], x)  # (B, T, 3d)
+        qkv = adapt(dense(3 * d, name="qkv")).apply(params["qkv"], x)  # (B, T, 3d)
         q, k, v = jnp.split(qkv.reshape(b, t, 3, num_heads, hd), 3, axis=2)  # (B, T, 1, H, D)
         q, k, v = (jnp.squeeze(a, axis=2) for a in (q, k, v))  # (B, T, H, D)
         a = attend(q, k, v, causal=causal).reshape(b, t, d)  # (B, T, d)
-        y = dense(d, name="proj").apply(params["proj"], a)  # (B, T, d)
+        y = adapt(dense(d, name="proj")).apply(params["proj"], a)  # (B, T, d)
         return drop.apply({}, y, key=key, train=train)
 
     return Layer(name, init, forward)
 
 
 def transformer_block(num_heads: int, *, mlp_ratio: int = 4, causal: bool = True,
-                      dropout_rate: float = 0.0, fused: bool = True,
+                      dropout_rate: float = 0.0, fused: bool = True, adapt=None,
                       name: str = "block") -> Layer:
     """Pre-LN Transformer block (GPT-2)::
 
         x = x + attn(ln_1(x))                  (B, T, d)
         x = x + mlp(ln_2(x))                   mlp: dense(4d) -> gelu (tanh) -> dense(d)
 
-    Params ``ln_1``, ``attn/{qkv, proj}``, ``ln_2``, ``mlp/{fc, proj}``.
+    Params ``ln_1``, ``attn/{qkv, proj}``, ``ln_2``, ``mlp/{fc, proj}``. ``adapt`` (optional,
+    e.g. ``functools.partial(nn.lora, rank=4)``) wraps the four dense projections.
     """
     ln_1, ln_2 = layer_norm(fused=fused, name="ln_1"), layer_norm(fused=fused, name="ln_2")
-    attn = self_attention(num_heads, causal=causal, fused=fused, dropout_rate=dropout_rate)
-    mlp = _block_mlp(mlp_ratio, dropout_rate)
+    attn = self_attention(num_heads, causal=causal, fused=fused, dropout_rate=dropout_rate,
+                          adapt=adapt)
+    mlp = _block_mlp(mlp_ratio, dropout_rate, adapt)
 
     def init(key, in_shape, dtype=jnp.float32):
         if len(in_shape) != 2:
@@ -89,22 +97,23 @@ def transformer_block(num_heads: int, *, mlp_ratio: int = 4, causal: bool = True
     return Layer(name, init, forward)
 
 
-def _block_mlp(mlp_ratio: int, dropout_rate: float, name: str = "mlp") -> Layer:
+def _block_mlp(mlp_ratio: int, dropout_rate: float, adapt=None, name: str = "mlp") -> Layer:
     """The blocks' MLP: ``dense(ratio d) -> gelu (tanh) -> dense(d) -> dropout``; params
-    ``fc``, ``proj``."""
+    ``fc``, ``proj`` (each wrapped by ``adapt`` when given)."""
     drop = dropout(dropout_rate)
+    adapt = adapt or _identity
 
     def init(key, in_shape, dtype=jnp.float32):
         d = in_shape[-1]
         k1, k2 = jax.random.split(key)
         hidden = tuple(in_shape[:-1]) + (mlp_ratio * d,)
-        return {"fc": dense(mlp_ratio * d).init(k1, in_shape, dtype)[0],
-                "proj": dense(d).init(k2, hidden, dtype)[0]}, tuple(in_shape)
+        return {"fc": adapt(dense(mlp_ratio * d)).init(k1, in_shape, dtype)[0],
+                "proj": adapt(dense(d)).init(k2, hidden, dtype)[0]}, tuple(in_shape)
 
     def forward(params, x, *, key=None, train=False):
         d = x.shape[-1]
-        h = dense(mlp_ratio * d, name="fc").apply(params["fc"], x)  # (B, T, ratio d)
-        h = dense(d, name="proj").apply(params["proj"], act.gelu(h))  # (B, T, d)
+        h = adapt(dense(mlp_ratio * d, name="fc")).apply(params["fc"], x)  # (B, T, ratio d)
+        h = adapt(dense(d, name="proj")).apply(params["proj"], act.gelu(h))  # (B, T, d)
         return drop.apply({}, h, key=key, train=train)
 
     return Layer(name, init, forward)

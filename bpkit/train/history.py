@@ -13,7 +13,6 @@ import numpy as np
 import yaml
 
 from bpkit.train.plots import read_metrics  # noqa: F401  (re-exported: one reader)
-from bpkit.train.resume import flatten  # noqa: F401  (re-exported: compare uses it)
 
 
 def read_config(run_dir: str) -> dict:

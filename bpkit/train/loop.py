@@ -28,6 +28,7 @@ import numpy as np
 from bpkit import sharding, validate
 from bpkit.config import Config, ConfigError
 from bpkit.data import dataset_from_config, eval_batches, train_batch
+from bpkit.nn.low_rank import lora_join, lora_split
 from bpkit.paths import resolve_paths
 from bpkit.train import checkpoint as ckpt
 from bpkit.train import dp, explain, resume, stopping
@@ -103,9 +104,11 @@ def init_state(cfg: Config, task: Task, tx) -> TrainState:
     init_key, run_key = jax.random.split(jax.random.PRNGKey(cfg.run.seed))
     params = task.init(init_key)
     model_state = task.init_state() if task.stateful else {}
-    if cfg.model.init_from:
-        params, loaded_state = load_params(cfg.model.init_from, params,
-                                           model_state if task.stateful else None)
+    if cfg.model.init_from:  # LoRA adapters (nn.lora) start fresh on the loaded base weights
+        base, adapters = lora_split(params)
+        base, loaded_state = load_params(cfg.model.init_from, base,
+                                         model_state if task.stateful else None)
+        params = lora_join(base, adapters)
         model_state = model_state if loaded_state is None else loaded_state
     if task.kind == "gan":
         g_tx, d_tx = tx

@@ -2,7 +2,8 @@
 
 ``build_optimizer(cfg.optimizer, steps)`` returns ``(tx, schedule)``; the chain is
 
-    clip_by_global_norm (optional)
+    pull_toward_start (optional: the gradient of (l2_pull/2) ||params - params_0||^2 added)
+    -> clip_by_global_norm (optional)
     -> the named optimizer with the schedule as its learning rate
        (weight decay masked off biases and norm scales by default)
     -> multi_transform that zeroes the updates of frozen paths (optional)
@@ -14,7 +15,7 @@ patterns are matched with ``fnmatch`` against it.
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +111,30 @@ def _base_optimizer(c, schedule, decay_mask):
     return tx
 
 
+class PullState(NamedTuple):
+    anchor: Any  # the parameters the optimizer was initialised with
+
+
+def pull_toward_start(strength: float) -> optax.GradientTransformation:
+    """Add ``strength * (params - params_0)`` to the gradient: the gradient of the penalty
+    ``(strength / 2) ||params - params_0||^2`` (L2-SP, Li et al. 2018), where ``params_0``
+    are the parameters at ``init`` -- after ``model.init_from``, the pre-trained weights, so
+    fine-tuning is held near them. The anchor lives in the optimizer state (checkpointed and
+    resumed with it)."""
+    def init(params):
+        return PullState(jax.tree_util.tree_map(jnp.asarray, params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("pull_toward_start needs the parameters: call "
+                             "update(grads, state, params).")
+        pulled = jax.tree_util.tree_map(lambda g, p, p0: g + strength * (p - p0),
+                                        updates, params, state.anchor)
+        return pulled, state
+
+    return optax.GradientTransformation(init, update)
+
+
 def build_optimizer(c, steps: int, *, learning_rate: float | None = None):
     """``(tx, schedule)`` for the ``optimizer`` config section ``c`` and a run of ``steps``."""
     if learning_rate is not None:
@@ -123,6 +148,8 @@ def build_optimizer(c, steps: int, *, learning_rate: float | None = None):
     tx = _base_optimizer(c, schedule, decay_mask)
     if c.clip_norm:
         tx = optax.chain(optax.clip_by_global_norm(c.clip_norm), tx)
+    if c.l2_pull:
+        tx = optax.chain(pull_toward_start(c.l2_pull), tx)
     if c.freeze or c.trainable:
         freeze, trainable = tuple(c.freeze), tuple(c.trainable)
         labels = lambda params: jax.tree_util.tree_map(  # noqa: E731

@@ -22,6 +22,7 @@ import os
 
 import yaml
 
+from bpkit.config import flatten
 from bpkit.paths import PATH_KEYS, absolute
 from bpkit.train import checkpoint as ckpt
 from bpkit.train.writers import RunDirError
@@ -34,18 +35,6 @@ RESUMABLE = ("run.name", "run.out_dir", "run.steps", "run.log_every", "run.eval_
              "diagnostics.", "mesh.", "distributed.")
 _PATHS = {f"{s}.{k}" for s, k in PATH_KEYS}
 _DECAYING = ("linear", "cosine")  # schedules that run over optimizer.decay_steps
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (mappings all the way down; lists are values)."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, key + "."))
-        else:
-            out[key] = v
-    return out
 
 
 def _resumable(key: str) -> bool:

@@ -28,6 +28,12 @@ SMALL = {
                             "data.num_test=64"],
     "ddpm_2d": ["model.args.hidden=32", "model.args.depth=2", "model.args.num_steps=20"],
     "cartpole_reinforce": ["model.args.hidden=[16]"],
+    # The fine-tuning study's configs: charlm_gpt's model (its parity runs by default) on the
+    # prose corpus, with LoRA adapters, or an optimizer option (l2_pull) that leaves the loss's
+    # gradient as it is. LoRA's train-step parity runs by default in tests/apps; here: slow.
+    **{name: ["data.context=4", "data.max_chars=5000", "model.args.d_model=8",
+              "model.args.n_layers=1", "model.args.n_heads=2"]
+       for name in ("charlm_finetune", "charlm_lora", "charlm_l2_pull")},
 }
 
 
@@ -35,7 +41,8 @@ def test_every_shipped_config_is_covered():
     assert sorted(n[:-5] for n in os.listdir(CONFIGS) if n.endswith(".yaml")) == sorted(SMALL)
 
 
-APPS = ("digits_cnn", "reverse_transformer", "ddpm_2d", "cartpole_reinforce")
+APPS = ("digits_cnn", "reverse_transformer", "ddpm_2d", "cartpole_reinforce",
+        "charlm_finetune", "charlm_lora", "charlm_l2_pull")
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in APPS else n
