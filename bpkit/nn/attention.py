@@ -82,7 +82,6 @@ def transformer_block(num_heads: int, *, mlp_ratio: int = 4, causal: bool = True
     def init(key, in_shape, dtype=jnp.float32):
         if len(in_shape) != 2:
             raise shape_error(name, f"expects (T, d) per example, got {tuple(in_shape)}.")
-        d = in_shape[-1]
         k1, k2 = jax.random.split(key)
         return {"ln_1": ln_1.init(key, in_shape, dtype)[0],
                 "attn": attn.init(k1, in_shape, dtype)[0],

@@ -156,7 +156,6 @@ def _panel_learning_rate(ax, train, ev, run_dir):
         if not xs:
             return None
         _draw(ax, xs, ys, "logged (mean over each logging window)", "C0")
-        values = ys
     log_axis(ax, [], min_ratio=math.inf)  # linear from 0: warmup and decay read as they are
     ax.set_ylim(bottom=0)
     return "learning rate"
