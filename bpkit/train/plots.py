@@ -150,7 +150,6 @@ def _panel_learning_rate(ax, train, ev, run_dir):
         for i, (key, (steps, rates)) in enumerate(curves.items()):
             ax.plot(steps, rates, color=f"C{i}", lw=1.6,
                     label=names[key] + " (schedule, every step)")
-        values = np.concatenate([r for _, r in curves.values()])
     else:  # no config: what was logged, which is each window's mean
         xs, ys = series(train, "learning_rate")
         if not xs:
