@@ -41,6 +41,7 @@ import optax
 from bpkit import models
 from bpkit.nn import losses
 from bpkit.train import TrainState, make_train_step
+from bpkit.train.progress import xla_flops
 
 ROW_KEYS = ("model", "bpkit_step_ms", "jax_step_ms", "step_ratio", "bpkit_compile_s",
             "jax_compile_s", "compile_ratio", "bpkit_temp_bytes", "jax_temp_bytes",
@@ -104,15 +105,6 @@ def matmul_peak_flops(sizes: tuple[int, ...] = (1024, 2048), repeats: int = 10) 
     return best
 
 
-def _flops(compiled) -> float | None:
-    try:
-        cost = compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        return float(cost.get("flops")) if cost and cost.get("flops") else None
-    except Exception:  # cost analysis is optional on some backends
-        return None
-
-
 class TorchServer:
     """A ``python -m bpkit.bench_torch --serve`` process that times PyTorch steps on request
     (see ``bpkit.bench_torch.serve``). Start it with ``start()``; ``None`` if it fails."""
@@ -169,7 +161,7 @@ def bench_model(bm: BenchModel, repeats: int = 10, warmup: int = 3, seed: int = 
         mem = compiled.memory_analysis()
         row[f"{engine}_temp_bytes"] = int(getattr(mem, "temp_size_in_bytes", 0)) if mem else 0
         if engine == "jax":
-            flops = _flops(compiled)
+            flops = xla_flops(compiled)
         steps[engine], states[engine] = compiled, state
     for _ in range(warmup):
         for engine in steps:

@@ -59,6 +59,7 @@ class RunConfig:
     progress: Literal["auto", "bar", "log"] = "auto"  # auto: a bar on a terminal, else log lines
     sample_length: int = 200              # characters printed at the end of a language-model run
     eval_batches: int = 0                 # evaluation batches per evaluation (0: the whole split)
+    peak_flops: float | None = None       # the devices' peak FLOP/s, for MFU (null: FLOP/s only)
 
 
 @dataclass

@@ -116,6 +116,9 @@ DOMAINS: dict[str, Domain] = {
     "run.keep_checkpoints": _count(0, example=3, why="0 keeps all."),
     "run.sample_length": _count(0, 100_000, example=200),
     "run.eval_batches": _count(0, example=0, why="0 evaluates the whole test split."),
+    "run.peak_flops": Domain(**_POSITIVE, null=True, example=9.89e14,
+                             why="The peak FLOP/s of all the run's devices together, for "
+                                 "model FLOP/s utilisation (MFU); null logs FLOP/s only."),
     "run.max_skipped": _count(1, example=10,
                               why="on_nonfinite=skip stops after this many skips in a row."),
     "data.batch_size": _count(1, example=128),

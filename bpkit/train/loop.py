@@ -404,7 +404,7 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
                 state, metrics = step_fn(state, batch)
                 step += 1
                 steps_run += 1
-                views.stepped(step, steps_run)
+                views.stepped(step, steps_run, step_fn, (state, batch))
                 window.add(step, metrics)
                 if step < cfg.run.steps:
                     batch = load(step)  # overlaps the device work
@@ -453,14 +453,11 @@ def _finish(cfg, run, con, task, state, ds, start, step, steps_run, t_start, las
     wall = time.time() - t_start
     if not last_train:  # already complete: read the last logged values
         last_train, last_eval = last_logged(run.metrics_path)
-    p = views.progress  # throughput after the first step: compilation left out
-    timed = p.t0 is not None and step > p.step0
     summary = {
         "name": cfg.run.name, "steps": step, "train_loss": last_train.get("loss"),
         "eval_loss": last_eval.get("loss"), **summary_extras(task, last_eval),
-        "wall_seconds": wall, "compile_seconds": p.compile_seconds,
-        "examples_per_second": (step - p.step0) * cfg.data.batch_size / max(
-            time.time() - p.t0, 1e-9) if timed else None,
+        "wall_seconds": wall,
+        **views.progress.summary(step),  # throughput after the first step: compilation apart
         "engine": cfg.run.engine, "devices": n_devices,
         "mesh": {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp},
         "processes": jax.process_count(), "scope": sharding.METRICS_SCOPE,

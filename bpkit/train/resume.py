@@ -31,7 +31,8 @@ from bpkit.train.writers import RunDirError
 RESUMABLE = ("run.name", "run.out_dir", "run.steps", "run.log_every", "run.eval_every",
              "run.eval_batches", "run.checkpoint_every", "run.keep_checkpoints",
              "run.progress", "run.resume", "run.on_nonfinite", "run.max_skipped",
-             "run.check_parity", "run.sample_length", "data.eval_batch_size", "data.cache_dir",
+             "run.check_parity", "run.sample_length", "run.peak_flops", "data.eval_batch_size",
+             "data.cache_dir",
              "diagnostics.", "mesh.", "distributed.")
 _PATHS = {f"{s}.{k}" for s, k in PATH_KEYS}
 _DECAYING = ("linear", "cosine")  # schedules that run over optimizer.decay_steps

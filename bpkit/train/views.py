@@ -14,6 +14,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from bpkit.train.progress import step_flops
+
 PARITY_EXAMPLES = 16  # rows of the first batch the start-of-run parity check differentiates
 
 
@@ -25,7 +27,8 @@ class RunViews:
         if mode == "auto":
             mode = "bar" if sys.stderr.isatty() else "log"
         self.progress = Progress(cfg.run.steps, start, cfg.data.batch_size,
-                                 mode if self.main else "log", out=con.out)
+                                 mode if self.main else "log", out=con.out,
+                                 peak_flops=cfg.run.peak_flops)
         self.tb = None
         if self.main:
             from bpkit.report import record_environment
@@ -45,10 +48,12 @@ class RunViews:
         if steps_run == 0:
             self.progress.compiling()
 
-    def stepped(self, step: int, steps_run: int) -> None:
-        """After a step returned (``steps_run`` counted it)."""
+    def stepped(self, step: int, steps_run: int, step_fn=None, args=()) -> None:
+        """After a step returned (``steps_run`` counted it); the first one's ``step_fn`` and
+        ``args`` (the new state, the batch) give XLA's FLOP count of a step."""
         if steps_run == 1:
             self.progress.compiled(step)
+            self.progress.flops_per_step = step_flops(step_fn, *args) if step_fn else None
             self.con.bar = self.progress.bar  # log and warning lines print above the bar
         self.progress.update(step)
 

@@ -19,7 +19,7 @@ from tests.train.helpers import CONFIGS, TINY
 
 MLP = os.path.join(CONFIGS, "mnist1d_mlp.yaml")
 SWEEP_ARGS = ["optimizer.name=sgd,adam", *TINY, "diagnostics.every=10",
-              "run.checkpoint_every=0", "optimizer.schedule=cosine"]
+              "run.checkpoint_every=0", "optimizer.schedule=cosine", "run.peak_flops=1e12"]
 
 
 @pytest.fixture(scope="module")
@@ -341,6 +341,42 @@ def test_progress_leaves_compilation_out_of_throughput_and_eta():
     assert lines[-1] == "step     10/100  loss 0.4680  accuracy 1.000  20 ex/s  ETA 0:00:45"
     assert [fmt(x) for x in (0.4563, 1.0, 12345.6, 1e-4, None, 3)] == [
         "0.4563", "1.000", "1.235e+04", "0.0001000", "n/a", "3"]
+
+
+def test_flops_per_second_and_mfu_from_xla_cost_analysis(swept):
+    """A step's FLOPs are XLA's count of the lowered step (a matmul's is 2·B·n·m, from the
+    shapes); each log line's FLOP/s is that count times its steps per second, MFU that over
+    run.peak_flops; the runs of the sweep log and summarise them."""
+    import jax
+    import jax.numpy as jnp
+
+    from bpkit.train.progress import Progress, step_flops
+    b, n, m = 8, 16, 4
+    matmul = jax.jit(lambda w, x: x @ w)
+    assert step_flops(matmul, jnp.ones((n, m)), jnp.ones((b, n))) == 2 * b * n * m
+    assert step_flops(lambda w: w, jnp.ones(3)) is None  # not jitted: no count, no error
+
+    now, lines = [0.0], []
+    p = Progress(total=100, start=0, batch_size=10, mode="log", out=lines.append,
+                 clock=lambda: now[0], peak_flops=4e9)
+    p.compiling()
+    p.compiled(1)
+    p.flops_per_step = 1e8
+    now[0] += 2.0                                  # 9 steps of 10 examples in 2 s
+    metrics = {"loss": 1.0}
+    p.window(10, metrics)
+    assert metrics["flops_per_second"] == pytest.approx(9 * 1e8 / 2.0)
+    assert metrics["mfu"] == pytest.approx(9 * 1e8 / 2.0 / 4e9)
+    assert "0.4500 GFLOP/s (MFU 11.2%)" in lines[-1]
+
+    for run in swept[1]:
+        with open(os.path.join(run, "summary.json")) as f:
+            summary = json.load(f)
+        assert summary["flops_per_step"] > 0
+        assert summary["mfu"] == pytest.approx(summary["flops_per_second"] / 1e12)
+        train = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))
+                 if '"split": "train"' in line]
+        assert all(r["flops_per_second"] > 0 and 0 < r["mfu"] for r in train[1:])
 
 
 def test_language_model_accuracy_and_sample_reach_summary_and_report(swept, tmp_path):
