@@ -136,12 +136,13 @@ class Launcher:
             bad = [c for c in codes if c not in (None, 0)]
             if bad and failed is None:
                 failed = bad[0]
-                if any(c is None for c in codes) and not self.stopping:  # (stopping: each
-                    # process saves and exits by itself; a SIGTERM now would only race it)
-                    i = codes.index(failed)
-                    self._say(f"bpkit launch: process {i} exited with status {failed}; "
-                              "stopping the others")
-                    self.stop_all()
+                running = any(c is None for c in codes)
+                if not self.stopping:  # (stopping: each process saves and exits by itself;
+                    # a SIGTERM now would only race it)
+                    self._say(f"bpkit launch: process {codes.index(failed)} exited with status "
+                              f"{failed}" + ("; stopping the others" if running else ""))
+                    if running:
+                        self.stop_all()
                 continue
             if all(c is not None for c in codes):
                 break

@@ -74,7 +74,7 @@ def _assert_same_losses(a: str, b: str) -> None:
     np.testing.assert_allclose([v for _, v in la], [v for _, v in lb], rtol=LOSS_RTOL)
 
 
-CLOCKS = ("examples_per_second", "wall_seconds")  # process 0's clock, not a batch value
+CLOCKS = ("examples_per_second", "wall_seconds", "flops_per_second", "mfu")  # process 0's clock
 
 
 def _numbers(rec: dict, prefix: str = "") -> dict:
@@ -151,7 +151,8 @@ def test_user_errors_exit_2(tmp_path):
     assert res.returncode == 2 and "run.stepz" in res.stderr
     res = launch(tmp_path, MLP, "mesh.data=3")  # cannot split evenly over the 2 processes
     assert res.returncode == 2 and "Make mesh.data x mesh.fsdp a multiple of 2" in res.stdout
-    assert re.search(r"process [01] exited with status 2; stopping the others", res.stderr)
+    # the first failure is named (both processes may fail at once: then nothing is left to stop)
+    assert re.search(r"process [01] exited with status 2", res.stderr)
     assert not os.listdir(tmp_path)  # nothing written
 
 
