@@ -404,21 +404,20 @@ def config_problems(cfg) -> list[str]:
                         "optimizer.trainable: [\"*lora_*\"] (add patterns such as \"head/*\" "
                         "to train more).")
     problems += _fit_problems(cfg)
-    g = cfg.diagnostics
-    if DOMAINS["diagnostics.vanish_ratio"].contains(g.vanish_ratio) and \
-            DOMAINS["diagnostics.explode_ratio"].contains(g.explode_ratio) and \
-            not g.vanish_ratio < g.explode_ratio:
-        problems.append(f"diagnostics.vanish_ratio ({g.vanish_ratio}) and "
-                        f"diagnostics.explode_ratio ({g.explode_ratio}) must satisfy "
-                        "0 < vanish_ratio < explode_ratio; swap or change them.")
+    problems += _ordered(cfg.diagnostics, "vanish_ratio", "explode_ratio", "0 < ")
     problems += _dp_problems(cfg)
-    if DOMAINS["diagnostics.update_ratio_min"].contains(g.update_ratio_min) and \
-            DOMAINS["diagnostics.update_ratio_max"].contains(g.update_ratio_max) and \
-            not g.update_ratio_min < g.update_ratio_max:
-        problems.append(f"diagnostics.update_ratio_min ({g.update_ratio_min}) and "
-                        f"diagnostics.update_ratio_max ({g.update_ratio_max}) must satisfy "
-                        "update_ratio_min < update_ratio_max; swap or change them.")
+    problems += _ordered(cfg.diagnostics, "update_ratio_min", "update_ratio_max")
     return problems
+
+
+def _ordered(section, low: str, high: str, floor: str = "") -> list[str]:
+    """A problem when two valid fields of the diagnostics ``section`` are not ``low < high``."""
+    lo, hi = getattr(section, low), getattr(section, high)
+    if (DOMAINS[f"diagnostics.{low}"].contains(lo) and DOMAINS[f"diagnostics.{high}"].contains(hi)
+            and not lo < hi):
+        return [f"diagnostics.{low} ({lo}) and diagnostics.{high} ({hi}) must satisfy "
+                f"{floor}{low} < {high}; swap or change them."]
+    return []
 
 
 def _dp_problems(cfg) -> list[str]:
