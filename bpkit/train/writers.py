@@ -172,33 +172,29 @@ class Console:
         self.stdout_open = True
 
     def out(self, msg: str) -> None:
-        if not self.enabled or not self.stdout_open:
-            return
-        if self.sink is not None:
-            self.sink(msg)
-            return
-        try:
-            if self.bar is not None:
-                self.bar.write(msg, file=sys.stdout)
-            else:
-                print(msg, flush=True)
-        except BrokenPipeError:
-            self.stdout_open = False
-            silence_stdout()
+        if self.stdout_open:
+            try:
+                self._emit(msg, sys.stdout)
+            except BrokenPipeError:
+                self.stdout_open = False
+                silence_stdout()
 
     def warn(self, msg: str) -> None:
+        try:
+            self._emit(msg, sys.stderr)
+        except (BrokenPipeError, ValueError):
+            pass  # stderr is gone too: nothing left to tell
+
+    def _emit(self, msg: str, stream) -> None:
+        """``msg`` to the sink, or above the progress bar, or as a line on ``stream``."""
         if not self.enabled:
             return
         if self.sink is not None:
             self.sink(msg)
-            return
-        try:
-            if self.bar is not None:
-                self.bar.write(msg, file=sys.stderr)
-            else:
-                print(msg, file=sys.stderr, flush=True)
-        except (BrokenPipeError, ValueError):
-            pass  # stderr is gone too: nothing left to tell
+        elif self.bar is not None:
+            self.bar.write(msg, file=stream)
+        else:
+            print(msg, file=stream, flush=True)
 
 
 def silence_stdout() -> None:
