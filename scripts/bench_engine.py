@@ -135,15 +135,20 @@ def gpt(key, n_layer=2, d=64, ctx=64, vocab=128, nh=4, batch=8, remat=lambda blo
 MODELS = {"mlp": mlp, "cnn1d": cnn1d, "gru": gru, "gpt": gpt}
 
 
-def bench(name: str, repeats: int, hlo: bool) -> dict:
-    loss, params, batch = MODELS[name](jax.random.key(0))
-    steps = {"bpkit": jax.jit(bpkit.value_and_grad(loss)),
-             "jax": jax.jit(jax.value_and_grad(loss))}
-    for engine, step in steps.items():  # compile and warm up
+def engine_steps(loss) -> dict:
+    """The jitted ``value_and_grad`` of ``loss`` by each engine."""
+    return {"bpkit": jax.jit(bpkit.value_and_grad(loss)),
+            "jax": jax.jit(jax.value_and_grad(loss))}
+
+
+def time_engines(steps: dict, params, batch, repeats: int) -> dict:
+    """Warm both engines' steps up, check their gradients agree, then time them interleaved
+    (one pair per repeat, so load on the machine hits both alike): medians in ms, the median
+    per-pair ratio bpkit/jax, and the largest absolute gradient difference."""
+    for step in steps.values():
         for _ in range(3):
             jax.block_until_ready(step(params, batch))
-    vb, gb = steps["bpkit"](params, batch)
-    vj, gj = steps["jax"](params, batch)
+    (_, gb), (_, gj) = steps["bpkit"](params, batch), steps["jax"](params, batch)
     err = max(float(jnp.max(jnp.abs(a - b))) for a, b in
               zip(jax.tree_util.tree_leaves(gb), jax.tree_util.tree_leaves(gj)))
     times = {"bpkit": [], "jax": []}
@@ -152,10 +157,16 @@ def bench(name: str, repeats: int, hlo: bool) -> dict:
             t0 = time.perf_counter()
             jax.block_until_ready(step(params, batch))
             times[engine].append(time.perf_counter() - t0)
-    ratios = [b / j for b, j in zip(times["bpkit"], times["jax"])]
-    row = {"model": name, "bpkit_ms": 1e3 * statistics.median(times["bpkit"]),
-           "jax_ms": 1e3 * statistics.median(times["jax"]), "ratio": statistics.median(ratios),
-           "max_grad_diff": err}
+    return {"bpkit_ms": 1e3 * statistics.median(times["bpkit"]),
+            "jax_ms": 1e3 * statistics.median(times["jax"]),
+            "ratio": statistics.median(b / j for b, j in zip(times["bpkit"], times["jax"])),
+            "max_grad_diff": err}
+
+
+def bench(name: str, repeats: int, hlo: bool) -> dict:
+    loss, params, batch = MODELS[name](jax.random.key(0))
+    steps = engine_steps(loss)
+    row = {"model": name, **time_engines(steps, params, batch, repeats)}
     if hlo:
         for engine, step in steps.items():
             cost = step.lower(params, batch).compile().cost_analysis()

@@ -13,15 +13,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
 import sys
-import time
 
 import jax
-import jax.numpy as jnp
 
-import bpkit
-from bench_engine import gpt
+from bench_engine import engine_steps, gpt, time_engines
 
 CP = jax.checkpoint_policies
 POLICIES = {
@@ -39,28 +35,11 @@ def bench(policy_name: str, repeats: int) -> dict:
         jax.checkpoint, policy=policy)
     loss, params, batch = gpt(jax.random.key(0), n_layer=4, d=128, ctx=128, batch=16,
                               remat=remat)
-    steps = {"bpkit": jax.jit(bpkit.value_and_grad(loss)),
-             "jax": jax.jit(jax.value_and_grad(loss))}
-    temp_mb = {}
-    for engine, step in steps.items():
-        compiled = step.lower(params, batch).compile()
-        temp_mb[engine] = compiled.memory_analysis().temp_size_in_bytes / 2 ** 20
-        for _ in range(3):  # warm up
-            jax.block_until_ready(step(params, batch))
-    (_, gb), (_, gj) = steps["bpkit"](params, batch), steps["jax"](params, batch)
-    err = max(float(jnp.max(jnp.abs(a - b))) for a, b in
-              zip(jax.tree_util.tree_leaves(gb), jax.tree_util.tree_leaves(gj)))
-    times = {"bpkit": [], "jax": []}
-    for _ in range(repeats):
-        for engine, step in steps.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(step(params, batch))
-            times[engine].append(time.perf_counter() - t0)
-    return {"policy": policy_name,
-            "bpkit_ms": 1e3 * statistics.median(times["bpkit"]),
-            "jax_ms": 1e3 * statistics.median(times["jax"]),
-            "ratio": statistics.median(b / j for b, j in zip(times["bpkit"], times["jax"])),
-            "bpkit_mb": temp_mb["bpkit"], "jax_mb": temp_mb["jax"], "max_grad_diff": err}
+    steps = engine_steps(loss)
+    temp_mb = {engine: step.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+               / 2 ** 20 for engine, step in steps.items()}
+    return {"policy": policy_name, **time_engines(steps, params, batch, repeats),
+            "bpkit_mb": temp_mb["bpkit"], "jax_mb": temp_mb["jax"]}
 
 
 def main(argv=None) -> int:
