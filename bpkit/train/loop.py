@@ -389,6 +389,7 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
 
     step = start
     steps_run = 0
+    stopping.raise_if_received()  # one dropped by Python before here (e.g. in a GC callback)
     with stopping.deferred():  # from here a stop signal saves a checkpoint first
         try:
             batch = load(start) if start < cfg.run.steps else None

@@ -5,8 +5,9 @@ signal raises ``Interrupted`` at once (data generation, compilation and the pari
 there, with nothing written). Inside ``deferred()`` -- the training loop -- the handler only
 records the signal; the loop finishes the step it is in, saves a checkpoint and raises
 ``Interrupted`` itself. Every signal is also recorded, so one that arrives where Python drops
-exceptions (a finalizer, a callback) is still honoured by ``raise_if_received``. The process
-exits with status 128 + the signal's number (130, 143, 129).
+exceptions (a finalizer, JAX's garbage-collection callback) is still honoured by
+``raise_if_received``; Python's report of that dropped exception is silenced (``_quiet_unraisable``),
+since nothing was lost. The process exits with status 128 + the signal's number (130, 143, 129).
 """
 from __future__ import annotations
 
@@ -42,8 +43,23 @@ def _handler(signum, frame):
         raise Interrupted(signum)
 
 
+_previous_unraisablehook = [sys.unraisablehook]
+
+
+def _quiet_unraisable(unraisable):
+    """``sys.unraisablehook``: a stop signal raised where Python cannot propagate it (it prints
+    "Exception ignored in ..." and a traceback) was recorded by ``_handler``, so it is dropped
+    without a word; any other unraisable exception goes to the previous hook."""
+    if isinstance(unraisable.exc_value, Interrupted):
+        return
+    _previous_unraisablehook[0](unraisable)
+
+
 def install() -> dict:
     """Route the stop signals to this module (main thread only); returns the old handlers."""
+    if sys.unraisablehook is not _quiet_unraisable:
+        _previous_unraisablehook[0] = sys.unraisablehook
+        sys.unraisablehook = _quiet_unraisable
     old = {}
     for s in STOP_SIGNALS:
         try:
