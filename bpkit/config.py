@@ -60,6 +60,9 @@ class RunConfig:
     sample_length: int = 200              # characters printed at the end of a language-model run
     eval_batches: int = 0                 # evaluation batches per evaluation (0: the whole split)
     peak_flops: float | None = None       # the devices' peak FLOP/s, for MFU (null: FLOP/s only)
+    remat: str = "none"                   # forward values the backward keeps: none, auto (fewest
+                                          # bytes, bpkit.grad remat=) or a jax.checkpoint_policies name
+    remat_budget_bytes: int | None = None  # remat=auto: most bytes saved for the backward
 
 
 @dataclass
@@ -444,6 +447,7 @@ def validate_problems(cfg: Config) -> list[str]:
     """Every problem the config alone shows (``bpkit.validate.config_problems``) plus the
     ``distributed`` section's consistency."""
     problems = _validate.config_problems(cfg)
+    problems += _remat_problems(cfg)
     d = cfg.distributed
     explicit = {"coordinator_address": d.coordinator_address,
                 "num_processes": d.num_processes, "process_id": d.process_id}
@@ -464,6 +468,22 @@ def validate_problems(cfg: Config) -> list[str]:
             problems.append(f"data.batch_size: {cfg.data.batch_size} is not divisible by "
                             f"distributed.num_processes={d.num_processes}")
     return problems
+
+
+def _remat_problems(cfg: Config) -> list[str]:
+    from bpkit.engine.api import _remat_policy
+    run = cfg.run
+    try:
+        policy = _remat_policy(None if run.remat == "none" else run.remat, run.remat_budget_bytes)
+    except ValueError as e:
+        return [f"run.remat: {e}".replace("remat_budget_bytes=", "run.remat_budget_bytes=")]
+    if policy == "auto" and run.engine == "jax":
+        return ["run.remat: auto is bpkit's own plan; with run.engine=jax use none or a "
+                "jax.checkpoint_policies name"]
+    if policy is not None and cfg.optimizer.dp:
+        return ["run.remat: DP-SGD (optimizer.dp) runs its own per-example backward; set "
+                "run.remat=none"]
+    return []
 
 
 def validate(cfg: Config) -> None:

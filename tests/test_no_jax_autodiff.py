@@ -388,3 +388,14 @@ def test_debug_and_per_example_without_jax_autodiff(no_jax_autodiff):
     assert norms.shape == (6,) and bool(jnp.all(norms > 0))
     _, g, _ = clipped_value_and_grad(lambda p, b: mlp(p, *b), 0.1)(MLP_ARGS[0], batch)
     assert jax.tree_util.tree_structure(g) == jax.tree_util.tree_structure(MLP_ARGS[0])
+
+
+@pytest.mark.parametrize("name", list(PROGRAMS))
+def test_remat_auto_runs_without_jax_autodiff(no_jax_autodiff, name):
+    """The automatic save-vs-recompute plan traces the joint program with bpkit's engine only."""
+    f, args, argnums, needs = PROGRAMS[name]
+    if needs and not all(registry.has_rule(p) for p in needs):
+        pytest.skip(f"rules for {[p.name for p in needs]} are not written yet")
+    got = jax.jit(bpkit.grad(f, argnums, remat="auto"))(*args)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(REFERENCE[name])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-9, atol=1e-12)

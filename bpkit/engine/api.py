@@ -44,21 +44,27 @@ import numpy as np
 from bpkit.engine import compat, core
 
 
-def vjp(fun: Callable, *primals, has_aux: bool = False, while_checkpoints: int | None = None):
+def vjp(fun: Callable, *primals, has_aux: bool = False, while_checkpoints: int | None = None,
+        remat: Any = None, remat_budget_bytes: int | None = None):
     """``(out, vjp_fn)`` (or ``(out, vjp_fn, aux)``) like ``jax.vjp``, with bpkit's engine.
 
     ``vjp_fn(ct)`` takes a cotangent with the structure of ``out`` and returns a tuple with one
-    cotangent per primal, each with the structure of that primal. ``while_checkpoints``: see
-    ``grad``.
+    cotangent per primal, each with the structure of that primal. ``while_checkpoints``,
+    ``remat``, ``remat_budget_bytes``: see ``grad``.
     """
     if while_checkpoints is not None:
         with _while_setting(while_checkpoints):
-            return vjp(fun, *primals, has_aux=has_aux)
+            return vjp(fun, *primals, has_aux=has_aux, remat=remat,
+                       remat_budget_bytes=remat_budget_bytes)
+    policy = _remat_policy(remat, remat_budget_bytes)
     flat_args, in_tree = jax.tree_util.tree_flatten((primals, {}))
     flat_args = [compat.as_array(x) for x in flat_args]
-    traced = core.trace(fun, flat_args, in_tree)
+    traced = core.trace(fun, flat_args, in_tree, **_checkpointed(fun, policy))
     active_in = [compat.is_inexact(compat.typeof(x)) for x in flat_args]
-    outs, backward, _ = core.vjp_jaxpr(traced.jaxpr, traced.consts, flat_args, active_in)
+    num_out = (traced.out_tree.children()[0].num_leaves if has_aux and traced.out_tree.children()
+               else traced.out_tree.num_leaves)
+    outs, backward, _ = _vjp_jaxpr(traced, flat_args, active_in, policy, remat_budget_bytes,
+                                   range(num_out))
     out_tree, aux = _split_aux(traced.out_tree, outs, has_aux, "vjp")
     num_out = out_tree.num_leaves
     out = jax.tree_util.tree_unflatten(out_tree, outs[:num_out])
@@ -84,16 +90,18 @@ def vjp(fun: Callable, *primals, has_aux: bool = False, while_checkpoints: int |
 
 
 def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
-                   allow_int: bool = False, *, while_checkpoints: int | None = None) -> Callable:
+                   allow_int: bool = False, *, while_checkpoints: int | None = None,
+                   remat: Any = None, remat_budget_bytes: int | None = None) -> Callable:
     """Like ``jax.value_and_grad``: returns ``f(*args) -> (value, grad)`` (``((value, aux), grad)``).
 
-    ``while_checkpoints``: see ``grad``."""
+    ``while_checkpoints``, ``remat``, ``remat_budget_bytes``: see ``grad``."""
     argnums_tuple = _check_argnums(argnums)
+    policy = _remat_policy(remat, remat_budget_bytes)
 
     @functools.wraps(fun)
     def value_and_grad_fun(*args, **kwargs):
         positions = _positions(argnums, argnums_tuple, len(args))
-        flat_args, spans, trace = flatten_wrt(fun, args, kwargs, positions)
+        flat_args, spans, trace = flatten_wrt(fun, args, kwargs, positions, policy)
         for x in flat_args:
             aval = compat.typeof(x)
             if not compat.is_inexact(aval) and not allow_int:
@@ -103,7 +111,8 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
                     "Boolean- or integer-valued inputs, use vjp or set allow_int to True.")
         traced = trace()
         active_in = [compat.is_inexact(compat.typeof(x)) for x in flat_args]
-        outs, backward, _ = core.vjp_jaxpr(traced.jaxpr, traced.consts, flat_args, active_in)
+        outs, backward, _ = _vjp_jaxpr(traced, flat_args, active_in, policy,
+                                       remat_budget_bytes, (0,))
         out_tree, aux = _split_aux(traced.out_tree, outs, has_aux, "grad")
         if out_tree.num_leaves != 1:
             raise TypeError(
@@ -129,14 +138,25 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
 
 
 def grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
-         allow_int: bool = False, *, while_checkpoints: int | None = None) -> Callable:
+         allow_int: bool = False, *, while_checkpoints: int | None = None,
+         remat: Any = None, remat_budget_bytes: int | None = None) -> Callable:
     """Like ``jax.grad``: the gradient of a scalar function, by bpkit's hand-written rules.
 
     ``while_checkpoints``: how many loop states the gradient of each ``lax.while_loop`` keeps
     (default 16, or what ``bpkit.while_checkpoints`` sets around the call; see
-    ``bpkit/rules/loops.py``); bound to the function, so it holds under ``jax.jit`` too."""
+    ``bpkit/rules/loops.py``); bound to the function, so it holds under ``jax.jit`` too.
+
+    ``remat``: which forward values the backward pass keeps. ``None`` (default): every value a
+    rule reads. ``"auto"``: the fewest bytes from which the rest is recomputed by cheap
+    elementwise and data-movement equations (a minimum cut, ``bpkit/engine/remat.py``);
+    ``remat_budget_bytes`` then bounds the saved bytes, recomputing reductions and then matrix
+    products if that is what it takes. A ``jax.checkpoint`` policy (or its name in
+    ``jax.checkpoint_policies``, such as ``"dots_with_no_batch_dims_saveable"``): the whole
+    function is differentiated as ``jax.checkpoint(fun, policy=...)``. Gradients are the same
+    values either way."""
     vg = value_and_grad(fun, argnums, has_aux=has_aux, allow_int=allow_int,
-                        while_checkpoints=while_checkpoints)
+                        while_checkpoints=while_checkpoints, remat=remat,
+                        remat_budget_bytes=remat_budget_bytes)
 
     @functools.wraps(fun)
     def grad_fun(*args, **kwargs):
@@ -144,6 +164,45 @@ def grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
         return (g, value_or_pair[1]) if has_aux else g
 
     return grad_fun
+
+
+def _remat_policy(remat, budget):
+    """``remat`` checked: ``None``, ``"auto"`` or a ``jax.checkpoint`` policy (a callable)."""
+    names = [n for n in dir(jax.checkpoint_policies) if not n.startswith("_")
+             and n.endswith(("saveable", "saveable_policy"))]
+    if remat is None or remat == "none":
+        policy = None
+    elif remat == "auto" or callable(remat):
+        policy = remat
+    elif isinstance(remat, str) and remat in names:
+        policy = getattr(jax.checkpoint_policies, remat)
+    else:
+        raise ValueError(
+            f"remat={remat!r} is not a remat setting. Use None, 'auto', a jax.checkpoint policy, "
+            f"or the name of one in jax.checkpoint_policies: {', '.join(sorted(names))}.")
+    if budget is not None and policy != "auto":
+        raise ValueError(f"remat_budget_bytes={budget!r} needs remat='auto' (got remat={remat!r}).")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, np.integer))
+                               or budget < 0):
+        raise ValueError(f"remat_budget_bytes must be a non-negative int of bytes, got {budget!r}.")
+    return policy
+
+
+def _checkpointed(fun: Callable, policy) -> dict:
+    """``core.trace`` keyword arguments that trace ``fun`` under ``jax.checkpoint(policy)``."""
+    if policy is None or policy == "auto":
+        return {}
+    return {"call": jax.checkpoint(fun, policy=policy), "static_key": ("remat", policy)}
+
+
+def _vjp_jaxpr(traced, flat_args, active_in, policy, budget, ct_outputs):
+    """The engine's forward pass (and backward closure), under the ``remat="auto"`` plan when
+    asked for and no equation observer is installed (an observer sees the plain engine)."""
+    if policy == "auto" and core.current_observer() is None:
+        from bpkit.engine import remat
+        return remat.vjp_jaxpr(traced.jaxpr, traced.consts, flat_args, active_in, budget,
+                               tuple(ct_outputs))
+    return core.vjp_jaxpr(traced.jaxpr, traced.consts, flat_args, active_in)
 
 
 def _while_setting(count: int):
@@ -184,8 +243,10 @@ def _positions(argnums, nums: tuple[int, ...], num_args: int) -> list[int]:
     return [i % num_args for i in nums]
 
 
-def flatten_wrt(fun: Callable, args: tuple, kwargs: dict, positions: Sequence[int]):
-    """The differentiated leaves of ``fun(*args, **kwargs)`` and how to trace it.
+def flatten_wrt(fun: Callable, args: tuple, kwargs: dict, positions: Sequence[int],
+                policy=None):
+    """The differentiated leaves of ``fun(*args, **kwargs)`` and how to trace it (under
+    ``jax.checkpoint(policy=policy)`` when ``policy`` is a checkpoint policy).
 
     Returns ``(flat_args, spans, trace)``: the leaves of ``args[i]`` for ``i`` in
     ``positions`` (Python scalars as arrays), ``spans[i] = (lo, hi)`` their range in
@@ -194,6 +255,9 @@ def flatten_wrt(fun: Callable, args: tuple, kwargs: dict, positions: Sequence[in
     """
     dyn_pos = sorted(set(positions))
     call, dyn_args, static_key, keepalive = _partial(fun, args, kwargs, dyn_pos)
+    if policy is not None and policy != "auto":
+        call = jax.checkpoint(call, policy=policy)
+        static_key = None if static_key is None else (static_key, "remat", policy)
     flat_args, in_tree = jax.tree_util.tree_flatten((dyn_args, {}))
     flat_args = [compat.as_array(x) for x in flat_args]
     spans = dict(zip(dyn_pos, _leaf_spans(dyn_args)))

@@ -173,7 +173,7 @@ def make_steps(cfg: Config, task: Task, tx, schedule) -> tuple[Callable, Callabl
         g_tx, d_tx = tx
         g_sched, d_sched = schedule
         step = make_gan_step(task.d_loss_fn, task.g_loss_fn, d_tx, g_tx, engine=cfg.run.engine,
-                             d_schedule=d_sched, g_schedule=g_sched)
+                             d_schedule=d_sched, g_schedule=g_sched, **remat_setting(cfg))
         return step, make_eval_step(task.metric_fn)
     compute = jnp.bfloat16 if cfg.model.compute_dtype == "bfloat16" else None
     step = make_train_step(task.loss_fn, tx, engine=cfg.run.engine, has_aux=True,
@@ -182,10 +182,16 @@ def make_steps(cfg: Config, task: Task, tx, schedule) -> tuple[Callable, Callabl
                            compute_dtype=compute,
                            skip_nonfinite=cfg.run.on_nonfinite == "skip",
                            dp=(cfg.optimizer.dp["l2_clip"], cfg.optimizer.dp["noise_multiplier"])
-                           if cfg.optimizer.dp else None)
+                           if cfg.optimizer.dp else None, **remat_setting(cfg))
     if task.stateful:  # eval_step((params, model_state), batch): see eval_inputs
         return step, make_eval_step(lambda inputs, b: task.metric_fn(inputs[0], b, inputs[1]))
     return step, make_eval_step(task.metric_fn)
+
+
+def remat_setting(cfg: Config) -> dict:
+    """``run.remat``/``run.remat_budget_bytes`` as ``make_train_step`` keywords."""
+    return {"remat": None if cfg.run.remat == "none" else cfg.run.remat,
+            "remat_budget_bytes": cfg.run.remat_budget_bytes}
 
 
 def eval_inputs(task: Task, state: TrainState):

@@ -18,6 +18,8 @@ loss function's own metrics.
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Any, Callable
 
 import jax
@@ -32,12 +34,25 @@ ENGINES = ("bpkit", "jax")
 _norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
 
-def value_and_grad_for(engine: str) -> Callable:
-    """The ``value_and_grad`` of ``engine``: bpkit's, or jax's as the reference."""
+def value_and_grad_for(engine: str, remat=None, remat_budget_bytes: int | None = None
+                       ) -> Callable:
+    """The ``value_and_grad`` of ``engine``: bpkit's, or jax's as the reference, with the
+    ``remat`` setting (see ``bpkit.grad``; for jax a checkpoint policy, by
+    ``jax.checkpoint(loss, policy=...)``: ``"auto"`` is bpkit's own)."""
     if engine == "bpkit":
-        return api.value_and_grad
+        if remat is None and remat_budget_bytes is None:
+            return api.value_and_grad
+        api._remat_policy(remat, remat_budget_bytes)  # a bad setting is reported now
+        return functools.partial(api.value_and_grad, remat=remat,
+                                 remat_budget_bytes=remat_budget_bytes)
     if engine == "jax":
-        return jax.value_and_grad
+        policy = api._remat_policy(remat, remat_budget_bytes)
+        if policy == "auto":
+            raise ValueError("remat='auto' is bpkit's own plan; with engine='jax' use remat=None "
+                             "or a jax.checkpoint policy name.")
+        if policy is None:
+            return jax.value_and_grad
+        return lambda fun, **kw: jax.value_and_grad(jax.checkpoint(fun, policy=policy), **kw)
     raise ValueError(f"unknown engine {engine!r}; expected one of {', '.join(ENGINES)}")
 
 
@@ -89,7 +104,8 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
                     engine: str = "bpkit", has_aux: bool = False, has_state: bool = False,
                     schedule: Callable | None = None, accumulate_steps: int = 1,
                     compute_dtype=None, skip_nonfinite: bool = False, jit: bool = True,
-                    donate: bool = True, dp: tuple[float, float] | None = None) -> Callable:
+                    donate: bool = True, dp: tuple[float, float] | None = None,
+                    remat=None, remat_budget_bytes: int | None = None) -> Callable:
     """A pure ``step(state, batch) -> (state, metrics)`` for ``loss_fn`` and ``optimizer``.
 
     ``has_state=True``: ``loss_fn(params, batch, key, model_state) -> (loss, (metrics,
@@ -98,6 +114,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
     with gradient accumulation (``optax.MultiSteps``) pass ``accumulate_steps`` so the reported
     rate follows the optimizer's own count. ``dp=(l2_clip, noise_multiplier)``: DP-SGD's
     clipped, noised gradient (``bpkit.train.dp``; the loss must average over the batch).
+    ``remat``, ``remat_budget_bytes``: which forward values the backward keeps (``bpkit.grad``).
     """
     has_aux = has_aux or has_state
     if dp is not None:
@@ -105,8 +122,8 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
         vg = dp_value_and_grad(with_compute_dtype(loss_fn, compute_dtype, has_aux), *dp,
                                has_aux=has_aux)
     else:
-        vg = value_and_grad_for(engine)(with_compute_dtype(loss_fn, compute_dtype, has_aux),
-                                        has_aux=has_aux)
+        vg = value_and_grad_for(engine, remat, remat_budget_bytes)(
+            with_compute_dtype(loss_fn, compute_dtype, has_aux), has_aux=has_aux)
 
     def step(state: TrainState, batch) -> tuple[TrainState, dict[str, Any]]:
         model_state = (state.model_state,) if has_state else ()
@@ -141,14 +158,15 @@ def make_gan_step(d_loss_fn: Callable, g_loss_fn: Callable,
                   d_optimizer: optax.GradientTransformation,
                   g_optimizer: optax.GradientTransformation, *, engine: str = "bpkit",
                   d_schedule: Callable | None = None, g_schedule: Callable | None = None,
-                  jit: bool = True, donate: bool = True) -> Callable:
+                  jit: bool = True, donate: bool = True, remat=None,
+                  remat_budget_bytes: int | None = None) -> Callable:
     """Two losses, two optimizers: a discriminator update, then a generator update.
 
     ``state.params`` and ``state.opt_state`` are ``{"generator": ..., "discriminator": ...}``.
     ``d_loss_fn(d_params, g_params, batch, key)`` and ``g_loss_fn(g_params, d_params, batch,
     key)`` return scalars; the generator step sees the updated discriminator.
     """
-    vg = value_and_grad_for(engine)
+    vg = value_and_grad_for(engine, remat, remat_budget_bytes)
 
     def step(state: TrainState, batch):
         key_d, key_g = jax.random.split(state.step_key())
