@@ -1,6 +1,15 @@
-"""Checkpoint policies: bpkit vs jax.grad on a GPT whose blocks are ``jax.checkpoint``-ed.
+"""Checkpoint policies and ``remat="auto"``: bpkit vs jax.grad, time and XLA temporary memory.
 
     python scripts/bench_remat.py [--repeats 20] [--policies none nothing dots_no_batch ...]
+    python scripts/bench_remat.py --auto [--repeats 20]
+
+``--auto``: on the GPT below (no jax.checkpoint) and a deep residual MLP (16 layers, d=512,
+batch 256, ``h + gelu(tanh(h W + b))``), jax.grad vs bpkit's default vs ``remat="auto"`` and
+``remat="auto"`` at three budgets (the cheap plan's saved bytes, one byte less, and 0: each
+forces the next recomputable set). Every step is compiled, its gradients checked against
+jax.grad's, and all are timed interleaved in one process. Memory falls only where XLA keeps
+a recomputation apart from the forward pass (JAX 0.12's XLA; 0.10's merges it back, and
+jax.checkpoint's too).
 
 The GPT is ``bench_engine.gpt`` (plain JAX, pre-LN, 4 layers, d=128, 4 heads, context 128,
 batch 16), each block wrapped in ``jax.checkpoint(policy=...)`` (``none``: no checkpoint). For
@@ -14,8 +23,11 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
+import warnings
 
 import jax
+
+import bpkit
 
 from bench_engine import engine_steps, gpt, time_engines
 
@@ -42,11 +54,74 @@ def bench(policy_name: str, repeats: int) -> dict:
             "bpkit_mb": temp_mb["bpkit"], "jax_mb": temp_mb["jax"]}
 
 
+def residual_mlp(key, layers=16, d=512, batch=256):
+    ks = jax.random.split(key, layers + 1)
+    params = [(jax.random.normal(ks[i], (d, d)) / d ** 0.5, jax.numpy.zeros(d))
+              for i in range(layers)]
+
+    def loss(params, x):
+        h = x
+        for w, b in params:
+            h = h + jax.nn.gelu(jax.numpy.tanh(h @ w + b))
+        return jax.numpy.mean(h ** 2)
+    return loss, params, jax.random.normal(ks[-1], (batch, d))
+
+
+def bench_auto(model: str, repeats: int) -> list[dict]:
+    """One row per setting: time (ms, ratio to jax.grad) and temp memory (MiB, ratio)."""
+    from bpkit.engine import core, remat as remat_plan
+    loss, params, batch = (gpt(jax.random.key(0), n_layer=4, d=128, ctx=128, batch=16)
+                           if model == "gpt" else residual_mlp(jax.random.key(0)))
+    flat, tree = jax.tree_util.tree_flatten(((params, batch), {}))
+    traced = core.trace(loss, flat, tree)
+    active = [jax.numpy.issubdtype(x.dtype, jax.numpy.floating) for x in flat]
+    cheap = remat_plan.plan_for(traced.jaxpr, traced.consts, flat, active, None, (0,))
+    settings = {"jax": None, "bpkit": {}, "auto": {"remat": "auto"}}
+    for label, budget in (("its saved bytes", cheap.saved_bytes),
+                          ("1 byte less", cheap.saved_bytes - 1), ("0", 0)):
+        settings[f"auto, budget {label}"] = {"remat": "auto", "remat_budget_bytes": budget}
+    steps = {name: jax.jit(jax.value_and_grad(loss) if kw is None
+                           else bpkit.value_and_grad(loss, argnums=0, **kw))
+             for name, kw in settings.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # budget 0 cannot be met: the smallest plan is used
+        temp = {name: step.lower(params, batch).compile().memory_analysis().temp_size_in_bytes
+                / 2 ** 20 for name, step in steps.items()}
+        timing = time_engines(steps, params, batch, repeats)
+    return [{"model": model, "setting": name, "ms": timing[f"{name}_ms"],
+             "time_vs_jax": timing[f"{name}_ratio"],
+             "time_vs_bpkit": timing[f"{name}_ms"] / timing["bpkit_ms"],
+             "temp_mb": temp[name], "temp_vs_jax": temp[name] / temp["jax"],
+             "max_grad_diff": timing["max_grad_diff"], "plan_mb": cheap.saved_bytes / 2 ** 20}
+            for name in steps]
+
+
+def main_auto(repeats: int) -> int:
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {repeats} timed rounds, "
+          "medians\n")
+    print("| model | setting | ms | time / jax.grad | time / bpkit default | temp MiB "
+          "| temp / jax.grad |")
+    print("|---|---|---|---|---|---|---|")
+    for model in ("gpt", "residual_mlp"):
+        rows = bench_auto(model, repeats)
+        for r in rows:
+            print(f"| {r['model']} | {r['setting']} | {r['ms']:.1f} | {r['time_vs_jax']:.2f} "
+                  f"| {r['time_vs_bpkit']:.2f} | {r['temp_mb']:.1f} | {r['temp_vs_jax']:.2f} |",
+                  flush=True)
+        print(f"(auto's plan saves {rows[0]['plan_mb']:.2f} MiB; largest gradient difference "
+              f"from jax.grad: {rows[0]['max_grad_diff']:.1e})")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="bpkit vs jax.grad under checkpoint policies")
     parser.add_argument("--repeats", type=int, default=20, help="timed pairs per policy (>= 10)")
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
+    parser.add_argument("--auto", action="store_true",
+                        help="remat='auto' and its budgets on the GPT and a deep residual MLP")
     args = parser.parse_args(argv)
+    if args.auto:
+        return main_auto(max(args.repeats, 10))
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; GPT 4 layers, d=128, ctx 128, "
           f"batch 16; {max(args.repeats, 10)} timed pairs, medians\n")
     print("| policy | bpkit ms | jax ms | step | bpkit temp MB | jax temp MB | memory "
