@@ -60,8 +60,10 @@ class RunConfig:
     sample_length: int = 200              # characters printed at the end of a language-model run
     eval_batches: int = 0                 # evaluation batches per evaluation (0: the whole split)
     peak_flops: float | None = None       # the devices' peak FLOP/s, for MFU (null: FLOP/s only)
-    remat: str = "none"                   # forward values the backward keeps: none, auto (fewest
-                                          # bytes, bpkit.grad remat=) or a jax.checkpoint_policies name
+    # which forward values the backward keeps: none (all it reads), auto (the fewest bytes; see
+    # bpkit.grad's remat=) or one of jax.checkpoint_policies (the whole loss under jax.checkpoint)
+    remat: Literal["none", "auto", "nothing_saveable", "dots_saveable",
+                   "dots_with_no_batch_dims_saveable", "everything_saveable"] = "none"
     remat_budget_bytes: int | None = None  # remat=auto: most bytes saved for the backward
 
 
@@ -471,16 +473,14 @@ def validate_problems(cfg: Config) -> list[str]:
 
 
 def _remat_problems(cfg: Config) -> list[str]:
-    from bpkit.engine.api import _remat_policy
     run = cfg.run
-    try:
-        policy = _remat_policy(None if run.remat == "none" else run.remat, run.remat_budget_bytes)
-    except ValueError as e:
-        return [f"run.remat: {e}".replace("remat_budget_bytes=", "run.remat_budget_bytes=")]
-    if policy == "auto" and run.engine == "jax":
+    if run.remat_budget_bytes is not None and run.remat != "auto":
+        return [f"run.remat_budget_bytes: {run.remat_budget_bytes} bounds run.remat=auto's plan; "
+                f"set run.remat=auto (it is {run.remat}) or run.remat_budget_bytes=null"]
+    if run.remat == "auto" and run.engine == "jax":
         return ["run.remat: auto is bpkit's own plan; with run.engine=jax use none or a "
                 "jax.checkpoint_policies name"]
-    if policy is not None and cfg.optimizer.dp:
+    if run.remat != "none" and cfg.optimizer.dp:
         return ["run.remat: DP-SGD (optimizer.dp) runs its own per-example backward; set "
                 "run.remat=none"]
     return []

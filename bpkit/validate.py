@@ -119,6 +119,9 @@ DOMAINS: dict[str, Domain] = {
     "run.peak_flops": Domain(**_POSITIVE, null=True, example=9.89e14,
                              why="The peak FLOP/s of all the run's devices together, for "
                                  "model FLOP/s utilisation (MFU); null logs FLOP/s only."),
+    "run.remat_budget_bytes": Domain(0, None, integer=True, null=True, example=2**30,
+                                     why="With run.remat=auto: the most bytes the forward pass "
+                                         "saves for the backward; null: no bound."),
     "run.max_skipped": _count(1, example=10,
                               why="on_nonfinite=skip stops after this many skips in a row."),
     "data.batch_size": _count(1, example=128),

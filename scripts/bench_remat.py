@@ -2,6 +2,7 @@
 
     python scripts/bench_remat.py [--repeats 20] [--policies none nothing dots_no_batch ...]
     python scripts/bench_remat.py --auto [--repeats 20]
+    python scripts/bench_remat.py --fit
 
 ``--auto``: on the GPT below (no jax.checkpoint) and a deep residual MLP (16 layers, d=512,
 batch 256, ``h + gelu(tanh(h W + b))``), jax.grad vs bpkit's default vs ``remat="auto"`` and
@@ -9,7 +10,8 @@ batch 256, ``h + gelu(tanh(h W + b))``), jax.grad vs bpkit's default vs ``remat=
 forces the next recomputable set). Every step is compiled, its gradients checked against
 jax.grad's, and all are timed interleaved in one process. Memory falls only where XLA keeps
 a recomputation apart from the forward pass (JAX 0.12's XLA; 0.10's merges it back, and
-jax.checkpoint's too).
+jax.checkpoint's too). ``--fit``: the largest batch each setting fits into the temporaries
+jax.grad needs at the benchmark's batch (compiled memory only, nothing is run).
 
 The GPT is ``bench_engine.gpt`` (plain JAX, pre-LN, 4 layers, d=128, 4 heads, context 128,
 batch 16), each block wrapped in ``jax.checkpoint(policy=...)`` (``none``: no checkpoint). For
@@ -96,6 +98,46 @@ def bench_auto(model: str, repeats: int) -> list[dict]:
             for name in steps]
 
 
+FIT_SETTINGS = {"jax": None, "bpkit": {}, "auto": {"remat": "auto"},
+                "auto, budget 0": {"remat": "auto", "remat_budget_bytes": 0}}
+
+
+def _temp_bytes(model: str, batch: int, setting) -> int:
+    loss, params, data = (gpt(jax.random.key(0), n_layer=4, d=128, ctx=128, batch=batch)
+                          if model == "gpt" else residual_mlp(jax.random.key(0), batch=batch))
+    step = jax.jit(jax.value_and_grad(loss) if setting is None
+                   else bpkit.value_and_grad(loss, argnums=0, **setting))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return step.lower(params, data).compile().memory_analysis().temp_size_in_bytes
+
+
+def largest_batch(model: str, setting, limit: int, unit: int) -> int:
+    """The largest multiple of ``unit`` whose compiled temporaries fit in ``limit`` bytes
+    (doubling, then bisection; memory grows with the batch)."""
+    lo, hi = 0, unit
+    while _temp_bytes(model, hi, setting) <= limit:
+        lo, hi = hi, 2 * hi
+    while hi - lo > unit:
+        mid = (lo + hi) // (2 * unit) * unit
+        lo, hi = (mid, hi) if _temp_bytes(model, mid, setting) <= limit else (lo, mid)
+    return lo
+
+
+def main_fit() -> int:
+    """The largest batch whose step fits the temporaries jax.grad needs at the benchmark's
+    batch (GPT: 16 sequences of 128; residual MLP: 256 rows), per setting."""
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}; memory: XLA temporaries\n")
+    print("| model | memory (jax.grad at the benchmark batch) | setting | largest batch |")
+    print("|---|---|---|---|")
+    for model, batch, unit in (("gpt", 16, 2), ("residual_mlp", 256, 32)):
+        limit = _temp_bytes(model, batch, None)
+        for name, setting in FIT_SETTINGS.items():
+            print(f"| {model} | {limit / 2 ** 20:.1f} MiB | {name} "
+                  f"| {largest_batch(model, setting, limit, unit)} |", flush=True)
+    return 0
+
+
 def main_auto(repeats: int) -> int:
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; {repeats} timed rounds, "
           "medians\n")
@@ -119,7 +161,11 @@ def main(argv=None) -> int:
     parser.add_argument("--policies", nargs="+", default=list(POLICIES), choices=list(POLICIES))
     parser.add_argument("--auto", action="store_true",
                         help="remat='auto' and its budgets on the GPT and a deep residual MLP")
+    parser.add_argument("--fit", action="store_true",
+                        help="the largest batch that fits jax.grad's memory, per setting")
     args = parser.parse_args(argv)
+    if args.fit:
+        return main_fit()
     if args.auto:
         return main_auto(max(args.repeats, 10))
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}; GPT 4 layers, d=128, ctx 128, "

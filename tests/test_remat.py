@@ -224,5 +224,8 @@ def test_train_step_and_config():
     assert problems(["run.remat=dots_saveable", "run.engine=jax"]) == []
     assert any("run.remat: auto is bpkit's own plan" in p
                for p in problems(["run.remat=auto", "run.engine=jax"]))
-    assert any("run.remat" in p and "not a remat setting" in p
+    assert any("run.remat" in p and "dots_with_no_batch_dims_saveable" in p
                for p in problems(["run.remat=often"]))
+    assert any("run.remat_budget_bytes" in p and "set run.remat=auto" in p
+               for p in problems(["run.remat_budget_bytes=1000"]))
+    assert any("run.remat_budget_bytes" in p for p in problems(["run.remat_budget_bytes=-1"]))

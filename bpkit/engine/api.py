@@ -92,7 +92,7 @@ def vjp(fun: Callable, *primals, has_aux: bool = False, while_checkpoints: int |
 def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
                    allow_int: bool = False, *, while_checkpoints: int | None = None,
                    remat: Any = None, remat_budget_bytes: int | None = None) -> Callable:
-    """Like ``jax.value_and_grad``: returns ``f(*args) -> (value, grad)`` (``((value, aux), grad)``).
+    """Like ``jax.value_and_grad``: ``f(*args) -> (value, grad)`` (``((value, aux), grad)``).
 
     ``while_checkpoints``, ``remat``, ``remat_budget_bytes``: see ``grad``."""
     argnums_tuple = _check_argnums(argnums)

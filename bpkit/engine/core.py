@@ -270,6 +270,18 @@ def _forward_with_rule(eqn, invals, active_mask, outs=None):
     return outs, lambda ct: rule(ct, *invals, out=out, **params)
 
 
+def live_eqns(eqns, wanted) -> list:
+    """The equations of ``eqns`` that the ``wanted`` variables depend on (and those with
+    effects), in program order: dead-code elimination over a list of equations."""
+    live = {v for v in wanted if isinstance(v, compat.Var)}
+    keep = []
+    for eqn in reversed(eqns):
+        if eqn.effects or any(v in live for v in eqn.outvars):
+            keep.append(eqn)
+            live.update(v for v in eqn.invars if isinstance(v, compat.Var))
+    return keep[::-1]
+
+
 def _accumulate(ct_env: dict, v, ct) -> None:
     ct_env[v] = ct if v not in ct_env else ct_env[v] + ct
 

@@ -49,7 +49,7 @@ import numpy as np
 import jax
 from jax import lax
 
-from bpkit.engine import compat
+from bpkit.engine import compat, core
 
 # Cheap to recompute: elementwise arithmetic and data movement (XLA fuses both into readers).
 _ELEMENTWISE = """neg sign floor ceil round is_finite exp exp2 log log1p expm1 tanh logistic sin
@@ -88,7 +88,7 @@ class Plan:
     num_args: int         # how many of its inputs are the function's inputs
     ct_outputs: tuple     # the outputs whose cotangents are its other inputs
     num_outs: int         # how many of its outputs are the function's outputs
-    grad_slots: list      # input i's cotangent: an index into the joint's cotangent outputs, or None
+    grad_slots: list      # input i's cotangent: its index among the joint's cotangents, or None
     active_out: list      # which outputs depend on a differentiated input
     forward_eqns: list    # the forward equations, in program order
     backward_eqns: list
@@ -114,14 +114,12 @@ def vjp_jaxpr(jaxpr, consts, args, active_in, budget_bytes: int | None = None,
     plan = plan_for(jaxpr, consts, args, active_in, budget_bytes, ct_outputs)
     env = dict(zip(plan.jaxpr.constvars, plan.consts))
     env.update(zip(plan.jaxpr.invars, args))
-    needed = _live(plan.forward_eqns, [*plan.jaxpr.outvars[:plan.num_outs], *plan.saved])
-    for eqn in plan.forward_eqns:
-        if eqn in needed:
-            env.update(zip(eqn.outvars, compat.eval_eqn(eqn, [_read(env, v) for v in eqn.invars])))
-    outs = [_read(env, v) for v in plan.jaxpr.outvars[:plan.num_outs]]
+    fun_outs = plan.jaxpr.outvars[:plan.num_outs]
+    for eqn in core.live_eqns(plan.forward_eqns, [*fun_outs, *plan.saved]):
+        env.update(zip(eqn.outvars, compat.eval_eqn(eqn, [_read(env, v) for v in eqn.invars])))
+    outs = [_read(env, v) for v in fun_outs]
     kept = {v: env[v] for v in plan.jaxpr.invars[:plan.num_args] + plan.jaxpr.constvars}
-    kept.update((v, env[v]) for v in plan.saved)
-    kept.update((v, env[v]) for v in plan.jaxpr.outvars[:plan.num_outs] if isinstance(v, compat.Var))
+    kept.update((v, env[v]) for v in [*plan.saved, *fun_outs] if isinstance(v, compat.Var))
 
     def backward(cts_out: Sequence[Any], observe=None) -> list:
         if observe is not None:
@@ -177,17 +175,6 @@ def _recompute(plan: Plan, env: dict, reader, wanted=None) -> None:
     env.update((v, local[v]) for v in seen if v not in env)
 
 
-def _live(eqns, wanted) -> set:
-    """The equations among ``eqns`` that ``wanted`` variables depend on."""
-    live = {v for v in wanted if isinstance(v, compat.Var)}
-    keep = set()
-    for eqn in reversed(eqns):
-        if eqn.effects or any(v in live for v in eqn.outvars):
-            keep.add(eqn)
-            live.update(v for v in eqn.invars if isinstance(v, compat.Var))
-    return keep
-
-
 # --- planning ------------------------------------------------------------------------------
 _plans: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
@@ -206,7 +193,6 @@ def plan_for(jaxpr, consts, args, active_in, budget_bytes: int | None = None,
 
 
 def _make_plan(jaxpr, consts, args, active_in, budget_bytes, ct_outputs) -> Plan:
-    from bpkit.engine import core
     info = {}
 
     def joint(args, cts):
@@ -228,7 +214,7 @@ def _make_plan(jaxpr, consts, args, active_in, budget_bytes, ct_outputs) -> Plan
 
     backward_vars = set(closed.invars[num_args:])
     forward_eqns, backward_eqns = [], []
-    live = _live(closed.eqns, closed.outvars)  # rules may compute cotangents nobody reads
+    live = set(core.live_eqns(closed.eqns, closed.outvars))  # cotangents nobody reads: out
     for eqn in (e for e in closed.eqns if e in live):
         if any(isinstance(v, compat.Var) and v in backward_vars for v in eqn.invars):
             backward_eqns.append(eqn)
