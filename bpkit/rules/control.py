@@ -44,7 +44,6 @@ from jax.ad_checkpoint import Offloadable, Saveable
 from bpkit.engine import compat, core, registry
 from bpkit.engine.core import vjp_jaxpr
 from bpkit.engine.registry import fwd_bwd_rules, register_fwd_bwd
-from bpkit.rules import hoist
 from bpkit.rules.helpers import instantiate_zeros, zeros_like
 
 
@@ -390,19 +389,6 @@ def _scan_fwd_bwd(primals, active, *, reverse, length, jaxpr, unroll, **params):
     act_xs = [i for i in range(n_in - num_consts - num_carry)
               if in_active[num_consts + num_carry + i]]
 
-    # Weight-gradient products of loop-invariant inputs leave the backward loop (hoist.py).
-    n_c = len(act_consts)
-    const_ct_vars = joint.outvars[n_out:n_out + n_c]
-    tangent_vars = set(joint.invars[n_in:]) | {v for e in tangent_eqns for v in e.outvars}
-    res_index = {v: i for i, v in enumerate(stacked_res)}
-    hoisted = hoist.plan(tangent_eqns, const_ct_vars, lambda u: u in res_index or u in tangent_vars,
-                         [*joint.outvars[:n_out], *joint.outvars[n_out + n_c:]])
-    if child is not None or not any(terms for terms, _ in hoisted):
-        hoisted = [([], [v]) for v in const_ct_vars]  # (an observer sees every step's equations)
-    emitted = [u for u in hoist.loop_outputs(hoisted) if u not in res_index]
-    loop_eqns = core.live_eqns(tangent_eqns, [*joint.outvars[n_out + n_c:], *emitted,
-                                       *(v for _, rest in hoisted for v in rest)])
-
     def pullback(cts):
         cts = [instantiate_zeros(c, o) if a else None for c, o, a in zip(cts, outs, out_active)]
         ct_carry = [cts[i] for i in act_carry]  # carry activity is a fixpoint: in == out
@@ -416,27 +402,16 @@ def _scan_fwd_bwd(primals, active, *, reverse, length, jaxpr, unroll, **params):
             env.update(zip(joint_in[:num_consts], consts))
             env.update(zip(stacked_res, res))
             env.update(zip(joint.invars[n_in:], list(ct_carry) + list(ct_y)))
-            _eval_eqns(loop_eqns, env)
-            ct_in = [read(env, v) for v in joint.outvars[n_out + n_c:n_out + n_ct_in]]
-            n_k = len(act_carry)
-            new_ct_carry, ct_x = ct_in[:n_k], ct_in[n_k:]
-            acc = list(acc)
-            for i, (_, rest) in enumerate(hoisted):
-                for v in rest:
-                    acc[i] = acc[i] + read(env, v)
+            _eval_eqns(tangent_eqns, env)
+            ct_in = [read(env, v) for v in joint.outvars[n_out:n_out + n_ct_in]]
+            n_c, n_k = len(act_consts), len(act_carry)
+            ct_c, new_ct_carry, ct_x = ct_in[:n_c], ct_in[n_c:n_c + n_k], ct_in[n_c + n_k:]
             bwd_state = [read(env, v) for v in bwd_state_vars]
-            return (new_ct_carry, acc), (ct_x, bwd_state, [env[u] for u in emitted])
+            return (new_ct_carry, [a + c for a, c in zip(acc, ct_c)]), (ct_x, bwd_state)
 
-        (ct_init, ct_consts), (ct_xs, bwd_states, stacked) = lax.scan(
+        (ct_init, ct_consts), (ct_xs, bwd_states) = lax.scan(
             bwd_body, (ct_carry, ct_consts), (residuals, ct_ys), length=length,
             reverse=not reverse, unroll=unroll)
-        stacked = dict(zip(emitted, stacked))
-        stacked.update((v, residuals[i]) for v, i in res_index.items())
-        ct_consts = list(ct_consts)
-        for i, (terms, _) in enumerate(hoisted):
-            for term in terms:
-                a, b = (stacked[u] for u in term.dot.invars)
-                ct_consts[i] = ct_consts[i] + hoist.contract_over_time(term, a, b)
         if child is not None:
             obs.join_scan(child, "backward", bwd_states, reverse=not reverse)
         result = [None] * n_in
