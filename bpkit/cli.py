@@ -108,7 +108,8 @@ def cmd_parity(args) -> int:
     batch = train_batch(ds, 0, cfg.data.batch_size, cfg.run.seed)
     key = jax.random.fold_in(state.key, 0)
     report = loop.check_step_parity(task, state.params, batch, key,
-                                    model_state=state.model_state, fd=not args.no_fd)
+                                    model_state=state.model_state, fd=not args.no_fd,
+                                    grad_options=cfg.run.grad_options())
     print(f"parity of the train-step loss of {args.config} on one batch of "
           f"{cfg.data.batch_size}:")
     print(report)

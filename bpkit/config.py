@@ -66,6 +66,12 @@ class RunConfig:
                    "dots_with_no_batch_dims_saveable", "everything_saveable"] = "none"
     remat_budget_bytes: int | None = None  # remat=auto: most bytes saved for the backward
 
+    def grad_options(self) -> dict:
+        """``remat``/``remat_budget_bytes`` as ``bpkit.grad`` keywords (those that are set)."""
+        options = {"remat": None if self.remat == "none" else self.remat,
+                   "remat_budget_bytes": self.remat_budget_bytes}
+        return {k: v for k, v in options.items() if v is not None}
+
 
 @dataclass
 class DataConfig:

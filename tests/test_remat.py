@@ -229,3 +229,4 @@ def test_train_step_and_config():
     assert any("run.remat_budget_bytes" in p and "set run.remat=auto" in p
                for p in problems(["run.remat_budget_bytes=1000"]))
     assert any("run.remat_budget_bytes" in p for p in problems(["run.remat_budget_bytes=-1"]))
+

@@ -34,6 +34,8 @@ cases (a gradient that is exactly zero in both engines passes).
 """
 from __future__ import annotations
 
+import functools
+
 import contextlib
 import math
 from dataclasses import dataclass, field
@@ -109,14 +111,17 @@ class ParityReport:
 
 def check_parity(fun: Callable, *args, argnums: int | Sequence[int] = 0, fd: bool = True,
                  directions: int = 2, eps: float = 1e-6, rtol: float | None = None,
-                 fd_rtol: float = FD_RTOL, seed: int = 0, **kwargs) -> ParityReport:
+                 fd_rtol: float = FD_RTOL, seed: int = 0, grad_options: dict | None = None,
+                 **kwargs) -> ParityReport:
     """Compare ``bpkit.grad(fun, argnums)`` with ``jax.grad`` and with float64 finite differences.
 
     ``fun`` must return a real scalar. Keyword arguments go to ``fun`` undifferentiated.
     ``fd=False`` skips finite differences (use it exactly at kinks, where they are undefined).
+    ``grad_options``: keyword arguments of ``bpkit.grad`` (``remat="auto"``, ...).
     """
     nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
-    g_bpkit = _jitted_grad(api.grad, fun, nums, kwargs)(*args)
+    bpkit_grad = functools.partial(api.grad, **(grad_options or {}))
+    g_bpkit = _jitted_grad(bpkit_grad, fun, nums, kwargs)(*args)
     g_jax = _jitted_grad(jax.grad, fun, nums, kwargs)(*args)
     fd_errors = (_finite_difference_errors(fun, args, kwargs, nums, directions, eps, seed,
                                            g_bpkit if _all_64_bit((args, kwargs)) else None)

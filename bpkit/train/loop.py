@@ -173,7 +173,8 @@ def make_steps(cfg: Config, task: Task, tx, schedule) -> tuple[Callable, Callabl
         g_tx, d_tx = tx
         g_sched, d_sched = schedule
         step = make_gan_step(task.d_loss_fn, task.g_loss_fn, d_tx, g_tx, engine=cfg.run.engine,
-                             d_schedule=d_sched, g_schedule=g_sched, **remat_setting(cfg))
+                             d_schedule=d_sched, g_schedule=g_sched,
+                             **cfg.run.grad_options())
         return step, make_eval_step(task.metric_fn)
     compute = jnp.bfloat16 if cfg.model.compute_dtype == "bfloat16" else None
     step = make_train_step(task.loss_fn, tx, engine=cfg.run.engine, has_aux=True,
@@ -182,16 +183,10 @@ def make_steps(cfg: Config, task: Task, tx, schedule) -> tuple[Callable, Callabl
                            compute_dtype=compute,
                            skip_nonfinite=cfg.run.on_nonfinite == "skip",
                            dp=(cfg.optimizer.dp["l2_clip"], cfg.optimizer.dp["noise_multiplier"])
-                           if cfg.optimizer.dp else None, **remat_setting(cfg))
+                           if cfg.optimizer.dp else None, **cfg.run.grad_options())
     if task.stateful:  # eval_step((params, model_state), batch): see eval_inputs
         return step, make_eval_step(lambda inputs, b: task.metric_fn(inputs[0], b, inputs[1]))
     return step, make_eval_step(task.metric_fn)
-
-
-def remat_setting(cfg: Config) -> dict:
-    """``run.remat``/``run.remat_budget_bytes`` as ``make_train_step`` keywords."""
-    return {"remat": None if cfg.run.remat == "none" else cfg.run.remat,
-            "remat_budget_bytes": cfg.run.remat_budget_bytes}
 
 
 def eval_inputs(task: Task, state: TrainState):
@@ -229,12 +224,13 @@ def parity_loss(task: Task, key):
 
 
 def check_step_parity(task: Task, params, batch, key, *, model_state=None, fd: bool = True,
-                      max_examples: int | None = None):
+                      max_examples: int | None = None, grad_options: dict | None = None):
     """bpkit vs jax.grad (vs float64 finite differences with ``fd``) on the gradient the train
     step takes for ``batch`` (at ``model_state``, for a stateful task). A GAN step takes two:
     the discriminator's loss w.r.t. its parameters and the generator's loss w.r.t. its own;
-    both are checked."""
+    both are checked. ``grad_options``: bpkit.grad's settings (the run's ``remat``)."""
     from bpkit.check import ParityReport, check_parity
+    check_parity = partial(check_parity, grad_options=grad_options)
     if max_examples is not None:
         batch = jax.tree_util.tree_map(lambda x: x[:max_examples], batch)
     if task.stateful:
@@ -320,7 +316,8 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
         report = check_step_parity(task, state.params, first,
                                    jax.random.fold_in(state.key, start),
                                    model_state=state.model_state, fd=False,
-                                   max_examples=PARITY_EXAMPLES)
+                                   max_examples=PARITY_EXAMPLES,
+                                   grad_options=cfg.run.grad_options())
         views.parity(report)
         if not sharding.any_process(not report.ok):  # every process takes the same decision
             con.out(f"  parity  first batch: max |bpkit - jax.grad| = {report.max_jax_abs:.2e} "

@@ -55,6 +55,17 @@ def test_parity_passes(name, capsys):
     assert "parity OK" in out and "MISMATCH" not in out
 
 
+@pytest.mark.parametrize("name", [n if n in ("charlm_gpt", "mnist1d_gru")
+                                  else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in sorted(SMALL)])
+def test_parity_passes_under_remat_auto(name, capsys):
+    """``run.remat=auto``: the parity check compares the planned engine with jax.grad (two run
+    by default: attention and layer norm, a scan; every shipped config with ``-m slow``)."""
+    code = cli.main(["parity", os.path.join(CONFIGS, f"{name}.yaml"), "data.batch_size=2",
+                     *SMALL[name], "run.remat=auto"])
+    assert code == 0 and "parity OK" in capsys.readouterr().out
+
+
 def test_a_wrong_rule_fails_parity_and_stops_training(monkeypatch, capsys, tmp_path):
     import jax
     from bpkit.engine import registry
