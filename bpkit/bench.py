@@ -141,10 +141,12 @@ class TorchServer:
 
 
 def bench_model(bm: BenchModel, repeats: int = 10, warmup: int = 3, seed: int = 0,
-                torch: TorchServer | None = None) -> tuple[dict, float | None, float | None]:
+                torch: TorchServer | None = None, remat: str | None = None
+                ) -> tuple[dict, float | None, float | None]:
     """``(row, flops_per_step, torch_ms)``: the JSON row for ``bm`` (exactly ``ROW_KEYS``),
     XLA's FLOP count of one step (``None`` where the backend gives no cost analysis) and, with
-    a ``torch`` server, PyTorch eager's median step time (else ``None``)."""
+    a ``torch`` server, PyTorch eager's median step time (else ``None``). ``remat``: bpkit's
+    setting (``bpkit.grad``'s ``remat``; jax.grad runs without)."""
     rng = np.random.default_rng(seed)
     batch = tuple(jnp.asarray(a) for a in bm.batch(rng))
     tx = optax.adam(1e-3)
@@ -152,7 +154,8 @@ def bench_model(bm: BenchModel, repeats: int = 10, warmup: int = 3, seed: int = 
     row: dict = {"model": bm.name}
     steps, states = {}, {}
     for engine in ("bpkit", "jax"):
-        step = make_train_step(_loss_fn(bm), tx, engine=engine, donate=False)
+        step = make_train_step(_loss_fn(bm), tx, engine=engine, donate=False,
+                               remat=remat if engine == "bpkit" else None)
         state = TrainState.create(jax.tree_util.tree_map(jnp.array, params), tx, seed=seed)
         t0 = time.perf_counter()
         lowered = step.lower(state, batch)
@@ -248,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=10, help="timed steps per engine (>= 10)")
     p.add_argument("--torch", action="store_true",
                    help="also time PyTorch eager (needs `pip install torch==2.13.0`)")
+    p.add_argument("--remat", choices=["none", "auto"], default="none",
+                   help="bpkit's remat setting (bpkit.grad's remat=; default none)")
     args = p.parse_args(argv)
     if args.repeats < 10:
         p.error("--repeats must be at least 10")
@@ -274,7 +279,8 @@ def _run(args, all_models: dict, torch: TorchServer | None) -> int:
           f"{peak / 1e9:.1f} GFLOP/s", flush=True)
     rows, step_flops, torch_rows = [], {}, []
     for name in args.models:
-        row, flops, torch_ms = bench_model(all_models[name], repeats=args.repeats, torch=torch)
+        row, flops, torch_ms = bench_model(all_models[name], repeats=args.repeats, torch=torch,
+                                           remat=None if args.remat == "none" else args.remat)
         rows.append(row)
         if torch_ms is not None:
             torch_rows.append({"model": name, "torch_eager_step_ms": torch_ms})
@@ -295,7 +301,7 @@ def _run(args, all_models: dict, torch: TorchServer | None) -> int:
                   f"({peak / 1e9:.1f} GFLOP/s, best read before and after the models)")
     print(format_table(rows))
     machine = {"platform": jax.devices()[0].platform, "device_count": jax.device_count(),
-               "jax": jax.__version__, "matmul_peak_flops": peak}
+               "jax": jax.__version__, "matmul_peak_flops": peak, "bpkit_remat": args.remat}
     out = {"machine": machine, "rows": rows, "peak_fraction": achieved}
     if torch is not None:
         out["torch"] = compare_torch(rows, torch_rows)

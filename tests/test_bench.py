@@ -54,7 +54,8 @@ def test_torch_models_match_bench_models():
 
 def test_main_writes_rows(tmp_path, user_numerics):
     out = tmp_path / "bench.json"
-    assert bench.main(["--models", "mlp", "--repeats", "10", "--json", str(out)]) == 0
+    assert bench.main(["--models", "mlp", "--repeats", "10", "--remat", "auto",
+                       "--json", str(out)]) == 0
     data = json.loads(out.read_text())
     assert "torch" not in data
     assert [r["model"] for r in data["rows"]] == ["mlp"]
@@ -63,6 +64,7 @@ def test_main_writes_rows(tmp_path, user_numerics):
     for key in bench.ROW_KEYS[1:]:
         assert isinstance(row[key], (int, float)) and math.isfinite(row[key]) and row[key] > 0, key
     assert data["machine"]["matmul_peak_flops"] > 0
+    assert data["machine"]["bpkit_remat"] == "auto"
 
 
 def test_repeats_below_ten_rejected():
