@@ -56,7 +56,7 @@ def vjp(fun: Callable, *primals, has_aux: bool = False, while_checkpoints: int |
         with _while_setting(while_checkpoints):
             return vjp(fun, *primals, has_aux=has_aux, remat=remat,
                        remat_budget_bytes=remat_budget_bytes)
-    policy = _remat_policy(remat, remat_budget_bytes)
+    policy = remat_policy(remat, remat_budget_bytes)
     flat_args, in_tree = jax.tree_util.tree_flatten((primals, {}))
     flat_args = [compat.as_array(x) for x in flat_args]
     traced = core.trace(fun, flat_args, in_tree, **_checkpointed(fun, policy))
@@ -96,7 +96,7 @@ def value_and_grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: boo
 
     ``while_checkpoints``, ``remat``, ``remat_budget_bytes``: see ``grad``."""
     argnums_tuple = _check_argnums(argnums)
-    policy = _remat_policy(remat, remat_budget_bytes)
+    policy = remat_policy(remat, remat_budget_bytes)
 
     @functools.wraps(fun)
     def value_and_grad_fun(*args, **kwargs):
@@ -166,7 +166,7 @@ def grad(fun: Callable, argnums: int | Sequence[int] = 0, has_aux: bool = False,
     return grad_fun
 
 
-def _remat_policy(remat, budget):
+def remat_policy(remat, budget):
     """``remat`` checked: ``None``, ``"auto"`` or a ``jax.checkpoint`` policy (a callable)."""
     names = [n for n in dir(jax.checkpoint_policies) if not n.startswith("_")
              and n.endswith(("saveable", "saveable_policy"))]

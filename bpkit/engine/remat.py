@@ -167,8 +167,7 @@ def _recompute(plan: Plan, env: dict, reader, wanted=None) -> None:
     ties = [v for v in (reader.invars if reader is not None else []) if isinstance(v, compat.Var)
             and v in env and v not in frontier]
     held = lax.optimization_barrier(([env[v] for v in frontier], [env[v] for v in ties]))
-    local = dict(env)
-    local.update(zip(frontier, held[0]))
+    local = collections.ChainMap(dict(zip(frontier, held[0])), env)  # reads fall through to env
     env.update(zip(ties, held[1]))
     for eqn in sorted(eqns, key=plan.order.__getitem__):
         local.update(zip(eqn.outvars, compat.eval_eqn(eqn, [_read(local, u) for u in eqn.invars])))

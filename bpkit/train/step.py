@@ -42,11 +42,11 @@ def value_and_grad_for(engine: str, remat=None, remat_budget_bytes: int | None =
     if engine == "bpkit":
         if remat is None and remat_budget_bytes is None:
             return api.value_and_grad
-        api._remat_policy(remat, remat_budget_bytes)  # a bad setting is reported now
+        api.remat_policy(remat, remat_budget_bytes)  # a bad setting is reported now
         return functools.partial(api.value_and_grad, remat=remat,
                                  remat_budget_bytes=remat_budget_bytes)
     if engine == "jax":
-        policy = api._remat_policy(remat, remat_budget_bytes)
+        policy = api.remat_policy(remat, remat_budget_bytes)
         if policy == "auto":
             raise ValueError("remat='auto' is bpkit's own plan; with engine='jax' use remat=None "
                              "or a jax.checkpoint policy name.")
