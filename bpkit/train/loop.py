@@ -295,7 +295,9 @@ def _train(cfg: Config, run: RunDir, con: Console, mesh, t_start: float, built) 
     con.out(f"  data    {ds.describe()}; batch {cfg.data.batch_size}")
     con.out(f"  optim   {cfg.optimizer.name} lr {cfg.optimizer.learning_rate:g} "
             f"({cfg.optimizer.schedule}); {cfg.run.steps} steps")
-    con.out(f"  engine  {cfg.run.engine}; devices {', '.join(devices)}"
+    con.out(f"  engine  {cfg.run.engine}"
+            + (f" (remat {cfg.run.remat})" if cfg.run.remat != "none" else "")
+            + f"; devices {', '.join(devices)}"
             + (f" (mesh data={cfg.mesh.data} x fsdp={cfg.mesh.fsdp})" if len(devices) > 1 else "")
             + (f"; {jax.process_count()} processes" if jax.process_count() > 1 else ""))
     if cfg.optimizer.dp:
