@@ -154,8 +154,9 @@ def _read_saved(replay, primals, saved_eqns, env, outs) -> list[bool]:
 def _used_inputs(jaxpr) -> list[bool]:
     """Which inputs of ``jaxpr`` its outputs depend on (equations with effects count as used;
     sub-jaxprs are not looked into, so their equations count as reading all their inputs)."""
-    live = set(jaxpr.outvars)
-    live.update(v for e in core.live_eqns(jaxpr.eqns, jaxpr.outvars) for v in e.invars)
+    live = {v for v in jaxpr.outvars if isinstance(v, compat.Var)}
+    live.update(v for e in core.live_eqns(jaxpr.eqns, jaxpr.outvars) for v in e.invars
+                if isinstance(v, compat.Var))
     return [v in live for v in jaxpr.invars]
 
 
