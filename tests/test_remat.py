@@ -68,6 +68,26 @@ def with_custom_vjp_and_while(w, x):
     return jnp.sum(jnp.exp(y) * w)
 
 
+@jax.custom_vjp
+def exp_of_product(a, b):
+    """``exp(a @ b)`` whose bwd recomputes the product from the saved ``a, b`` (as the fused
+    attention recomputes ``q kᵀ``) instead of saving the ``(M, N)`` result."""
+    return jnp.exp(a @ b)
+
+
+def _exp_of_product_bwd(saved, ct):
+    a, b = saved
+    g = ct * jnp.exp(a @ b)
+    return g @ b.T, a.T @ g
+
+
+exp_of_product.defvjp(lambda a, b: (exp_of_product(a, b), (a, b)), _exp_of_product_bwd)
+
+
+def with_recomputing_custom_vjp(a, b):
+    return jnp.sum(exp_of_product(a, b) * jnp.arange(7.0)[None, :])
+
+
 PROGRAMS = {
     "residual_mlp": (residual_mlp, ([(_normal(i, (6, 6)) / 3, _normal(10 + i, (6,)))
                                      for i in range(3)], _normal(20, (5, 6)))),
@@ -79,6 +99,8 @@ PROGRAMS = {
                        _normal(3, (5, 2, 3)))),
     "conv": (conv, (_normal(1, (3, 3, 2, 3)) / 3, _normal(2, (2, 5, 5, 2)))),
     "custom_vjp_and_while": (with_custom_vjp_and_while, (_normal(1, (4,)), _normal(2, (4,)))),
+    "recomputing_custom_vjp": (with_recomputing_custom_vjp, (_normal(1, (5, 4)) / 2,
+                                                             _normal(2, (4, 7)) / 2)),
 }
 
 
@@ -125,15 +147,28 @@ def test_plan_of_a_small_program_is_the_hand_derived_optimum():
 
 
 def test_plan_of_a_residual_stream_saves_each_layer_input_once():
-    """Each layer's product output is saved (it cannot be recomputed); ``h[1..L-1]`` are saved
-    too, because recomputing ``h[l]`` from ``h[l-1]`` would chain through every earlier layer's
-    ``h``, each read by a product of the backward (``W``'s gradient). ``h[0]`` is the input."""
+    """Each layer's product output is saved (it cannot be recomputed); so are ``h[2..L-1]``,
+    because recomputing ``h[l]`` from ``h[l-1]`` would chain through earlier layers' ``h``, each
+    read by a product of the backward (``W``'s gradient), and rebuild them all at once.
+    ``h[1]`` is recomputed from the input ``h[0]`` and the first product (one link, rebuilt
+    next to its reader)."""
     layers = 4
     params = [(_normal(i, (6, 6)) / 3, _normal(10 + i, (6,))) for i in range(layers)]
     plan = _plan(residual_mlp, params, _normal(20, (5, 6)))
-    assert _saved_by(plan) == sorted(["add"] * (layers - 1) + ["dot_general"] * layers)
-    assert plan.saved_bytes == (2 * layers - 1) * 5 * 6 * 8
-    assert "saves 7 values" in plan.summary()
+    assert _saved_by(plan) == sorted(["add"] * (layers - 2) + ["dot_general"] * layers)
+    assert plan.saved_bytes == (2 * layers - 2) * 5 * 6 * 8
+    assert "saves 6 values" in plan.summary()
+
+
+def test_a_custom_vjp_bwd_recomputes_its_product_in_the_backward():
+    """``exp_of_product``'s bwd recomputes ``exp(a @ b)`` from its saved inputs. That product
+    does not depend on the cotangent, but the function's output does not need it either: the
+    plan leaves it to the backward (as the plain engine runs it) instead of computing it in the
+    forward and saving the ``(5, 7)`` result. ``a``, ``b`` are inputs, kept anyway: nothing is
+    saved."""
+    plan = _plan(with_recomputing_custom_vjp, *PROGRAMS["recomputing_custom_vjp"][1])
+    assert plan.saved == [] and plan.saved_bytes == 0
+    assert plan.required_bytes >= 5 * 7 * 8  # the product the backward reads
 
 
 def test_a_budget_recomputes_more_and_says_when_it_cannot_be_met():

@@ -230,10 +230,15 @@ def _make_plan(jaxpr, consts, args, active_in, budget_bytes, ct_outputs) -> Plan
                     if isinstance(v, compat.Var) and v in required}
     free = set(closed.invars[:num_args]) | set(closed.constvars)
     free.update(v for v in closed.outvars[:num_outs] if isinstance(v, compat.Var))
+    # Forward equations the function's outputs do not need are the backward's own work on
+    # primal values (a custom_vjp bwd recomputing q kᵀ): the backward may run them whatever
+    # they cost, as the plain engine does, rather than saving their results.
+    deferrable = set(forward_eqns) - set(core.live_eqns(forward_eqns, closed.outvars[:num_outs]))
 
     plans = []
     for tier, recomputable in enumerate(TIERS):
-        saved = _min_cut(forward_eqns, producer, required, materialized, free, recomputable)
+        saved = _min_cut(forward_eqns, producer, required, materialized, free,
+                         recomputable, deferrable)
         plans.append((tier, saved, sum(_bytes(v) for v in saved)))
         if budget_bytes is None or plans[-1][2] <= budget_bytes:
             break
@@ -257,41 +262,53 @@ def _bytes(v) -> int:
     return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
 
 
-def _min_cut(forward_eqns, producer, required, materialized, free, recomputable) -> list:
+def _min_cut(forward_eqns, producer, required, materialized, free, recomputable,
+             deferrable=frozenset()) -> list:
     """The forward variables to save: a minimum byte-weighted cut between the values nothing
     can recompute and the values the backward pass reads (see the module docstring), such that
     no recomputation passes through a value in ``materialized``.
 
     Why the condition: a recomputed value stays in memory from its first reader to its last,
     and one read by a matrix product or a convolution of the backward pass is materialised
-    (XLA cannot fuse its recomputation into the reader). A chain of recomputations through such
-    values (a residual stream ``h[l+1] = h[l] + f(W[l] h[l])``, each ``h[l]`` read by the
-    product that gives ``W[l]``'s gradient) would rebuild every layer's ``h`` at the last
+    (XLA cannot fuse its recomputation into the reader). A chain of recomputations through
+    several such values (a residual stream ``h[l+1] = h[l] + f(W[l] h[l])``, each ``h[l]`` read
+    by the product that gives ``W[l]``'s gradient) would rebuild every layer's ``h`` at the last
     layer's backward and hold them all, costing more than saving them. Such an inner value is
-    made unrecomputable and the cut taken again, until no chain passes through one."""
+    made unrecomputable and the cut taken again, until no chain passes through one that is
+    itself recomputed through another. One materialised link whose own inputs are held (a
+    slice of a saved ``k`` that both a recomputed ``q kᵀ`` and a backward product read) stays
+    recomputable: it is rebuilt next to its readers, where saving it would hold it all along."""
     pinned: set = set()  # values whose producer must not be recomputed
     while True:
-        saved = _cut_once(forward_eqns, producer, required, free, recomputable, pinned)
+        saved = _cut_once(forward_eqns, producer, required, free, recomputable, deferrable,
+                          pinned)
         held = free | set(saved)
-        chained = set()
-        for v in required - held:
-            stack = [u for u in producer[v].invars if isinstance(u, compat.Var)]
-            seen = set()
-            while stack:
-                u = stack.pop()
-                if u in seen or u in held:
-                    continue
-                seen.add(u)
-                if u in materialized:
-                    chained.add(u)
-                else:
-                    stack.extend(w for w in producer[u].invars if isinstance(w, compat.Var))
+        chained = {u for v in required - held
+                   for u in _materialized_links(v, producer, held, materialized)}
+        chained = {u for u in chained if _materialized_links(u, producer, held, materialized)}
         if not chained:
             return saved
         pinned |= chained
 
 
-def _cut_once(forward_eqns, producer, required, free, recomputable, pinned) -> list:
+def _materialized_links(v, producer, held, materialized) -> set:
+    """The first values in ``materialized`` that recomputing ``v`` from ``held`` passes through."""
+    found, seen = set(), set()
+    stack = [u for u in producer[v].invars if isinstance(u, compat.Var)]
+    while stack:
+        u = stack.pop()
+        if u in seen or u in held:
+            continue
+        seen.add(u)
+        if u in materialized:
+            found.add(u)
+        else:
+            stack.extend(w for w in producer[u].invars if isinstance(w, compat.Var))
+    return found
+
+
+def _cut_once(forward_eqns, producer, required, free, recomputable, deferrable,
+              pinned) -> list:
     INF = float("inf")
     cap: dict = collections.defaultdict(dict)
 
@@ -302,7 +319,7 @@ def _cut_once(forward_eqns, producer, required, free, recomputable, pinned) -> l
     def can_recompute(v):
         eqn = producer.get(v)
         return (v not in free and v not in pinned and eqn is not None
-                and eqn.primitive in recomputable and not eqn.effects)
+                and (eqn.primitive in recomputable or eqn in deferrable) and not eqn.effects)
 
     live = set(required)
     for eqn in reversed(forward_eqns):  # only the ancestors of what the backward reads
