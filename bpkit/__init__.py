@@ -21,14 +21,16 @@ _EXPORTS = {
     "check_parity": "bpkit.check", "ParityReport": "bpkit.check",
     "while_checkpoints": "bpkit.rules.loops",
     "per_example_grad_norms": "bpkit.per_example",
+    "reuse_host_memory": "bpkit.host_memory",
 }
 _SUBMODULES = ("testing", "models", "nn", "ops", "train", "rules", "engine", "check", "data",
-               "config", "validate", "sharding", "diagnostics", "debug", "per_example")
+               "config", "validate", "sharding", "diagnostics", "debug", "per_example",
+               "host_memory")
 
 __all__ = [
     "vjp", "grad", "value_and_grad", "register_vjp", "register_fwd_bwd", "register_nondiff",
     "registered_primitives", "UnsupportedPrimitiveError", "check_parity", "ParityReport",
-    "testing", "while_checkpoints", "per_example_grad_norms",
+    "testing", "while_checkpoints", "per_example_grad_norms", "reuse_host_memory",
 ]
 
 

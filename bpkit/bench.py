@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bpkit import models
+from bpkit import host_memory, models
+from bpkit.host_memory import reuse_host_memory
 from bpkit.nn import losses
 from bpkit.train import TrainState, make_train_step
 from bpkit.train.progress import xla_flops
@@ -113,11 +114,12 @@ class TorchServer:
         self.proc, self.machine = proc, machine
 
     @classmethod
-    def start(cls) -> "TorchServer | None":
+    def start(cls, host_memory: str = "reuse") -> "TorchServer | None":
         root = str(Path(__file__).resolve().parent.parent)  # so that the child finds this bpkit
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        proc = subprocess.Popen([sys.executable, "-m", "bpkit.bench_torch", "--serve"],
+        proc = subprocess.Popen([sys.executable, "-m", "bpkit.bench_torch", "--serve",
+                                 "--host-memory", host_memory],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True)
         line = proc.stdout.readline()
         if not line:
@@ -253,16 +255,21 @@ def main(argv: list[str] | None = None) -> int:
                    help="also time PyTorch eager (needs `pip install torch==2.13.0`)")
     p.add_argument("--remat", choices=["none", "auto"], default="none",
                    help="bpkit's remat setting (bpkit.grad's remat=; default none)")
+    p.add_argument("--host-memory", choices=["reuse", "system"], default="reuse",
+                   help="reuse: keep freed host memory, in this process and PyTorch's, as "
+                        "bpkit train does (bpkit/host_memory.py); system: glibc's defaults")
     args = p.parse_args(argv)
     if args.repeats < 10:
         p.error("--repeats must be at least 10")
+    if args.host_memory == "reuse":
+        reuse_host_memory(quiet=True)  # before the first computation starts JAX's backend
     torch = None
     if args.torch:
         if importlib.util.find_spec("torch") is None:  # not imported here: torch runs apart
             print("bpkit bench: --torch needs PyTorch; install the CPU build with "
                   "`pip install torch==2.13.0`.", file=sys.stderr)
             return 2
-        torch = TorchServer.start()
+        torch = TorchServer.start(args.host_memory)
         if torch is None:
             return 1
     try:
@@ -276,7 +283,7 @@ def _run(args, all_models: dict, torch: TorchServer | None) -> int:
     peak = matmul_peak_flops()
     print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} "
           f"{jax.devices()[0].platform} device(s), jax {jax.__version__}; float32 matmul peak "
-          f"{peak / 1e9:.1f} GFLOP/s", flush=True)
+          f"{peak / 1e9:.1f} GFLOP/s; host memory {host_memory.status()}", flush=True)
     rows, step_flops, torch_rows = [], {}, []
     for name in args.models:
         row, flops, torch_ms = bench_model(all_models[name], repeats=args.repeats, torch=torch,
@@ -301,7 +308,8 @@ def _run(args, all_models: dict, torch: TorchServer | None) -> int:
                   f"({peak / 1e9:.1f} GFLOP/s, best read before and after the models)")
     print(format_table(rows))
     machine = {"platform": jax.devices()[0].platform, "device_count": jax.device_count(),
-               "jax": jax.__version__, "matmul_peak_flops": peak, "bpkit_remat": args.remat}
+               "jax": jax.__version__, "matmul_peak_flops": peak, "bpkit_remat": args.remat,
+               "host_memory": host_memory.status()}
     out = {"machine": machine, "rows": rows, "peak_fraction": achieved}
     if torch is not None:
         out["torch"] = compare_torch(rows, torch_rows)

@@ -218,7 +218,9 @@ def serve(device: str = "cpu", warmup: int = 3) -> int:
 
 
 def _machine(torch, device: str) -> dict:
+    from bpkit.host_memory import status
     return {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
+            "host_memory": status(),
             "processor": platform.processor() or platform.machine()}
 
 
@@ -230,11 +232,17 @@ def main(argv: list[str] | None = None) -> int:
                    metavar="MODEL", help=f"models to run (default all: {' '.join(MODEL_NAMES)})")
     p.add_argument("--repeats", type=int, default=10, help="timed steps per model (>= 10)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--host-memory", choices=["reuse", "system"], default="reuse",
+                   help="reuse: keep freed host memory (bpkit/host_memory.py), as bpkit bench "
+                        "does for JAX; system: glibc's defaults")
     p.add_argument("--serve", action="store_true",
                    help="answer timing requests on stdin (used by `bpkit bench --torch`)")
     args = p.parse_args(argv)
     if args.repeats < 10:
         p.error("--repeats must be at least 10")
+    if args.host_memory == "reuse":
+        from bpkit.host_memory import reuse_host_memory
+        reuse_host_memory()  # before PyTorch starts its threads
     try:
         import torch
     except ImportError:

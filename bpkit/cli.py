@@ -41,8 +41,18 @@ def _load(config: str, overrides: list[str]):
     return load_config(config, overrides)
 
 
+def _host_memory(cfg) -> None:
+    """``run.host_memory: reuse``: keep freed host memory (before JAX starts its backend; the
+    command always runs first in its process, but a program calling ``main`` may have started
+    JAX already: then the run records ``host_memory: system`` in environment.json)."""
+    if cfg.run.host_memory == "reuse":
+        from bpkit.host_memory import reuse_host_memory
+        reuse_host_memory(quiet=True)
+
+
 def cmd_train(args) -> int:
     cfg = _load(args.config, args.overrides)
+    _host_memory(cfg)
     from bpkit.train import loop
     try:
         loop.train(cfg)
@@ -61,6 +71,7 @@ def _run_config(run_dir: str):
 
 
 def cmd_eval(args) -> int:
+    _host_memory(_run_config(os.path.abspath(args.run_dirs[0])))
     for run_dir in args.run_dirs:  # one JSON line per run, each with its directory
         _eval_one(os.path.abspath(run_dir))  # read only: no lock (a run may be training)
     return 0
@@ -98,6 +109,7 @@ def _eval_one(run_dir: str) -> None:
 
 def cmd_parity(args) -> int:
     cfg = _load(args.config, args.overrides)
+    _host_memory(cfg)
     import jax
 
     from bpkit.data import train_batch

@@ -65,6 +65,9 @@ class RunConfig:
     remat: Literal["none", "auto", "nothing_saveable", "dots_saveable",
                    "dots_with_no_batch_dims_saveable", "everything_saveable"] = "none"
     remat_budget_bytes: int | None = None  # remat=auto: most bytes saved for the backward
+    # reuse: keep freed host memory for the next step (no page faults on XLA's CPU temporaries;
+    # bpkit/host_memory.py); system: leave the C library's allocator settings alone
+    host_memory: Literal["reuse", "system"] = "reuse"
 
     def grad_options(self) -> dict:
         """``remat``/``remat_budget_bytes`` as ``bpkit.grad`` keywords (those that are set)."""

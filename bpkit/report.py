@@ -72,10 +72,13 @@ def _read_json(run_dir: str, name: str) -> dict | None:
 
 
 def environment() -> dict[str, Any]:
-    """Versions of Python, bpkit, JAX, jaxlib, optax, numpy; the platform and JAX's devices."""
+    """Versions of Python, bpkit, JAX, jaxlib, optax, numpy; the platform, JAX's devices and
+    whether freed host memory is kept (``bpkit.host_memory``)."""
     from importlib import metadata
+
+    from bpkit.host_memory import status
     env: dict[str, Any] = {"python": sys.version.split()[0],
-                           "platform": platform.platform()}
+                           "platform": platform.platform(), "host_memory": status()}
     for pkg in ("bpkit", "jax", "jaxlib", "optax", "numpy"):
         try:
             env[pkg] = metadata.version(pkg)

@@ -148,7 +148,11 @@ def sweep(config: str, overrides: list[str], out: str | None = None, *,
 def sweep_command(args) -> int:
     """``bpkit sweep``: exit 0 when every run finished or diverged (a diverged run is a
     result), 1 on a parity mismatch; the CLI maps config mistakes to 2."""
+    from bpkit.host_memory import reuse_host_memory
     from bpkit.train import loop
+    _, runs = plan(args.config, args.overrides, args.out)  # config mistakes: reported now
+    if all(cfg.run.host_memory == "reuse" for _, cfg in runs):
+        reuse_host_memory(quiet=True)  # before the first run starts JAX's backend
     try:
         sweep_dir, _, figure, table = sweep(args.config, args.overrides, args.out)
     except loop.ParityError as e:

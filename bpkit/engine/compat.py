@@ -14,6 +14,8 @@ The rest of bpkit reads jaxprs only through these helpers:
 * ``shard_map_params`` / ``shard_map`` / ``parallel_primitive`` / ``varying_axes``: explicit SPMD
   (``check_rep`` became ``check_vma``; the collectives are not exported by ``jax.extend``; the
   replication types of values inside a ``shard_map`` body), see the section at the end.
+* ``backends_are_initialized``: whether JAX has started its backends (``jax._src.xla_bridge``;
+  not public on any supported release).
 * ``COMPLEX_SIGN_IS_DIFFERENTIABLE``: JAX 0.12 differentiates ``sign`` of a complex number (its
   angle), JAX 0.10 takes it to be constant.
 
@@ -284,6 +286,12 @@ def internal_primitive(name: str):
 # Hermitian tangent from dΣ's lower triangle (the only part the primitive reads). 0.11 is assumed
 # to behave like 0.12 (not installed here to check).
 CHOLESKY_TANGENT_FROM_LOWER = JAX_VERSION >= (0, 11, 0)
+
+
+def backends_are_initialized() -> bool:
+    """Whether JAX has started its backends (its first computation or ``jax.devices()``)."""
+    from jax._src import xla_bridge
+    return xla_bridge.backends_are_initialized()
 
 
 def as_array(x):

@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from bpkit import host_memory
 from tests.cli.harness import run_cli, tree_digest, user_dir
 from tests.cli.rundir_helpers import CFG, LONG, RUN, SHORT, copy_of, fast_env, reference
 
@@ -37,6 +38,9 @@ def test_train_eval_finetune_from_a_user_directory(reference, fast_env, tmp_path
     with open(os.path.join(work, RUN, "config.yaml")) as f:
         stored = f.read()
     assert f"out_dir: {os.path.join(reference, RUN)}" in stored   # the resolved, absolute path
+    if host_memory._glibc() is not None:  # run.host_memory: reuse took effect in the command
+        with open(os.path.join(work, RUN, "environment.json")) as f:
+            assert json.load(f)["host_memory"] == "reused"
 
     p = run_cli(work, "eval", RUN, env=fast_env)
     assert p.returncode == 0, p.stderr
