@@ -77,6 +77,13 @@ def _primitives(names) -> frozenset:
 TIERS = (_primitives(_ELEMENTWISE + _STRUCTURAL),)
 TIERS += (TIERS[0] | _primitives(_PASSES),)
 TIERS += (TIERS[1] | _primitives(_PRODUCTS),)
+# Arithmetic without transcendental functions: what a loop body's backward step recomputes
+# (an exp or tanh per element per step costs more on a CPU than stacking its result).
+_TRANSCENDENTAL = """exp exp2 log log1p expm1 tanh logistic sin cos tan asin acos atan sinh cosh
+asinh acosh atanh sqrt rsqrt cbrt pow erf erfc erf_inv lgamma digamma atan2 nextafter""".split()
+ARITHMETIC = TIERS[0] - _primitives(_TRANSCENDENTAL)
+# Backward readers whose inputs XLA fuses (a recomputed input need not be materialised).
+FUSIBLE = TIERS[0] | _primitives(_FUSIBLE_READERS)
 
 
 @dataclass
@@ -225,8 +232,7 @@ def _make_plan(jaxpr, consts, args, active_in, budget_bytes, ct_outputs) -> Plan
                 if isinstance(v, compat.Var) and v not in backward_vars}
     required.update(v for v in closed.outvars[num_outs:]
                     if isinstance(v, compat.Var) and v not in backward_vars)
-    fusible = TIERS[0] | _primitives(_FUSIBLE_READERS)
-    materialized = {v for e in backward_eqns if e.primitive not in fusible for v in e.invars
+    materialized = {v for e in backward_eqns if e.primitive not in FUSIBLE for v in e.invars
                     if isinstance(v, compat.Var) and v in required}
     free = set(closed.invars[:num_args]) | set(closed.constvars)
     free.update(v for v in closed.outvars[:num_outs] if isinstance(v, compat.Var))
@@ -237,7 +243,7 @@ def _make_plan(jaxpr, consts, args, active_in, budget_bytes, ct_outputs) -> Plan
 
     plans = []
     for tier, recomputable in enumerate(TIERS):
-        saved = _min_cut(forward_eqns, producer, required, materialized, free,
+        saved = min_cut(forward_eqns, producer, required, materialized, free,
                          recomputable, deferrable)
         plans.append((tier, saved, sum(_bytes(v) for v in saved)))
         if budget_bytes is None or plans[-1][2] <= budget_bytes:
@@ -262,7 +268,7 @@ def _bytes(v) -> int:
     return int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize
 
 
-def _min_cut(forward_eqns, producer, required, materialized, free, recomputable,
+def min_cut(forward_eqns, producer, required, materialized, free, recomputable,
              deferrable=frozenset()) -> list:
     """The forward variables to save: a minimum byte-weighted cut between the values nothing
     can recompute and the values the backward pass reads (see the module docstring), such that

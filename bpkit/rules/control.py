@@ -308,6 +308,49 @@ def _split_by_cotangent(jaxpr, num_primal_in: int):
     return primal_eqns, tangent_eqns, needed
 
 
+def _step_residuals(joint, n_in, primal_eqns, tangent_eqns, const_invars, xs_invars, n_out,
+                    n_ct_in):
+    """What the forward scan stacks per step for the backward scan, by the minimum cut of
+    ``remat="auto"`` (``bpkit/engine/remat.py``) over one step: ``(stacked, recompute,
+    bwd_xs)``. The backward step recomputes the rest of what it reads (``recompute``, cheap
+    elementwise and data-movement equations, and primal work only the backward needs) from
+    the stacked values, the loop's constants and its own ``xs`` (``bwd_xs``, which the
+    backward scan reads again rather than stacking copies).
+
+    For the reference LSTM (hidden 128) one step stacks ``h``, ``c`` and the ``(B, 4H)``
+    pre-activations instead of ten ``(B, H)`` gate values and products: 768 columns per row
+    instead of 1,792 (docs/benchmarks.md)."""
+    from bpkit.engine import remat
+    tangent_vars = set(joint.invars[n_in:])
+    for eqn in tangent_eqns:
+        tangent_vars.update(eqn.outvars)
+
+    def primal(v):
+        return isinstance(v, compat.Var) and v not in tangent_vars
+
+    required = {v for e in tangent_eqns for v in e.invars if primal(v)}
+    required.update(v for v in joint.outvars[n_out:] if primal(v))  # constant cotangents
+    materialized = {v for e in tangent_eqns if e.primitive not in remat.FUSIBLE
+                    for v in e.invars if primal(v)}
+    free = const_invars | set(xs_invars)
+    producer = {v: e for e in primal_eqns for v in e.outvars}
+    deferrable = set(primal_eqns) - set(core.live_eqns(primal_eqns, joint.outvars[:n_out]))
+    saved = remat.min_cut(primal_eqns, producer, required, materialized, free,
+                           remat.ARITHMETIC, deferrable)
+    held = free | set(saved)
+    recompute, stack = set(), [v for v in required if v not in held]
+    while stack:
+        v = stack.pop()
+        if v in held or producer[v] in recompute:
+            continue
+        recompute.add(producer[v])
+        stack.extend(u for u in producer[v].invars if isinstance(u, compat.Var))
+    read = {v for e in recompute for v in e.invars if isinstance(v, compat.Var)} | required
+    order = {e: i for i, e in enumerate(primal_eqns)}
+    return ([v for v in saved if v not in free], sorted(recompute, key=order.__getitem__),
+            [v for v in xs_invars if v in read])
+
+
 def _eval_eqns(eqns, env: dict) -> None:
     for eqn in eqns:
         invals = [v.val if isinstance(v, compat.Literal) else env[v] for v in eqn.invars]
@@ -359,20 +402,30 @@ def _scan_fwd_bwd(primals, active, *, reverse, length, jaxpr, unroll, **params):
     primal_eqns, tangent_eqns, needed = _split_by_cotangent(joint, n_in)
     joint_in = joint.invars[:n_in]
     const_invars = set(joint_in[:num_consts]) | set(joint.constvars)
-    stacked_res = [v for v in needed if v not in const_invars]
     n_out = len(out_avals)
 
     n_ct_in = sum(in_active)
     fwd_state_vars = joint.outvars[n_out + n_ct_in:n_out + n_ct_in + n_fwd_state]
     bwd_state_vars = joint.outvars[n_out + n_ct_in + n_fwd_state:]
+    xs_invars = joint_in[num_consts + num_carry:]
+    if child is None:  # the fewest bytes per step (an observer sees the plain split)
+        stacked_res, recompute_eqns, bwd_xs = _step_residuals(
+            joint, n_in, primal_eqns, tangent_eqns, const_invars, xs_invars, n_out, n_ct_in)
+    else:
+        stacked_res = [v for v in needed if v not in const_invars]
+        recompute_eqns, bwd_xs = [], []
+    bwd_xs_index = [xs_invars.index(v) for v in bwd_xs]
 
     def read(env, v):
         return env[v] if isinstance(v, compat.Var) else v.val
 
+    fwd_eqns = core.live_eqns(primal_eqns, [*joint.outvars[:n_out], *stacked_res,
+                                            *fwd_state_vars])
+
     def fwd_body(carry, x):
         env = dict(zip(joint.constvars, joint_consts))
         env.update(zip(joint_in, list(consts) + list(carry) + list(x)))
-        _eval_eqns(primal_eqns, env)
+        _eval_eqns(fwd_eqns, env)
         outs = [read(env, v) for v in joint.outvars[:n_out]]
         fwd_state = [read(env, v) for v in fwd_state_vars]
         return outs[:num_carry], (outs[num_carry:], [env[v] for v in stacked_res], fwd_state)
@@ -396,10 +449,12 @@ def _scan_fwd_bwd(primals, active, *, reverse, length, jaxpr, unroll, **params):
 
         def bwd_body(carry, per_step):
             ct_carry, acc = carry
-            res, ct_y = per_step
+            res, ct_y, x = per_step
             env = dict(zip(joint.constvars, joint_consts))
             env.update(zip(joint_in[:num_consts], consts))
             env.update(zip(stacked_res, res))
+            env.update(zip(bwd_xs, x))
+            _eval_eqns(recompute_eqns, env)
             env.update(zip(joint.invars[n_in:], list(ct_carry) + list(ct_y)))
             _eval_eqns(tangent_eqns, env)
             ct_in = [read(env, v) for v in joint.outvars[n_out:n_out + n_ct_in]]
@@ -409,7 +464,8 @@ def _scan_fwd_bwd(primals, active, *, reverse, length, jaxpr, unroll, **params):
             return (new_ct_carry, [a + c for a, c in zip(acc, ct_c)]), (ct_x, bwd_state)
 
         (ct_init, ct_consts), (ct_xs, bwd_states) = lax.scan(
-            bwd_body, (ct_carry, ct_consts), (residuals, ct_ys), length=length,
+            bwd_body, (ct_carry, ct_consts),
+            (residuals, ct_ys, [xs[i] for i in bwd_xs_index]), length=length,
             reverse=not reverse, unroll=unroll)
         if child is not None:
             obs.join_scan(child, "backward", bwd_states, reverse=not reverse)

@@ -400,3 +400,41 @@ def test_remat_policy_temp_memory_matches_jax():
         if mem[jax.grad] < 0.9 * plain[jax.grad]:
             assert mem[bpkit.grad] < 0.9 * plain[bpkit.grad]
 
+
+
+def test_scan_stacks_the_fewest_residuals_per_step(monkeypatch):
+    """An LSTM step: the plain split of one step's forward and backward stacks 15 values per
+    step (the gate values, products such as ``1 - f``, the step's input ``x`` again, ...). The
+    cut stacks the 7 the backward cannot rebuild without a transcendental function: ``h`` and
+    ``c`` coming in, the four gates and ``tanh(c)`` going out; the products are recomputed by
+    arithmetic in the backward step, and ``x`` is read from the scan's own ``xs``."""
+    from bpkit.rules import control
+    plans, original = [], control._step_residuals
+    monkeypatch.setattr(control, "_step_residuals",
+                        lambda *a: plans.append(original(*a)) or plans[-1])
+    hidden = 3
+
+    def lstm(p, xs):
+        def cell(carry, x):
+            h, c = carry
+            z = x @ p["wx"] + h @ p["wh"]
+            i, f, o = (jax.nn.sigmoid(z[:, k * hidden:(k + 1) * hidden]) for k in (0, 1, 3))
+            g = jnp.tanh(z[:, 2 * hidden:3 * hidden])
+            c = f * c + i * g
+            h = o * jnp.tanh(c)
+            return (h, c), h
+        _, hs = lax.scan(cell, (jnp.zeros((2, hidden)), jnp.zeros((2, hidden))), xs)
+        return jnp.sum(hs ** 2)
+
+    rng = np.random.default_rng(0)
+    p = {"wx": jnp.asarray(rng.normal(size=(4, 4 * hidden)) / 2),
+         "wh": jnp.asarray(rng.normal(size=(hidden, 4 * hidden)) / 2)}
+    xs = jnp.asarray(rng.normal(size=(5, 2, 4)))
+    grads = bpkit.grad(lstm)(p, xs)
+    stacked, recompute, bwd_xs = plans[-1]
+    assert [v.aval.shape for v in stacked] == [(2, hidden)] * 7
+    assert [v.aval.shape for v in bwd_xs] == [(2, 4)]
+    assert recompute and {e.primitive.name for e in recompute} <= {"sub", "mul", "add", "neg"}
+    want = jax.grad(lstm)(p, xs)
+    for k in p:
+        np.testing.assert_allclose(grads[k], want[k], rtol=1e-10)
