@@ -6,8 +6,9 @@ runs (``posix_memalign`` from a worker thread) and frees it at the end. glibc se
 allocation that large (above 32 MiB, or above 64 MiB in a worker thread's arena) with a fresh
 ``mmap`` and gives it back with ``munmap``, so every call page-faults the whole buffer in and
 the kernel zero-fills it: 106 MB, 25,900 page faults per step for the reference LSTM (counted
-with ``getrusage``), 144 MB for the GPT. Measured on the 2-core CPU of docs/benchmarks.md, side
-by side: LSTM step 71 -> 45 ms, GRU 51 -> 36 ms, GPT 136 -> 100 ms (JAX 0.12).
+with ``getrusage``), 144 MB for the GPT. Measured on the 2-core CPU of docs/benchmarks.md, in
+back-to-back processes (the setting is per process): LSTM step 71 -> 45 ms, GRU 51 -> 36 ms
+(JAX 0.10.2), GPT 136 -> 100 ms (JAX 0.12).
 
 ``reuse_host_memory()`` asks glibc (``mallopt``) to keep such memory in its heap:
 
@@ -20,8 +21,8 @@ by side: LSTM step 71 -> 45 ms, GRU 51 -> 36 ms, GPT 136 -> 100 ms (JAX 0.12).
 The price is the one every caching allocator pays (PyTorch's included): the process keeps its
 peak host memory until it exits. It must run before JAX starts its CPU backend (the first
 computation, ``jax.devices()``): threads that already allocated keep their arenas. ``bpkit
-train``, ``eval``, ``parity`` and ``bench`` call it (``run.host_memory: reuse``, the default;
-``system`` leaves glibc alone); in your own program call it first thing, or set
+train``, ``eval``, ``parity``, ``sweep`` and ``bench`` call it (``run.host_memory: reuse``, the
+default; ``system`` leaves glibc alone); in your own program call it first thing, or set
 ``MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=2147483647`` in the environment.
 On other C libraries (macOS, musl) it does nothing. GPU and TPU memory are not affected.
 """

@@ -308,18 +308,19 @@ def _split_by_cotangent(jaxpr, num_primal_in: int):
     return primal_eqns, tangent_eqns, needed
 
 
-def _step_residuals(joint, n_in, primal_eqns, tangent_eqns, const_invars, xs_invars, n_out,
-                    n_ct_in):
+def _step_residuals(joint, n_in, primal_eqns, tangent_eqns, const_invars, xs_invars, n_out):
     """What the forward scan stacks per step for the backward scan, by the minimum cut of
     ``remat="auto"`` (``bpkit/engine/remat.py``) over one step: ``(stacked, recompute,
-    bwd_xs)``. The backward step recomputes the rest of what it reads (``recompute``, cheap
-    elementwise and data-movement equations, and primal work only the backward needs) from
-    the stacked values, the loop's constants and its own ``xs`` (``bwd_xs``, which the
-    backward scan reads again rather than stacking copies).
+    bwd_xs)``. The backward step recomputes the rest of what it reads (``recompute``:
+    arithmetic and data movement, and primal work only the backward needs) from the stacked
+    values, the loop's constants and its own ``xs`` (``bwd_xs``, which the backward scan reads
+    again rather than stacking copies).
 
-    For the reference LSTM (hidden 128) one step stacks ``h``, ``c`` and the ``(B, 4H)``
-    pre-activations instead of ten ``(B, H)`` gate values and products: 768 columns per row
-    instead of 1,792 (docs/benchmarks.md)."""
+    Transcendental functions are not recomputed: rebuilding an LSTM's gates from its
+    pre-activations in every backward step made the step 1.15x slower, while stacking them and
+    rebuilding only the products (``1 - f``, ...) costs nothing. One LSTM step stacks 7 values
+    (``h``, ``c`` in; the four gates and ``tanh(c)`` out) where the plain split stacked 15
+    (docs/benchmarks.md)."""
     from bpkit.engine import remat
     tangent_vars = set(joint.invars[n_in:])
     for eqn in tangent_eqns:
@@ -410,7 +411,7 @@ def _scan_fwd_bwd(primals, active, *, reverse, length, jaxpr, unroll, **params):
     xs_invars = joint_in[num_consts + num_carry:]
     if child is None:  # the fewest bytes per step (an observer sees the plain split)
         stacked_res, recompute_eqns, bwd_xs = _step_residuals(
-            joint, n_in, primal_eqns, tangent_eqns, const_invars, xs_invars, n_out, n_ct_in)
+            joint, n_in, primal_eqns, tangent_eqns, const_invars, xs_invars, n_out)
     else:
         stacked_res = [v for v in needed if v not in const_invars]
         recompute_eqns, bwd_xs = [], []
