@@ -39,7 +39,6 @@ import numpy as np
 import optax
 
 from bpkit import host_memory, models
-from bpkit.host_memory import reuse_host_memory
 from bpkit.nn import losses
 from bpkit.train import TrainState, make_train_step
 from bpkit.train.progress import xla_flops
@@ -262,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 10:
         p.error("--repeats must be at least 10")
     if args.host_memory == "reuse":
-        reuse_host_memory(quiet=True)  # before the first computation starts JAX's backend
+        host_memory.reuse_host_memory(quiet=True)  # before JAX starts its backend
     torch = None
     if args.torch:
         if importlib.util.find_spec("torch") is None:  # not imported here: torch runs apart

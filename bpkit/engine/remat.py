@@ -158,19 +158,7 @@ def _recompute(plan: Plan, env: dict, reader, wanted=None) -> None:
               if isinstance(v, compat.Var) and v not in env]
     if not wanted:
         return
-    eqns, frontier, seen, stack = set(), [], set(), list(wanted)
-    while stack:  # the equations between the held values and the wanted ones
-        v = stack.pop()
-        if v in seen:
-            continue
-        seen.add(v)
-        if v in env:
-            frontier.append(v)
-            continue
-        eqn = plan.producer[v]  # the cut guarantees it is recomputable
-        if eqn not in eqns:
-            eqns.add(eqn)
-            stack.extend(u for u in eqn.invars if isinstance(u, compat.Var))
+    eqns, frontier, seen = recomputation(wanted, env, plan.producer)
     ties = [v for v in (reader.invars if reader is not None else []) if isinstance(v, compat.Var)
             and v in env and v not in frontier]
     held = lax.optimization_barrier(([env[v] for v in frontier], [env[v] for v in ties]))
@@ -179,6 +167,26 @@ def _recompute(plan: Plan, env: dict, reader, wanted=None) -> None:
     for eqn in sorted(eqns, key=plan.order.__getitem__):
         local.update(zip(eqn.outvars, compat.eval_eqn(eqn, [_read(local, u) for u in eqn.invars])))
     env.update((v, local[v]) for v in seen if v not in env)
+
+
+def recomputation(wanted, held, producer) -> tuple[set, list, set]:
+    """``(equations, frontier, visited)``: the equations (by ``producer``) between the values
+    in ``held`` and the ``wanted`` ones, the held values they read, and every value visited.
+    A plan guarantees that each equation on the way may be recomputed."""
+    eqns, frontier, seen, stack = set(), [], set(), list(wanted)
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        if v in held:
+            frontier.append(v)
+            continue
+        eqn = producer[v]
+        if eqn not in eqns:
+            eqns.add(eqn)
+            stack.extend(u for u in eqn.invars if isinstance(u, compat.Var))
+    return eqns, frontier, seen
 
 
 # --- planning ------------------------------------------------------------------------------

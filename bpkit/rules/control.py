@@ -339,14 +339,9 @@ def _step_residuals(joint, n_in, primal_eqns, tangent_eqns, const_invars, xs_inv
     saved = remat.min_cut(primal_eqns, producer, required, materialized, free,
                            remat.ARITHMETIC, deferrable)
     held = free | set(saved)
-    recompute, stack = set(), [v for v in required if v not in held]
-    while stack:
-        v = stack.pop()
-        if v in held or producer[v] in recompute:
-            continue
-        recompute.add(producer[v])
-        stack.extend(u for u in producer[v].invars if isinstance(u, compat.Var))
-    read = {v for e in recompute for v in e.invars if isinstance(v, compat.Var)} | required
+    recompute, frontier, _ = remat.recomputation([v for v in required if v not in held], held,
+                                                 producer)
+    read = set(frontier) | required
     order = {e: i for i, e in enumerate(primal_eqns)}
     return ([v for v in saved if v not in free], sorted(recompute, key=order.__getitem__),
             [v for v in xs_invars if v in read])
