@@ -72,8 +72,9 @@ def _read_json(run_dir: str, name: str) -> dict | None:
 
 
 def environment() -> dict[str, Any]:
-    """Versions of Python, bpkit, JAX, jaxlib, optax, numpy; the platform, JAX's devices and
-    whether freed host memory is kept (``bpkit.host_memory``)."""
+    """Versions of Python, bpkit, JAX, jaxlib, optax, numpy; the platform, JAX's devices,
+    whether freed host memory is kept (``bpkit.host_memory``) and the XLA options bpkit's steps
+    compile with (``compat.step_compiler_options``)."""
     from importlib import metadata
 
     from bpkit.host_memory import status
@@ -88,6 +89,8 @@ def environment() -> dict[str, Any]:
         import jax
         env["devices"] = [str(d) for d in jax.devices()]
         env["backend"] = jax.default_backend()
+        from bpkit.engine.compat import step_compiler_options
+        env["compiler_options"] = step_compiler_options(jax.default_backend())
     except Exception as e:  # a report never fails on this
         env["devices"] = f"unavailable ({type(e).__name__})"
     return env

@@ -288,6 +288,34 @@ def internal_primitive(name: str):
 CHOLESKY_TANGENT_FROM_LOWER = JAX_VERSION >= (0, 11, 0)
 
 
+# XLA compiler options for bpkit's jitted train and eval steps, measured on the benchmark's
+# reference models (docs/benchmarks.md, "XLA options"), each compiled both ways in one process:
+# * ``xla_cpu_copy_insertion_use_region_analysis``: XLA's liveness analysis by regions drops
+#   the copies of a while loop's carries that the default inserts on every iteration (the LSTM
+#   step's two loops: 3 copies each -> 0): LSTM step 0.93x on JAX 0.10.2 and 0.12.0.1, the
+#   other models unchanged; results bitwise equal. XLA's CPU default is off.
+# * ``xla_cpu_experimental_ynn_fusion_type``: XLA's CPU backend hands dot products, reductions
+#   and convolutions to YNNPACK by default (INDIVIDUAL_DOT, REDUCE, INDIVIDUAL_CONVOLUTION in
+#   jaxlib 0.10.2, 0.11.2 and 0.12.0.1). In 0.10.x YNNPACK's convolutions are slower than
+#   XLA's own (Eigen's): the 2-D CNN step 14.6-14.9 ms with them, 11.9-12.2 ms without; from
+#   0.11 on they are as fast (11.7 vs 12.2 ms on 0.11.2, 11.8 vs 11.8 on 0.12.0.1), so only
+#   0.10 leaves them out.
+# Both are CPU options: other platforms compile with XLA's defaults (not measured here).
+_CPU_LIBRARY_FUSIONS_WITHOUT_CONVOLUTION = (
+    "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE")
+
+
+def step_compiler_options(platform: str) -> dict[str, str]:
+    """XLA compiler options for bpkit's jitted train and eval steps on this JAX release and
+    ``platform`` (``jax.default_backend()``), those measured faster than XLA's defaults."""
+    if platform != "cpu":
+        return {}
+    options = {"xla_cpu_copy_insertion_use_region_analysis": "True"}
+    if JAX_VERSION < (0, 11, 0):
+        options["xla_cpu_experimental_ynn_fusion_type"] = _CPU_LIBRARY_FUSIONS_WITHOUT_CONVOLUTION
+    return options
+
+
 def backends_are_initialized() -> bool:
     """Whether JAX has started its backends (its first computation or ``jax.devices()``)."""
     from jax._src import xla_bridge

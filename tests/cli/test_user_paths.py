@@ -38,9 +38,14 @@ def test_train_eval_finetune_from_a_user_directory(reference, fast_env, tmp_path
     with open(os.path.join(work, RUN, "config.yaml")) as f:
         stored = f.read()
     assert f"out_dir: {os.path.join(reference, RUN)}" in stored   # the resolved, absolute path
+    with open(os.path.join(work, RUN, "environment.json")) as f:
+        environment = json.load(f)
     if host_memory._glibc() is not None:  # run.host_memory: reuse took effect in the command
-        with open(os.path.join(work, RUN, "environment.json")) as f:
-            assert json.load(f)["host_memory"] == "reused"
+        assert environment["host_memory"] == "reused"
+    options = environment["compiler_options"]  # XLA options measured faster on CPU
+    assert options["xla_cpu_copy_insertion_use_region_analysis"] == "True"
+    jax_0_10 = environment["jax"].startswith("0.10.")  # and XLA's own convolutions there
+    assert ("xla_cpu_experimental_ynn_fusion_type" in options) == jax_0_10
 
     p = run_cli(work, "eval", RUN, env=fast_env)
     assert p.returncode == 0, p.stderr

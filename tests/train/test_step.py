@@ -1,5 +1,6 @@
 """Pure train steps: engines agree, one trace, donation, freezing, accumulation, GAN, bf16."""
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ import pytest
 from bpkit import models, nn
 from bpkit.config import OptimizerConfig
 from bpkit.data import load_mnist1d, train_batch
+from bpkit.engine import compat
 from bpkit.nn import losses
 from bpkit.train import (TrainState, build_optimizer, default_decay_mask, make_eval_step,
                          make_gan_step, make_train_step)
@@ -82,6 +84,53 @@ def test_unjitted_step_matches_jitted(data):
     np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
     for a, b in zip(jax.tree_util.tree_leaves(s1.params), jax.tree_util.tree_leaves(s2.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _called_bodies(hlo: str, call: str) -> list[str]:
+    """The bodies of the computations that ``call`` (a regex ending in a computation name
+    group) names in the HLO text."""
+    bodies = {m.group(1): m.group(0) for m in re.finditer(r"^%(\S+) \(.*?^}", hlo, re.S | re.M)}
+    return [bodies[name] for name in re.findall(call, hlo)]
+
+
+def test_steps_compile_with_the_xla_options_measured_faster_on_this_jax():
+    """On CPU, bpkit's steps compile without copies of loop carries (region analysis) and, on
+    JAX 0.10, with XLA's own convolutions rather than YNNPACK's (compat.step_compiler_options).
+    The options must compile on the installed jaxlib, give the same numbers, and
+    ``compiler_options=None`` must give XLA's defaults back."""
+    model = nn.sequential(nn.conv2d(32, 3), nn.flatten(), nn.dense(4), name="net")
+    cell = nn.gru(4, return_sequences=False)
+    params = {"conv": model.init(jax.random.PRNGKey(0), (8, 8, 4))[0],
+              "rnn": cell.init(jax.random.PRNGKey(1), (3, 4))[0]}
+    batch = {"x": jnp.ones((2, 8, 8, 4), jnp.float32)}
+
+    def loss(p, b, key):
+        features = model.apply(p["conv"], b["x"])                        # (2, 4)
+        h = cell.apply(p["rnn"], jnp.stack([features] * 3, axis=1))      # (2, 4)
+        return jnp.mean(h ** 2)
+
+    tx = optax.sgd(0.1)
+
+    def program(**options):
+        step = make_train_step(loss, tx, donate=False, **options)
+        state = TrainState.create(params, tx)
+        return step.lower(state, batch).compile().as_text(), step(state, batch)[1]["loss"]
+
+    def ynn_convolutions(hlo):
+        return sum("convolution(" in body for body in
+                   _called_bodies(hlo, r"calls=%([\w.\-]+)[^\n]*__ynn_fusion"))
+
+    def carry_copies(hlo):
+        return sum(len(re.findall(r"= \S+ copy\(", body)) for body in
+                   _called_bodies(hlo, r"while\([^\n]*body=%([\w.\-]+)"))
+
+    auto, auto_loss = program()
+    default, default_loss = program(compiler_options=None)
+    assert ynn_convolutions(default) > 0 and carry_copies(default) > 0, (
+        "XLA's defaults changed: re-measure compat.step_compiler_options")
+    assert carry_copies(auto) == 0
+    assert (ynn_convolutions(auto) > 0) == (compat.JAX_VERSION >= (0, 11, 0))
+    np.testing.assert_allclose(float(auto_loss), float(default_loss), rtol=1e-6)
 
 
 def test_frozen_paths_do_not_move(data):
