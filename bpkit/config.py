@@ -68,6 +68,13 @@ class RunConfig:
     # reuse: keep freed host memory for the next step (no page faults on XLA's CPU temporaries;
     # bpkit/host_memory.py); system: leave the C library's allocator settings alone
     host_memory: Literal["reuse", "system"] = "reuse"
+    # auto: compile the steps with the XLA options measured faster on this JAX and backend
+    # (bpkit.engine.compat.step_compiler_options); default: XLA's own defaults
+    xla_options: Literal["auto", "default"] = "auto"
+
+    def step_compiler_options(self) -> str | None:
+        """``xla_options`` as the steps' ``compiler_options`` keyword."""
+        return "auto" if self.xla_options == "auto" else None
 
     def grad_options(self) -> dict:
         """``remat``/``remat_budget_bytes`` as ``bpkit.grad`` keywords (those that are set)."""

@@ -71,10 +71,10 @@ def _read_json(run_dir: str, name: str) -> dict | None:
         return json.load(f)
 
 
-def environment() -> dict[str, Any]:
+def environment(xla_options: str = "auto") -> dict[str, Any]:
     """Versions of Python, bpkit, JAX, jaxlib, optax, numpy; the platform, JAX's devices,
     whether freed host memory is kept (``bpkit.host_memory``) and the XLA options bpkit's steps
-    compile with (``compat.step_compiler_options``)."""
+    compile with (``run.xla_options``: ``auto`` is ``compat.step_compiler_options``)."""
     from importlib import metadata
 
     from bpkit.host_memory import status
@@ -90,7 +90,8 @@ def environment() -> dict[str, Any]:
         env["devices"] = [str(d) for d in jax.devices()]
         env["backend"] = jax.default_backend()
         from bpkit.engine.compat import step_compiler_options
-        env["compiler_options"] = step_compiler_options(jax.default_backend())
+        env["compiler_options"] = (step_compiler_options(jax.default_backend())
+                                   if xla_options == "auto" else {})
     except Exception as e:  # a report never fails on this
         env["devices"] = f"unavailable ({type(e).__name__})"
     return env
@@ -217,10 +218,10 @@ def write_report(run_dir: str) -> str:
     return path
 
 
-def record_environment(run_dir: str) -> None:
-    """``environment.json``: the versions and devices the run trained with."""
+def record_environment(run_dir: str, xla_options: str = "auto") -> None:
+    """``environment.json``: the versions, devices and settings the run trained with."""
     with open(os.path.join(run_dir, ENVIRONMENT_FILE), "w") as f:
-        json.dump(environment(), f, indent=2)
+        json.dump(environment(xla_options), f, indent=2)
 
 
 def record_parity(run_dir: str, report, rows: int) -> None:

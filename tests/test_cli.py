@@ -10,6 +10,11 @@ from tests.numerics import user_numerics as training_numerics
 from tests.train.helpers import CONFIGS, TINY, bpkit, summary, train_losses
 
 
+def environment(run) -> dict:
+    with open(run / "environment.json") as f:
+        return json.load(f)
+
+
 def test_train_eval_plot_end_to_end(tmp_path, capsys):
     run = tmp_path / "run"
     cfg = os.path.join(CONFIGS, "mnist1d_mlp.yaml")
@@ -44,9 +49,12 @@ def test_train_eval_plot_end_to_end(tmp_path, capsys):
         assert cli.main(["plot", str(run)]) == 0
         assert os.path.exists(run / "plots" / "loss.png")
 
-        # Training the finished run again resumes at its end and changes nothing.
-        assert cli.main(["train", cfg, *TINY, f"run.out_dir={run}"]) == 0
+        # Training the finished run again resumes at its end and changes nothing; XLA's own
+        # compiler options instead of the measured ones (run.xla_options) may change on resume.
+        assert environment(run)["compiler_options"]  # CPU: the measured options
+        assert cli.main(["train", cfg, *TINY, f"run.out_dir={run}", "run.xla_options=default"]) == 0
         assert summary(run)["train_loss"] == s["train_loss"]
+        assert environment(run)["compiler_options"] == {}
 
 
 def test_gan_run_is_evaluated_on_held_out_points(tmp_path, capsys):

@@ -283,8 +283,8 @@ def internal_primitive(name: str):
 
 
 # The Cholesky derivative of JAX 0.10.2 uses the whole tangent dΣ; JAX 0.12 first builds the
-# Hermitian tangent from dΣ's lower triangle (the only part the primitive reads). 0.11 is assumed
-# to behave like 0.12 (not installed here to check).
+# Hermitian tangent from dΣ's lower triangle (the only part the primitive reads). 0.11 behaves
+# like 0.12 (0.11.2: the cholesky rows of tests/rules/test_linalg_decomp.py, slow ones included).
 CHOLESKY_TANGENT_FROM_LOWER = JAX_VERSION >= (0, 11, 0)
 
 

@@ -169,13 +169,14 @@ def load_params(run_dir: str, like, like_model_state=None, warn=None):
 
 
 def make_steps(cfg: Config, task: Task, tx, schedule) -> tuple[Callable, Callable | None]:
+    xla = cfg.run.step_compiler_options()
     if task.kind == "gan":
         g_tx, d_tx = tx
         g_sched, d_sched = schedule
         step = make_gan_step(task.d_loss_fn, task.g_loss_fn, d_tx, g_tx, engine=cfg.run.engine,
-                             d_schedule=d_sched, g_schedule=g_sched,
+                             d_schedule=d_sched, g_schedule=g_sched, compiler_options=xla,
                              **cfg.run.grad_options())
-        return step, make_eval_step(task.metric_fn)
+        return step, make_eval_step(task.metric_fn, compiler_options=xla)
     compute = jnp.bfloat16 if cfg.model.compute_dtype == "bfloat16" else None
     step = make_train_step(task.loss_fn, tx, engine=cfg.run.engine, has_aux=True,
                            has_state=task.stateful, schedule=schedule,
@@ -183,10 +184,12 @@ def make_steps(cfg: Config, task: Task, tx, schedule) -> tuple[Callable, Callabl
                            compute_dtype=compute,
                            skip_nonfinite=cfg.run.on_nonfinite == "skip",
                            dp=(cfg.optimizer.dp["l2_clip"], cfg.optimizer.dp["noise_multiplier"])
-                           if cfg.optimizer.dp else None, **cfg.run.grad_options())
+                           if cfg.optimizer.dp else None, compiler_options=xla,
+                           **cfg.run.grad_options())
     if task.stateful:  # eval_step((params, model_state), batch): see eval_inputs
-        return step, make_eval_step(lambda inputs, b: task.metric_fn(inputs[0], b, inputs[1]))
-    return step, make_eval_step(task.metric_fn)
+        return step, make_eval_step(lambda inputs, b: task.metric_fn(inputs[0], b, inputs[1]),
+                                    compiler_options=xla)
+    return step, make_eval_step(task.metric_fn, compiler_options=xla)
 
 
 def eval_inputs(task: Task, state: TrainState):

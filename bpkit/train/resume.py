@@ -32,7 +32,8 @@ RESUMABLE = ("run.name", "run.out_dir", "run.steps", "run.log_every", "run.eval_
              "run.eval_batches", "run.checkpoint_every", "run.keep_checkpoints",
              "run.progress", "run.resume", "run.on_nonfinite", "run.max_skipped",
              "run.check_parity", "run.sample_length", "run.peak_flops", "run.remat",
-             "run.remat_budget_bytes", "run.host_memory", "data.eval_batch_size",
+             "run.remat_budget_bytes", "run.host_memory", "run.xla_options",
+             "data.eval_batch_size",
              "data.cache_dir",
              "diagnostics.", "mesh.", "distributed.")
 _PATHS = {f"{s}.{k}" for s, k in PATH_KEYS}

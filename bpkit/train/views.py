@@ -33,7 +33,7 @@ class RunViews:
         if self.main:
             from bpkit.report import record_environment
             from bpkit.train.tensorboard import for_run
-            record_environment(run.path)
+            record_environment(run.path, cfg.run.xla_options)
             self.tb = for_run(run.path, cfg, start=start, warn=con.warn)
             run.metrics.listeners.append(self.tb.record)
 
