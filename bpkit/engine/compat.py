@@ -259,6 +259,7 @@ _INTERNAL_MODULES = ("jax._src.lax.lax", "jax._src.lax.control_flow", "jax._src.
                      "jax._src.lax.scaled_dot", "jax._src.lax.control_flow.loops",
                      "jax._src.lax.eval_jaxpr", "jax._src.debugging", "jax._src.callback",
                      "jax._src.hijax", "jax._src.interpreters.ad", "jax._src.core",
+                     "jax._src.program_order",
                      "jax._src.state.primitives",
                      "jax._src.random.prng", "jax._src.random.core",
                      "jax._src.random.threefry4x32", "jax._src.random.philox2x32",

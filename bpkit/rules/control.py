@@ -65,7 +65,11 @@ def _call_fwd_bwd(primals, active, **params):
     return outs, backward
 
 
-for _p in {getattr(prims, "jit_p", None), getattr(prims, "pjit_p", None), prims.closed_call_p}:
+# program_order (jax.experimental.overlap, JAX >= 0.11): a call that keeps its body's
+# equations in program order on the device; the values are the body's, so is the derivative.
+_PROGRAM_ORDER = compat.internal_primitive("program_order_p")
+for _p in {getattr(prims, "jit_p", None), getattr(prims, "pjit_p", None), prims.closed_call_p,
+           _PROGRAM_ORDER}:
     if _p is not None:
         register_fwd_bwd(_p, _call_fwd_bwd)
 

@@ -120,7 +120,8 @@ defunary(P.asinh_p, lambda ct, x, z: ct * lax.rsqrt(x * x + 1))
 defunary(P.acosh_p, lambda ct, x, z: ct * lax.rsqrt((x - 1) * (x + 1)))
 defunary(P.atanh_p, lambda ct, x, z: ct / (1 + x) / (1 - x))
 
-# nextafter(x, y) moves x by one ulp towards y: slope 1 in x (JAX >= 0.11 agrees).
+# nextafter(x, y) moves x by one ulp towards y: slope 1 in x (JAX >= 0.12 agrees; 0.11.2 and
+# earlier have no rule).
 defbinary(P.nextafter_p, lambda ct, x, y, z: ct, lambda ct, x, y, z: jnp.zeros_like(ct))
 
 # --- sign-dependent and complex numbers -----------------------------------------------------

@@ -34,6 +34,25 @@ def _closed_call(x, y):
     return jax_core.closed_call_p.bind(x, y, call_jaxpr=closed)[0]
 
 
+def _program_order(x, y):
+    """A ``program_order`` call (``jax.experimental.overlap``, JAX >= 0.11) with two outputs."""
+    from jax.experimental.overlap import program_order
+
+    @program_order(enforce=False)
+    def body(a, b):
+        return jnp.sin(a) * b, jnp.cos(b)
+
+    first, second = body(x, y)
+    return first * second
+
+
+try:
+    import jax.experimental.overlap  # noqa: F401
+    _NO_PROGRAM_ORDER = False
+except ImportError:
+    _NO_PROGRAM_ORDER = True
+
+
 # --- linear_call -------------------------------------------------------------------------------
 def _scale(r, x):
     """Linear in ``x`` and symmetric, so it is its own transpose (for linear_call)."""
@@ -195,6 +214,8 @@ CASES = [
     Case("jit_with_int_and_static", jax.jit(lambda x, n: x * n.astype(x.dtype)),
          args(uniform(*S), const(jnp.int32(3)))),
     Case("closed_call", _closed_call, args(uniform(*S), uniform(*S)), argnums=(0, 1)),
+    Case("program_order", _program_order, args(uniform(*S), uniform(*S)), argnums=(0, 1),
+         marks=(pytest.mark.skipif(_NO_PROGRAM_ORDER, reason="program_order is new in JAX 0.11"),)),
     # remat
     Case("remat", jax.checkpoint(_block), args(uniform(3, 3), uniform(2, 3)), argnums=(0, 1)),
     Case("remat_prevent_cse_false", jax.checkpoint(_block, prevent_cse=False),

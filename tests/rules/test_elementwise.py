@@ -116,8 +116,8 @@ CASES = [
     unary("atanh", lax.atanh, **unit, also_complex=True),
     Case("nextafter", lambda x, y: lax.nextafter(x, y), args(uniform(*S), uniform(*S)),
          argnums=(0, 1), fd=False,  # a one-ulp step: finite differences cannot see it
-         marks=(pytest.mark.skipif(compat.JAX_VERSION < (0, 11), reason="jax.grad has no "
-                                   "nextafter rule before JAX 0.11 to compare with"),)),
+         marks=(pytest.mark.skipif(compat.JAX_VERSION < (0, 12), reason="jax.grad has no "
+                                   "nextafter rule before JAX 0.12 to compare with"),)),
     # sign-dependent
     Case("abs", lax.abs, args(uniform(*S)), dtypes=WITH_COMPLEX),  # not holomorphic
     Case("abs_at_zero", lax.abs, args(const(jnp.array([-1.0, 0.0, 1.0]))), fd=False,
