@@ -35,14 +35,41 @@ AUTO = "auto"
 _norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
 
 
+class _Jitted:
+    """``jax.jit(fn, donate_argnums=..., compiler_options=...)``, built on first use (a call,
+    ``.lower``, ...): ``"auto"`` options depend on the backend, and asking for it would start
+    JAX's backends, which building a step must not do (``jax.distributed.initialize`` and
+    ``bpkit.reuse_host_memory`` have to come before that)."""
+
+    def __init__(self, fn: Callable, compiler_options, donate: bool):
+        self._fn, self._options, self._donate, self._jitted = fn, compiler_options, donate, None
+        functools.update_wrapper(self, fn)
+
+    def jitted(self) -> Callable:
+        """The ``jax.jit`` function. ``compiler_options="auto"`` takes the options measured
+        faster than XLA's defaults on this JAX release and backend
+        (``compat.step_compiler_options``: on CPU, no copies of loop carries, an LSTM step
+        0.93x as long, and on JAX 0.10 XLA's own convolutions, a 2-D CNN step 0.8x); ``None``
+        or ``{}``: XLA's defaults."""
+        if self._jitted is None:
+            options = self._options
+            if options == AUTO:
+                options = compat.step_compiler_options(jax.default_backend())
+            self._jitted = jax.jit(self._fn, donate_argnums=(0,) if self._donate else (),
+                                   compiler_options=options or None)
+        return self._jitted
+
+    def __call__(self, *args, **kwargs):
+        return self.jitted()(*args, **kwargs)
+
+    def __getattr__(self, name):  # lower, trace, eval_shape, ... of the jitted function
+        if name in ("_fn", "_options", "_donate", "_jitted"):  # not set yet (copy, pickle)
+            raise AttributeError(name)
+        return getattr(self.jitted(), name)
+
+
 def _jit(fn: Callable, compiler_options, donate: bool = False) -> Callable:
-    """``jax.jit(fn)`` with ``compiler_options``: ``"auto"`` takes the ones measured faster
-    than XLA's defaults on this JAX release and backend (``compat.step_compiler_options``: on
-    CPU, no copies of loop carries, an LSTM step 0.93x as long, and on JAX 0.10 XLA's own
-    convolutions, a 2-D CNN step 0.8x); ``None`` or ``{}``: XLA's defaults."""
-    options = (compat.step_compiler_options(jax.default_backend()) if compiler_options == AUTO
-               else compiler_options)
-    return jax.jit(fn, donate_argnums=(0,) if donate else (), compiler_options=options or None)
+    return _Jitted(fn, compiler_options, donate)
 
 
 def value_and_grad_for(engine: str, remat=None, remat_budget_bytes: int | None = None

@@ -1,6 +1,8 @@
 """Pure train steps: engines agree, one trace, donation, freezing, accumulation, GAN, bf16."""
 import dataclasses
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -131,6 +133,21 @@ def test_steps_compile_with_the_xla_options_measured_faster_on_this_jax():
     assert carry_copies(auto) == 0
     assert (ynn_convolutions(auto) > 0) == (compat.JAX_VERSION >= (0, 11, 0))
     np.testing.assert_allclose(float(auto_loss), float(default_loss), rtol=1e-6)
+
+
+def test_building_steps_leaves_jax_backends_unstarted():
+    """The steps choose their compiler options on first use: building one must not start JAX's
+    backends, which jax.distributed.initialize and bpkit.reuse_host_memory must precede."""
+    code = ("import jax.numpy as jnp, optax\n"
+            "from bpkit.engine import compat\n"
+            "from bpkit.train import make_eval_step, make_gan_step, make_train_step\n"
+            "loss = lambda p, b, k: jnp.sum(p * b)\n"
+            "make_train_step(loss, optax.sgd(0.1)); make_eval_step(lambda p, b: {'x': p})\n"
+            "make_gan_step(loss, loss, optax.sgd(0.1), optax.sgd(0.1))\n"
+            "print(compat.backends_are_initialized())\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["False"]
 
 
 def test_frozen_paths_do_not_move(data):
