@@ -281,10 +281,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args, all_models: dict, torch: TorchServer | None) -> int:
     peak = matmul_peak_flops()
+    options = compat.step_compiler_options(jax.default_backend())  # what make_train_step uses
     print(f"machine: {platform.processor() or platform.machine()}, {jax.device_count()} "
           f"{jax.devices()[0].platform} device(s), jax {jax.__version__}; float32 matmul peak "
           f"{peak / 1e9:.1f} GFLOP/s; host memory {host_memory.status()}; step compiler options "
-          f"{compat.step_compiler_options(jax.default_backend()) or 'XLA defaults'}", flush=True)
+          f"{options or 'XLA defaults'}", flush=True)
     rows, step_flops, torch_rows = [], {}, []
     for name in args.models:
         row, flops, torch_ms = bench_model(all_models[name], repeats=args.repeats, torch=torch,
@@ -311,7 +312,7 @@ def _run(args, all_models: dict, torch: TorchServer | None) -> int:
     machine = {"platform": jax.devices()[0].platform, "device_count": jax.device_count(),
                "jax": jax.__version__, "matmul_peak_flops": peak, "bpkit_remat": args.remat,
                "host_memory": host_memory.status(),
-               "compiler_options": compat.step_compiler_options(jax.default_backend())}
+               "compiler_options": options}
     out = {"machine": machine, "rows": rows, "peak_fraction": achieved}
     if torch is not None:
         out["torch"] = compare_torch(rows, torch_rows)

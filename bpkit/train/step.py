@@ -68,10 +68,6 @@ class _Jitted:
         return getattr(self.jitted(), name)
 
 
-def _jit(fn: Callable, compiler_options, donate: bool = False) -> Callable:
-    return _Jitted(fn, compiler_options, donate)
-
-
 def value_and_grad_for(engine: str, remat=None, remat_budget_bytes: int | None = None
                        ) -> Callable:
     """The ``value_and_grad`` of ``engine``: bpkit's, or jax's as the reference, with the
@@ -193,7 +189,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
 
     if not jit:
         return step
-    return _jit(step, compiler_options, donate)
+    return _Jitted(step, compiler_options, donate)
 
 
 def make_gan_step(d_loss_fn: Callable, g_loss_fn: Callable,
@@ -235,7 +231,7 @@ def make_gan_step(d_loss_fn: Callable, g_loss_fn: Callable,
 
     if not jit:
         return step
-    return _jit(step, compiler_options, donate)
+    return _Jitted(step, compiler_options, donate)
 
 
 def make_eval_step(metric_fn: Callable, *, jit: bool = True,
@@ -251,7 +247,7 @@ def make_eval_step(metric_fn: Callable, *, jit: bool = True,
         sums = {k: jnp.sum(v.astype(jnp.float32) * mask) for k, v in per_example.items()}
         sums["count"] = jnp.sum(mask)
         return sums
-    return _jit(eval_step, compiler_options) if jit else eval_step
+    return _Jitted(eval_step, compiler_options, donate=False) if jit else eval_step
 
 
 def evaluate(eval_step: Callable, params, batches) -> dict[str, float]:

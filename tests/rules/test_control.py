@@ -211,7 +211,8 @@ CASES = [
          args(uniform(*S), const(jnp.int32(3)))),
     Case("closed_call", _closed_call, args(uniform(*S), uniform(*S)), argnums=(0, 1)),
     Case("program_order", _program_order, args(uniform(*S), uniform(*S)), argnums=(0, 1),
-         marks=(pytest.mark.skipif(program_order is None, reason="program_order is new in JAX 0.11"),)),
+         marks=(pytest.mark.skipif(program_order is None,
+                                   reason="program_order is new in JAX 0.11"),)),
     # remat
     Case("remat", jax.checkpoint(_block), args(uniform(3, 3), uniform(2, 3)), argnums=(0, 1)),
     Case("remat_prevent_cse_false", jax.checkpoint(_block, prevent_cse=False),
