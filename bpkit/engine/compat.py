@@ -323,6 +323,13 @@ def backends_are_initialized() -> bool:
     return xla_bridge.backends_are_initialized()
 
 
+def started_platform() -> str | None:
+    """The default backend's platform (``"cpu"``, ``"gpu"``, ``"tpu"``) if JAX has started its
+    backends, else ``None``: rules may tune their output to it without starting a backend
+    (``jax.distributed.initialize`` and ``bpkit.reuse_host_memory`` must come before that)."""
+    return jax.default_backend() if backends_are_initialized() else None
+
+
 def as_array(x):
     """Python scalars become (weakly typed) JAX arrays so rules can rely on ``.dtype``."""
     return jax.numpy.asarray(x) if isinstance(x, (bool, int, float, complex)) else x

@@ -84,6 +84,8 @@ asinh acosh atanh sqrt rsqrt cbrt pow erf erfc erf_inv lgamma digamma atan2 next
 ARITHMETIC = TIERS[0] - _primitives(_TRANSCENDENTAL)
 # Backward readers whose inputs XLA fuses (a recomputed input need not be materialised).
 FUSIBLE = TIERS[0] | _primitives(_FUSIBLE_READERS)
+# Layout copies that a backward product may read instead of the value itself.
+_COPIES = frozenset({lax.transpose_p, lax.optimization_barrier_p})
 
 
 @dataclass
@@ -240,14 +242,15 @@ def _make_plan(jaxpr, consts, args, active_in, budget_bytes, ct_outputs) -> Plan
                 if isinstance(v, compat.Var) and v not in backward_vars}
     required.update(v for v in closed.outvars[num_outs:]
                     if isinstance(v, compat.Var) and v not in backward_vars)
-    materialized = {v for e in backward_eqns if e.primitive not in FUSIBLE for v in e.invars
-                    if isinstance(v, compat.Var) and v in required}
     free = set(closed.invars[:num_args]) | set(closed.constvars)
     free.update(v for v in closed.outvars[:num_outs] if isinstance(v, compat.Var))
     # Forward equations the function's outputs do not need are the backward's own work on
     # primal values (a custom_vjp bwd recomputing q kᵀ): the backward may run them whatever
     # they cost, as the plain engine does, rather than saving their results.
     deferrable = set(forward_eqns) - set(core.live_eqns(forward_eqns, closed.outvars[:num_outs]))
+    materialized = {_copied_value(v, producer, deferrable) for e in backward_eqns
+                    if e.primitive not in FUSIBLE for v in e.invars
+                    if isinstance(v, compat.Var) and v in required}
 
     plans = []
     for tier, recomputable in enumerate(TIERS):
@@ -269,6 +272,18 @@ def _make_plan(jaxpr, consts, args, active_in, budget_bytes, ct_outputs) -> Plan
                 info["active_out"], forward_eqns, backward_eqns, saved, tier, size,
                 sum(_bytes(v) for v in required if v not in free), producer,
                 {e: i for i, e in enumerate(forward_eqns)})
+
+
+def _copied_value(v, producer, deferrable):
+    """The value that ``v`` copies through the backward's own transposes and optimization
+    barriers (``v`` itself if none): a product that reads ``transpose(h)`` (the CPU form of a
+    small weight gradient, ``rules/linalg.py``) materialises ``h`` as if it read ``h``."""
+    while (eqn := producer.get(v)) is not None and eqn in deferrable and eqn.primitive in _COPIES:
+        source = eqn.invars[eqn.outvars.index(v)]
+        if not isinstance(source, compat.Var):  # a literal: nothing to recompute
+            return v
+        v = source
+    return v
 
 
 def _bytes(v) -> int:

@@ -9,6 +9,11 @@ For ``out[b, f_l, f_r] = sum_c lhs[b, f_l, c] * rhs[b, c, f_r]`` (axes in any po
 Each is itself one ``dot_general`` followed by a transpose back to the operand's axis order; the
 rhs rule is the lhs rule with the operands' roles swapped. Complex operands need no conjugate
 (JAX's VJP is the transpose); a real operand of a complex product gets the real part.
+
+A dense layer's weight gradient ``x^T g`` contracts the leading (batch) axis of both operands.
+XLA's CPU backend runs that form in Eigen, and its library products (YNNPACK) only take the plain
+form; for small operands the explicit transpose then a plain product is faster
+(``_small_transposed_product``).
 """
 from __future__ import annotations
 
@@ -31,6 +36,12 @@ def _ct_operand(ct, other, ndim, dims, other_dims, ct_free, ct_other_free, preci
     ct_c, other_c = tuple(ct_other_free), tuple(other_free)
     if not n_batch:
         ct, ct_c, other, other_c = _merge_contraction(ct, ct_c, other, other_c)
+        if ndim == 2 and np.ndim(ct) == np.ndim(other) == 2 and ct_c == other_c == (0,):
+            # ct (N, F) and other (N, C): this operand is (C, F) or (F, C); contract over N.
+            first, second = (other, ct) if tuple(contract) == (0,) else (ct, other)
+            res = _small_transposed_product(first, second, precision)
+            if res is not None:
+                return res
     res = lax.dot_general(ct, other, ((ct_c, other_c), (ct_batch, tuple(other_batch))),
                           precision=precision, preferred_element_type=other.dtype)
     # res axes: batch (in batch order), this operand's free axes (sorted), then the other
@@ -39,6 +50,32 @@ def _ct_operand(ct, other, ndim, dims, other_dims, ct_free, ct_other_free, preci
     order = np.argsort(other_contract)
     src = list(batch) + free + [contract[k] for k in order]
     return lax.transpose(res, tuple(np.argsort(src)))
+
+
+# The largest operand that ``_small_transposed_product`` transposes (measured below).
+SMALL_TRANSPOSE_BYTES = 2 ** 19
+
+
+def _small_transposed_product(a, b, precision):
+    """``a^T b`` for ``a (N, K)`` and ``b (N, M)`` as a transpose of ``a`` and then a plain
+    product, on CPU when ``a`` is at most ``SMALL_TRANSPOSE_BYTES``; else ``None`` (the caller
+    contracts the leading axes in one ``dot_general``).
+
+    XLA's CPU backend runs a product that contracts both operands' leading axes in Eigen (it
+    folds an explicit transpose back into the product, hence the optimization barrier), and a
+    plain ``(K, N) @ (N, M)`` product in YNNPACK. Measured (JAX 0.10.2 and 0.12, 2-core CPU, the
+    whole train step, interleaved): residual MLP (``512x64`` weight gradients) 0.90x, MLP
+    (``512x40``, ``512x256``) 0.93x, GRU 0.92x; isolated, ``512x64^T 512x64`` 66 -> 49 us. The
+    copy costs more than it saves from ``2048x128`` up (1 MiB; the GPT's weight gradients: the
+    step 1.19x with them transposed). Other backends fold the transpose into their GEMM, so the
+    plain ``dot_general`` stays there.
+    """
+    if (compat.started_platform() != "cpu"
+            or np.size(a) * np.dtype(a.dtype).itemsize > SMALL_TRANSPOSE_BYTES):
+        return None
+    a_t = lax.optimization_barrier(lax.transpose(a, (1, 0)))
+    return lax.dot_general(a_t, b, (((1,), (0,)), ((), ())), precision=precision,
+                           preferred_element_type=b.dtype)
 
 
 def _merge_contraction(a, a_dims, b, b_dims):

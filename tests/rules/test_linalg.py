@@ -1,6 +1,12 @@
 """Parity table for bpkit/rules/linalg.py (dot_general), row for row."""
+import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 from jax import lax
+
+import bpkit
+from bpkit.rules import linalg
 
 from tests.rules.harness import (COMPLEX, WITH_COMPLEX, Case, args, assert_case_parity, const,
                                  parametrize, real_arg, uniform)
@@ -20,6 +26,8 @@ CASES = [
     dot("inner", (4,), (4,), (((0,), (0,)), ((), ()))),
     dot("outer", (3,), (4,), (((), ()), ((), ()))),
     dot("contract_transposed", (4, 3), (5, 4), (((0,), (1,)), ((), ()))),
+    dot("matmul_transposed_rhs", (3, 4), (5, 4), (((1,), (1,)), ((), ()))),
+    dot("dense_on_3d_input", (2, 3, 4), (4, 5), (((2,), (0,)), ((), ()))),
     dot("two_contracting_dims_out_of_order", (2, 3, 4), (4, 5, 3), (((1, 2), (2, 0)), ((), ()))),
     dot("batch", (2, 3, 4), (2, 4, 5), (((2,), (1,)), ((0,), (0,)))),
     dot("batch_in_the_middle", (3, 2, 4), (4, 5, 2), (((2,), (0,)), ((1,), (2,)))),
@@ -56,3 +64,31 @@ _RAGGED_BATCHED = lax.RaggedDotDimensionNumbers(
 @parametrize(CASES)
 def test_linalg(case, dtype, jit):
     assert_case_parity(case, dtype, jit)
+
+
+@pytest.mark.parametrize("w_shape, dims", [((8, 5), (((1,), (0,)), ((), ()))),
+                                           ((5, 8), (((1,), (1,)), ((), ())))])
+def test_small_weight_gradients_are_a_transpose_then_a_plain_product_on_cpu(
+        monkeypatch, w_shape, dims):
+    """On CPU a dense layer's weight gradient ``x^T g`` with a small ``x`` is an explicit
+    (barriered) transpose and a plain product (``linalg._small_transposed_product``); with a
+    limit of 0 bytes it is the one ``dot_general``. Both give jax.grad's value."""
+    def loss(w, x):
+        return jnp.sum(jnp.tanh(lax.dot_general(x, w, dims)))
+
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal(w_shape), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)
+    reference = jax.grad(loss)(w, x)
+
+    def barriers():
+        jaxpr = jax.make_jaxpr(bpkit.grad(loss))(w, x)
+        return sum(e.primitive is lax.optimization_barrier_p for e in jaxpr.eqns)
+
+    transposed = jax.jit(bpkit.grad(loss))(w, x)
+    assert barriers() == (1 if jax.default_backend() == "cpu" else 0)
+    monkeypatch.setattr(linalg, "SMALL_TRANSPOSE_BYTES", 0)
+    assert barriers() == 0
+    one_product = jax.jit(bpkit.grad(loss))(w, x)
+    np.testing.assert_allclose(transposed, reference, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(one_product, reference, rtol=1e-5, atol=1e-6)
