@@ -66,13 +66,16 @@ def test_linalg(case, dtype, jit):
     assert_case_parity(case, dtype, jit)
 
 
-@pytest.mark.parametrize("w_shape, dims", [((8, 5), (((1,), (0,)), ((), ()))),
-                                           ((5, 8), (((1,), (1,)), ((), ())))])
-def test_small_weight_gradients_are_a_transpose_then_a_plain_product_on_cpu(
-        monkeypatch, w_shape, dims):
-    """On CPU a dense layer's weight gradient ``x^T g`` with a small ``x`` is an explicit
-    (barriered) transpose and a plain product (``linalg._small_transposed_product``); with a
-    limit of 0 bytes it is the one ``dot_general``. Both give jax.grad's value."""
+@pytest.mark.parametrize("w_shape, dims, barriers", [
+    ((8, 12), (((1,), (0,)), ((), ())), 1),  # transpose(x) @ g
+    ((12, 8), (((1,), (1,)), ((), ())), 1),  # a weight stored (out, in): transpose(g) @ x
+    ((8, 2), (((1,), (0,)), ((), ())), 2),   # a narrow head: transpose(transpose(g) @ x)
+])
+def test_small_weight_gradients_are_plain_products_of_transposes_on_cpu(
+        monkeypatch, w_shape, dims, barriers):
+    """On CPU a dense layer's weight gradient ``x^T g`` with small operands is a product of an
+    explicit (barriered) transpose (``linalg._small_transposed_product``); with a limit of 0
+    bytes it is the one ``dot_general``. Both give jax.grad's value."""
     def loss(w, x):
         return jnp.sum(jnp.tanh(lax.dot_general(x, w, dims)))
 
@@ -81,14 +84,14 @@ def test_small_weight_gradients_are_a_transpose_then_a_plain_product_on_cpu(
     x = jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)
     reference = jax.grad(loss)(w, x)
 
-    def barriers():
+    def count_barriers():
         jaxpr = jax.make_jaxpr(bpkit.grad(loss))(w, x)
         return sum(e.primitive is lax.optimization_barrier_p for e in jaxpr.eqns)
 
     transposed = jax.jit(bpkit.grad(loss))(w, x)
-    assert barriers() == (1 if jax.default_backend() == "cpu" else 0)
+    assert count_barriers() == (barriers if jax.default_backend() == "cpu" else 0)
     monkeypatch.setattr(linalg, "SMALL_TRANSPOSE_BYTES", 0)
-    assert barriers() == 0
+    assert count_barriers() == 0
     one_product = jax.jit(bpkit.grad(loss))(w, x)
     np.testing.assert_allclose(transposed, reference, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(one_product, reference, rtol=1e-5, atol=1e-6)
