@@ -60,8 +60,10 @@ def _small_transposed_product(a, b, precision):
     """``a^T b`` for ``a (N, K)`` and ``b (N, M)`` as plain products on CPU: ``transpose(a) @
     b``, or ``transpose(transpose(b) @ a)`` where copying ``b`` and the ``(M, K)`` result moves
     fewer elements (a classifier head's weight gradient: ``M`` = 10); ``None`` (the caller
-    contracts the leading axes in one ``dot_general``) off CPU or when the copied operand is
-    larger than ``SMALL_TRANSPOSE_BYTES``.
+    contracts the leading axes in one ``dot_general``) off CPU, for an outer product (``N`` = 1,
+    as in ``vmap`` of a one-example gradient: there the copies made ``vmap(bpkit.grad)``'s
+    per-example norms of the MLP 1.85x slower) or when the copied operand is larger than
+    ``SMALL_TRANSPOSE_BYTES``.
 
     XLA's CPU backend runs a product that contracts both operands' leading axes in Eigen (it
     folds an explicit transpose back into the product, hence the optimization barriers), and a
@@ -73,9 +75,10 @@ def _small_transposed_product(a, b, precision):
     ``2048x128`` up (1 MiB; the GPT's weight gradients: the step 1.19x with them transposed).
     Other backends fold the transpose into their GEMM, so the plain ``dot_general`` stays there.
     """
-    if compat.started_platform() != "cpu":
-        return None
     (n, k), m = a.shape, b.shape[1]
+    # n == 1 is an outer product (one example under vmap), which XLA runs as a multiply.
+    if n == 1 or compat.started_platform() != "cpu":
+        return None
     copy_b = n * m + m * k < n * k
     copied = b if copy_b else a
     if np.size(copied) * np.dtype(copied.dtype).itemsize > SMALL_TRANSPOSE_BYTES:

@@ -74,8 +74,8 @@ def test_linalg(case, dtype, jit):
 def test_small_weight_gradients_are_plain_products_of_transposes_on_cpu(
         monkeypatch, w_shape, dims, barriers):
     """On CPU a dense layer's weight gradient ``x^T g`` with small operands is a product of an
-    explicit (barriered) transpose (``linalg._small_transposed_product``); with a limit of 0
-    bytes it is the one ``dot_general``. Both give jax.grad's value."""
+    explicit (barriered) transpose (``linalg._small_transposed_product``); for one example, or
+    with a limit of 0 bytes, it is the one ``dot_general``. Both give jax.grad's value."""
     def loss(w, x):
         return jnp.sum(jnp.tanh(lax.dot_general(x, w, dims)))
 
@@ -84,14 +84,15 @@ def test_small_weight_gradients_are_plain_products_of_transposes_on_cpu(
     x = jnp.asarray(rng.standard_normal((16, 8)), jnp.float32)
     reference = jax.grad(loss)(w, x)
 
-    def count_barriers():
+    def count_barriers(x):
         jaxpr = jax.make_jaxpr(bpkit.grad(loss))(w, x)
         return sum(e.primitive is lax.optimization_barrier_p for e in jaxpr.eqns)
 
     transposed = jax.jit(bpkit.grad(loss))(w, x)
-    assert count_barriers() == (barriers if jax.default_backend() == "cpu" else 0)
+    assert count_barriers(x) == (barriers if jax.default_backend() == "cpu" else 0)
+    assert count_barriers(x[:1]) == 0  # one example (as under vmap): an outer product
     monkeypatch.setattr(linalg, "SMALL_TRANSPOSE_BYTES", 0)
-    assert count_barriers() == 0
+    assert count_barriers(x) == 0
     one_product = jax.jit(bpkit.grad(loss))(w, x)
     np.testing.assert_allclose(transposed, reference, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(one_product, reference, rtol=1e-5, atol=1e-6)
