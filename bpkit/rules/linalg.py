@@ -67,11 +67,12 @@ def _small_transposed_product(a, b, precision):
 
     XLA's CPU backend runs a product that contracts both operands' leading axes in Eigen (it
     folds an explicit transpose back into the product, hence the optimization barriers), and a
-    plain ``(K, N) @ (N, M)`` product in YNNPACK. Measured (JAX 0.10.2 and 0.12, 2-core CPU, the
-    whole train step, interleaved): GRU 0.92-0.94x, residual MLP (``512x64`` weight gradients)
-    0.90-0.98x, MLP (``512x40``, ``512x256``) 0.94-1.00x; isolated, ``512x64^T 512x64`` 66 -> 49
-    us; copying the head's ``(512, 10)`` cotangent instead of its ``(512, 256)`` input: MLP a
-    further 0.95-0.98x, residual MLP 0.97-0.98x. The copy costs more than it saves from
+    plain ``(K, N) @ (N, M)`` product in YNNPACK. Measured (2-core CPU, the whole train step,
+    interleaved): GRU 0.92-0.95x on JAX 0.10.2, 0.11.2 and 0.12; residual MLP (``512x64``
+    weight gradients) 0.90-0.99x and MLP (``512x40``, ``512x256``) 0.93-0.98x on 0.10.2, both
+    0.97-1.01x on 0.11.2 and 0.12; isolated, ``512x64^T 512x64`` 66 -> 49 us; copying the head's
+    ``(512, 10)`` cotangent instead of its ``(512, 256)`` input: MLP a further 0.95-0.98x,
+    residual MLP 0.97-0.98x (0.10.2). The copy costs more than it saves from
     ``2048x128`` up (1 MiB; the GPT's weight gradients: the step 1.19x with them transposed).
     Other backends fold the transpose into their GEMM, so the plain ``dot_general`` stays there.
     """
