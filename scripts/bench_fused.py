@@ -37,6 +37,7 @@ def cases(small: bool):
     b, c = (512, 256) if small else (4096, 1024)
     rows, d = (2048, 256) if small else (16384, 768)
     bt, t, h, hd = (4, 128, 4, 32) if small else (8, 512, 8, 64)
+    n = 32 if small else 128  # images per conv batch
     labels = jnp.asarray(np.random.default_rng(1).integers(0, c, (b,)), jnp.int32)
     attn_args = tuple(_normal(i, (bt, t, h, hd)) for i in range(3))
     return [
@@ -48,6 +49,10 @@ def cases(small: bool):
         (f"attention causal ({bt}, {t}, {h}, {hd})",
          lambda q, k, v: ops.attention(q, k, v, causal=True),
          lambda q, k, v: reference.attention(q, k, v, causal=True), attn_args),
+        (f"conv ({n}, 28, 28, 1) 3x3 -> 16", ops.conv, reference.conv,
+         (_normal(0, (n, 28, 28, 1)), _normal(1, (3, 3, 1, 16)))),
+        (f"conv ({n}, 32, 32, 3) 3x3 -> 32", ops.conv, reference.conv,
+         (_normal(0, (n, 32, 32, 3)), _normal(1, (3, 3, 3, 32)))),
     ]
 
 

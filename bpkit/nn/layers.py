@@ -16,6 +16,7 @@ from jax.nn import initializers
 from bpkit import ops
 from bpkit.nn import activations as act
 from bpkit.nn.core import Layer, shape_error, stateless
+from bpkit.ops.conv import shifted_conv_is_faster
 
 Initializer = Callable
 
@@ -68,7 +69,8 @@ def dense(out_features: int, *, in_features: int | None = None, use_bias: bool =
 
 # ---------------------------------------------------------------------------- convolution
 def _conv(nd: int, out_channels: int, kernel_size, *, stride=1, padding="SAME", dilation=1,
-          groups: int = 1, use_bias: bool = True, w_init=None, name: str) -> Layer:
+          groups: int = 1, use_bias: bool = True, w_init=None, fused: bool = True,
+          name: str) -> Layer:
     kernel = _tuple(kernel_size, nd, "kernel_size", name)
     strides = _tuple(stride, nd, "stride", name)
     dilations = _tuple(dilation, nd, "dilation", name)
@@ -86,6 +88,8 @@ def _conv(nd: int, out_channels: int, kernel_size, *, stride=1, padding="SAME", 
     dn = (f"N{spatial}C", f"{spatial}IO", f"N{spatial}C")
 
     def conv(params, x):
+        if fused and groups == 1 and shifted_conv_is_faster(params["w"].shape):
+            return ops.conv(x, params["w"], strides=strides, padding=pad, dilation=dilations)
         return lax.conv_general_dilated(x, params["w"], window_strides=strides, padding=pad,
                                         rhs_dilation=dilations, dimension_numbers=dn,
                                         feature_group_count=groups)
@@ -119,27 +123,32 @@ def _conv(nd: int, out_channels: int, kernel_size, *, stride=1, padding="SAME", 
 
 def conv1d(out_channels: int, kernel_size: int, *, stride: int = 1, padding="SAME",
            dilation: int = 1, groups: int = 1, use_bias: bool = True, w_init=None,
-           name: str = "conv1d") -> Layer:
+           fused: bool = True, name: str = "conv1d") -> Layer:
     """1-D convolution (cross-correlation), channels last.
 
     ``y[b, i, o] = b_o + sum_{k, c} x[b, i*s + k*dil - pad, c] w[k, c, o]`` (within a group).
     x ``(B, W, C_in)`` -> ``(B, W_out, C_out)``; w ``(K, C_in/groups, C_out)`` (He normal).
-    padding: 'SAME', 'VALID', an int, or ``[(lo, hi)]``.
+    padding: 'SAME', 'VALID', an int, or ``[(lo, hi)]``. ``fused``: see ``conv2d``.
     """
     return _conv(1, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
-                 groups=groups, use_bias=use_bias, w_init=w_init, name=name)
+                 groups=groups, use_bias=use_bias, w_init=w_init, fused=fused, name=name)
 
 
 def conv2d(out_channels: int, kernel_size, *, stride=1, padding="SAME", dilation=1,
-           groups: int = 1, use_bias: bool = True, w_init=None, name: str = "conv2d") -> Layer:
+           groups: int = 1, use_bias: bool = True, w_init=None, fused: bool = True,
+           name: str = "conv2d") -> Layer:
     """2-D convolution (cross-correlation), NHWC.
 
     x ``(B, H, W, C_in)`` -> ``(B, H_out, W_out, C_out)``; w ``(KH, KW, C_in/groups, C_out)``
     (He normal), b ``(C_out,)``. stride/dilation: int or pair; padding: 'SAME', 'VALID', an
-    int, or ``[(lo, hi), (lo, hi)]``.
+    int, or ``[(lo, hi), (lo, hi)]``. ``fused=True`` (and ``groups=1``) trains a kernel of at
+    most 27 taps (``KH KW C_in``: a 3x3 RGB or a 5x5 grayscale input layer) with
+    ``bpkit.ops.conv``, whose forward runs as shifted multiply-adds, on CPU (there XLA's
+    convolution runs such a kernel at a tenth of its speed); ``False``, or any other kernel or
+    backend, is ``lax.conv_general_dilated`` throughout.
     """
     return _conv(2, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
-                 groups=groups, use_bias=use_bias, w_init=w_init, name=name)
+                 groups=groups, use_bias=use_bias, w_init=w_init, fused=fused, name=name)
 
 
 # -------------------------------------------------------------------------------- pooling

@@ -11,11 +11,13 @@ op                           saves                            instead of
 softmax_cross_entropy        logits, labels, lse (per row)    log-softmax (..., C)
 layer_norm                   x, scale, mean, rstd (per row)   xhat, centred x, ...
 attention                    q, k, v, out, lse (per row)      probabilities (B, H, Tq, Tk)
+conv (few taps)              x, w                             (its forward: shifted products)
 ===========================  ===============================  ============================
 """
 from bpkit.ops import reference
 from bpkit.ops.attention import attention
+from bpkit.ops.conv import conv
 from bpkit.ops.cross_entropy import softmax_cross_entropy
 from bpkit.ops.layer_norm import layer_norm
 
-__all__ = ["attention", "layer_norm", "softmax_cross_entropy", "reference"]
+__all__ = ["attention", "conv", "layer_norm", "softmax_cross_entropy", "reference"]

@@ -70,3 +70,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False)
         s = jnp.where(causal_mask(q.shape[1], k.shape[1]), s, -jnp.inf)
     p = softmax(s)  # (B, H, Tq, Tk)
     return jnp.einsum("bhqk,bkhd->bqhd", p, v)  # (B, Tq, H, D)
+
+
+def conv(x: jax.Array, w: jax.Array, *, strides=None, padding="SAME", dilation=None) -> jax.Array:
+    """``lax.conv_general_dilated``, channels last: x ``(B, *S, C)``, w ``(*K, C, O)`` ->
+    ``(B, *Q, O)``."""
+    nd = x.ndim - 2
+    spatial = tuple(range(1, nd + 1))
+    dn = lax.ConvDimensionNumbers((0, nd + 1) + spatial, (nd + 1, nd) + tuple(range(nd)),
+                                  (0, nd + 1) + spatial)
+    return lax.conv_general_dilated(x, w, tuple(strides or (1,) * nd), padding,
+                                    rhs_dilation=tuple(dilation or (1,) * nd),
+                                    dimension_numbers=dn)

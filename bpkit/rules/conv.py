@@ -86,8 +86,9 @@ def _spatial_sizes(ct, x, w, dimension_numbers):
             [np.shape(ct)[d] for d in out_spec[2:]])
 
 
-def _ct_lhs(ct, x, w, *, window_strides, padding, lhs_dilation, rhs_dilation,
+def lhs_cotangent(ct, x, w, *, window_strides, padding, lhs_dilation, rhs_dilation,
             dimension_numbers, feature_group_count, batch_group_count, precision):
+    """The input's cotangent: ``conv(ct, rev(w))`` ("lhs cotangent" in the module docstring)."""
     lhs_spec, rhs_spec, out_spec = dimension_numbers
     N, K, Q = _spatial_sizes(ct, x, w, dimension_numbers)
     pads = []
@@ -115,8 +116,9 @@ def _ct_lhs(ct, x, w, *, window_strides, padding, lhs_dilation, rhs_dilation,
     return res
 
 
-def _ct_rhs(ct, x, w, *, window_strides, padding, lhs_dilation, rhs_dilation,
+def rhs_cotangent(ct, x, w, *, window_strides, padding, lhs_dilation, rhs_dilation,
             dimension_numbers, feature_group_count, batch_group_count, precision):
+    """The kernel's cotangent: a conv of ``x`` with ``ct`` as the kernel ("rhs cotangent")."""
     lhs_spec, rhs_spec, out_spec = dimension_numbers
     N, K, Q = _spatial_sizes(ct, x, w, dimension_numbers)
     pads = []
@@ -153,7 +155,7 @@ def _conv_general_dilated_vjp(ct, lhs, rhs, *, out, window_strides, padding, lhs
                 for x in (lhs, rhs)]
     dt = ct.dtype
     cts = []
-    for x, fn in ((lhs, _ct_lhs), (rhs, _ct_rhs)):
+    for x, fn in ((lhs, lhs_cotangent), (rhs, rhs_cotangent)):
         if not compat.is_inexact(compat.typeof(x)):
             cts.append(None)
             continue

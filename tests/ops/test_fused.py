@@ -35,6 +35,14 @@ def _attn_args(shape, dtype, seed=0):
     return tuple(_normal(seed + i, shape, dtype) for i in range(3))
 
 
+def _conv_args(kernel, out_channels=3):
+    """``(x, w)`` for an x of the given shape and a ``kernel + (C, out_channels)`` kernel."""
+    def make(shape, dtype, seed=0):
+        return (_normal(seed, shape, dtype),
+                _normal(seed + 1, tuple(kernel) + (shape[-1], out_channels), dtype) / 2)
+    return make
+
+
 # (id, fused, reference, args maker, shapes, differentiated argnums)
 OPS = [
     ("xent", ops.softmax_cross_entropy, reference.softmax_cross_entropy, _xent_args,
@@ -51,6 +59,17 @@ OPS = [
      # 64, 96, 128 rows: 2, 3, 4 query blocks (causal tiling); 131: one block
      [(2, 5, 3, 4), (1, 1, 1, 8), (1, 64, 2, 4), (1, 96, 1, 2), (1, 128, 2, 4),
       (1, 131, 1, 2)], (0, 1, 2)),
+    ("conv", ops.conv, reference.conv, _conv_args((3, 3)), [(2, 6, 5, 1), (1, 4, 4, 3)], (0, 1)),
+    ("conv_1d", ops.conv, reference.conv, _conv_args((5,)), [(2, 9, 1), (3, 7, 2)], (0, 1)),
+    ("conv_strided_dilated", lambda x, w: ops.conv(x, w, strides=(2, 1), dilation=(1, 2)),
+     lambda x, w: reference.conv(x, w, strides=(2, 1), dilation=(1, 2)), _conv_args((3, 2)),
+     [(2, 7, 8, 2)], (0, 1)),
+    ("conv_explicit_padding", lambda x, w: ops.conv(x, w, padding=((2, 0), (-1, 1))),
+     lambda x, w: reference.conv(x, w, padding=((2, 0), (-1, 1))), _conv_args((3, 3)),
+     [(1, 5, 6, 2)], (0, 1)),
+    ("conv_3d_valid", lambda x, w: ops.conv(x, w, padding="VALID"),
+     lambda x, w: reference.conv(x, w, padding="VALID"), _conv_args((2, 2, 2)),
+     [(1, 4, 5, 4, 1)], (0, 1)),
 ]
 PARAMS = [pytest.param(fused, ref, make, shape, argnums, dtype, id=f"{name}-{shape}-{dtype}")
           for name, fused, ref, make, shapes, argnums in OPS for shape in shapes
@@ -150,6 +169,51 @@ def test_layer_norm_backward_products_use_highest_precision():
     assert all(p == (jax.lax.Precision.HIGHEST,) * 2 for p in precisions)
 
 
+@pytest.mark.parametrize("name", [o[0] for o in OPS if o[0].startswith("conv")])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_conv_forward_rule_equals_the_convolution(name, dtype):
+    """Under differentiation the op's value comes from its forward rule (the shifted
+    multiply-adds), not from the primal convolution: both must equal the reference."""
+    _, fused, ref, make, shapes, _ = next(o for o in OPS if o[0] == name)
+    for shape in shapes:
+        args = make(shape, dtype)
+        value, _ = jax.vjp(fused, *args)
+        np.testing.assert_allclose(value, ref(*args), **TOL[dtype])
+        value, _ = bpkit.value_and_grad(lambda *a: jnp.sum(fused(*a) ** 2), (0, 1))(*args)
+        np.testing.assert_allclose(value, jnp.sum(ref(*args) ** 2), **TOL[dtype])
+
+
+def test_conv_forward_rule_is_shifted_products_and_saves_its_inputs():
+    from bpkit.ops.conv import conv_forward
+    x, w = _conv_args((3, 3))((2, 6, 5, 2), "float32")
+    jaxpr = jax.make_jaxpr(lambda x, w: conv_forward(x, w, (1, 1), ((1, 1), (1, 1)),
+                                                     (1, 1)))(x, w)
+    names = [e.primitive.name for e in jaxpr.eqns]
+    assert "conv_general_dilated" not in names
+    assert names.count("mul") == 3 * 3 * 2  # one multiply per tap (offset, input channel)
+    _, saved = conv_forward(x, w, (1, 1), ((1, 1), (1, 1)), (1, 1))
+    assert saved[0] is x and saved[1] is w
+
+
+def test_conv_layers_train_few_taps_with_the_shifted_op_on_cpu():
+    """nn.conv2d routes a kernel of <= 27 taps (3x3 x 3 channels) through ops.conv on CPU; 72
+    taps, groups > 1 and fused=False stay plain convolutions."""
+    from bpkit import nn
+
+    def custom_calls(layer, in_shape):
+        params, _ = layer.init(jax.random.PRNGKey(0), in_shape)
+        x = jnp.zeros((2,) + in_shape, jnp.float32)
+        jaxpr = jax.make_jaxpr(lambda p: layer.apply(p, x))(params)
+        return sum(e.primitive.name.startswith("custom_vjp") for e in jaxpr.eqns)
+
+    on_cpu = jax.default_backend() == "cpu"
+    assert custom_calls(nn.conv2d(4, 3), (6, 6, 3)) == on_cpu
+    assert custom_calls(nn.conv1d(4, 5), (9, 1)) == on_cpu
+    assert custom_calls(nn.conv2d(4, 3), (6, 6, 8)) == 0  # 72 taps
+    assert custom_calls(nn.conv2d(4, 3, groups=2), (6, 6, 2)) == 0
+    assert custom_calls(nn.conv2d(4, 3, fused=False), (6, 6, 3)) == 0
+
+
 def test_cross_entropy_saves_probabilities_not_logits():
     """The backward reads softmax(z) back instead of recomputing exp; the logits are not kept."""
     from bpkit.ops.cross_entropy import softmax_cross_entropy_forward
@@ -165,6 +229,8 @@ def test_cross_entropy_saves_probabilities_not_logits():
     lambda: ops.softmax_cross_entropy(jnp.zeros((3, 4)), jnp.zeros((3,))),
     lambda: ops.layer_norm(jnp.zeros((3, 4)), jnp.ones((3,)), jnp.zeros((4,))),
     lambda: ops.attention(jnp.zeros((1, 2, 3)), jnp.zeros((1, 2, 3)), jnp.zeros((1, 2, 3))),
+    lambda: ops.conv(jnp.zeros((1, 5, 2)), jnp.zeros((3, 3, 4))),  # C = 2 vs the kernel's 3
+    lambda: ops.conv(jnp.zeros((1, 5, 2)), jnp.zeros((3, 2, 4), jnp.float16)),
 ])
 def test_errors(bad):
     with pytest.raises((ValueError, TypeError)):
