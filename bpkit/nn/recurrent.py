@@ -7,9 +7,10 @@ Each maps ``x (B, T, F)`` to the hidden states ``(B, T, H)`` from a zero initial
 The input projection ``x_t W_x + b`` is computed inside each step, not hoisted out of the loop
 as one ``(T B, F) @ (F, G H)`` product: the hoisted form stores a ``(T, B, G H)`` array and its
 cotangent (``G H / F`` times the input's size), which cost more than the larger product saves.
-Measured (2-core CPU, JAX 0.10.2, ``B`` = 256, ``T`` = 40, ``H`` = 128, the whole train step,
-per step / hoisted): LSTM 0.65-0.90 at ``F`` = 1, 0.88-0.96 at ``F`` = 8-128; GRU 0.74-0.93 at
-``F`` = 1, 0.88-0.96 at ``F`` = 8-128; XLA temporaries 0.48x (LSTM) and 0.47x (GRU) at ``F`` = 1.
+Measured (2-core CPU, ``B`` = 256, ``T`` = 40, ``H`` = 128, the whole train step, per step /
+hoisted): LSTM 0.65-0.90 at ``F`` = 1 (JAX 0.10.2; 0.85 on 0.11.2 and 0.12), 0.88-0.96 at
+``F`` = 8-128; GRU 0.74-0.96 at ``F`` = 1, 0.88-0.96 at ``F`` = 8-128; XLA temporaries 0.48x
+(LSTM) and 0.47x (GRU) at ``F`` = 1 (docs/benchmarks.md).
 """
 from __future__ import annotations
 
