@@ -11,7 +11,7 @@ op                           saves                            instead of
 softmax_cross_entropy        logits, labels, lse (per row)    log-softmax (..., C)
 layer_norm                   x, scale, mean, rstd (per row)   xhat, centred x, ...
 attention                    q, k, v, out, lse (per row)      probabilities (B, H, Tq, Tk)
-conv (few taps)              x, w                             (its forward: shifted products)
+conv (few taps)              x, w                             x, w (its gain: the forward)
 ===========================  ===============================  ============================
 """
 from bpkit.ops import reference

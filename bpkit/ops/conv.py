@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from bpkit.engine import compat
+from bpkit.ops import reference
 from bpkit.rules.conv import lhs_cotangent, rhs_cotangent
 
 # The most taps (kernel size times input channels) for which layers take the shifted form.
@@ -53,21 +54,9 @@ def shifted_conv_is_faster(w_shape) -> bool:
     return math.prod(w_shape[:-1]) <= MAX_SHIFTED_TAPS and compat.started_platform() == "cpu"
 
 
-def _dimension_numbers(nd: int) -> lax.ConvDimensionNumbers:
-    """Channels last: lhs ``(N, *S, C)``, rhs ``(*K, C, O)``, out ``(N, *Q, O)``."""
-    spatial = tuple(range(1, nd + 1))
-    return lax.ConvDimensionNumbers((0, nd + 1) + spatial, (nd + 1, nd) + tuple(range(nd)),
-                                    (0, nd + 1) + spatial)
-
-
-def _plain_conv(x, w, strides, pads, dilation):
-    return lax.conv_general_dilated(x, w, strides, pads, rhs_dilation=dilation,
-                                    dimension_numbers=_dimension_numbers(x.ndim - 2))
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _conv(x, w, strides, pads, dilation):
-    return _plain_conv(x, w, strides, pads, dilation)
+    return reference.conv(x, w, strides=strides, padding=pads, dilation=dilation)
 
 
 def conv_forward(x, w, strides, pads, dilation):
@@ -97,7 +86,7 @@ def conv_backward(strides, pads, dilation, saved, g):
     x, w = saved
     nd = x.ndim - 2
     conf = dict(window_strides=strides, padding=pads, lhs_dilation=(1,) * nd,
-                rhs_dilation=dilation, dimension_numbers=_dimension_numbers(nd),
+                rhs_dilation=dilation, dimension_numbers=reference.channels_last(nd),
                 feature_group_count=1, batch_group_count=1, precision=None)
     return lhs_cotangent(g, x, w, **conf), rhs_cotangent(g, x, w, **conf)
 

@@ -72,13 +72,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False)
     return jnp.einsum("bhqk,bkhd->bqhd", p, v)  # (B, Tq, H, D)
 
 
+def channels_last(nd: int) -> lax.ConvDimensionNumbers:
+    """Dimension numbers of an ``nd``-d convolution, channels last: lhs ``(B, *S, C)``, rhs
+    ``(*K, C, O)``, out ``(B, *Q, O)``."""
+    spatial = tuple(range(1, nd + 1))
+    return lax.ConvDimensionNumbers((0, nd + 1) + spatial, (nd + 1, nd) + tuple(range(nd)),
+                                    (0, nd + 1) + spatial)
+
+
 def conv(x: jax.Array, w: jax.Array, *, strides=None, padding="SAME", dilation=None) -> jax.Array:
     """``lax.conv_general_dilated``, channels last: x ``(B, *S, C)``, w ``(*K, C, O)`` ->
     ``(B, *Q, O)``."""
     nd = x.ndim - 2
-    spatial = tuple(range(1, nd + 1))
-    dn = lax.ConvDimensionNumbers((0, nd + 1) + spatial, (nd + 1, nd) + tuple(range(nd)),
-                                  (0, nd + 1) + spatial)
     return lax.conv_general_dilated(x, w, tuple(strides or (1,) * nd), padding,
                                     rhs_dilation=tuple(dilation or (1,) * nd),
-                                    dimension_numbers=dn)
+                                    dimension_numbers=channels_last(nd))
