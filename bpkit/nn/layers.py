@@ -144,8 +144,8 @@ def conv2d(out_channels: int, kernel_size, *, stride=1, padding="SAME", dilation
     int, or ``[(lo, hi), (lo, hi)]``. ``fused=True`` (and ``groups=1``) trains a kernel of at
     most 27 taps (``KH KW C_in``: a 3x3 RGB or a 5x5 grayscale input layer) with
     ``bpkit.ops.conv``, whose forward runs as shifted multiply-adds, on CPU (there XLA's
-    convolution runs such a kernel at a tenth of its speed); ``False``, or any other kernel or
-    backend, is ``lax.conv_general_dilated`` throughout.
+    convolution is slow on such short windows: 2.6 against 0.3 ms for a 3x3 one-channel
+    layer); ``False``, or any other kernel or backend, is ``lax.conv_general_dilated``.
     """
     return _conv(2, out_channels, kernel_size, stride=stride, padding=padding, dilation=dilation,
                  groups=groups, use_bias=use_bias, w_init=w_init, fused=fused, name=name)
