@@ -298,12 +298,15 @@ CHOLESKY_TANGENT_FROM_LOWER = JAX_VERSION >= (0, 11, 0)
 # * ``xla_cpu_experimental_ynn_fusion_type``: XLA's CPU backend hands dot products, reductions
 #   and convolutions to YNNPACK by default (INDIVIDUAL_DOT, REDUCE, INDIVIDUAL_CONVOLUTION in
 #   jaxlib 0.10.2, 0.11.2 and 0.12.0.1). In 0.10.x YNNPACK's convolutions are slower than
-#   XLA's own (Eigen's): the 2-D CNN step 14.6-14.9 ms with them, 11.9-12.2 ms without; from
-#   0.11 on they are as fast (11.7 vs 12.2 ms on 0.11.2, 11.8 vs 11.8 on 0.12.0.1), so only
-#   0.10 leaves them out.
+#   XLA's own (Eigen's): the 2-D CNN step 14.6-14.9 ms with them, 11.9-12.2 ms without. In
+#   0.12.0.1 they are as fast or slower, per-round medians of YNNPACK / Eigen over 40-100 rounds:
+#   2-D CNN 1.006-1.061, 1-D CNN 0.998, RGB 32x32 CNN 1.010-1.076, 32/64-channel CNN
+#   1.079-1.082, four-stage CNN 1.005. In 0.11.2 it depends on the model (2-D CNN 0.96, RGB
+#   1.01, 32/64-channel 1.04), so 0.11 keeps XLA's default.
 # Both are CPU options: other platforms compile with XLA's defaults (not measured here).
 _CPU_LIBRARY_FUSIONS_WITHOUT_CONVOLUTION = (
     "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE")
+YNNPACK_CONVOLUTIONS_ON_CPU = (0, 11, 0) <= JAX_VERSION < (0, 12, 0)
 
 
 def step_compiler_options(platform: str) -> dict[str, str]:
@@ -312,7 +315,7 @@ def step_compiler_options(platform: str) -> dict[str, str]:
     if platform != "cpu":
         return {}
     options = {"xla_cpu_copy_insertion_use_region_analysis": "True"}
-    if JAX_VERSION < (0, 11, 0):
+    if not YNNPACK_CONVOLUTIONS_ON_CPU:
         options["xla_cpu_experimental_ynn_fusion_type"] = _CPU_LIBRARY_FUSIONS_WITHOUT_CONVOLUTION
     return options
 

@@ -97,7 +97,8 @@ def _called_bodies(hlo: str, call: str) -> list[str]:
 
 def test_steps_compile_with_the_xla_options_measured_faster_on_this_jax():
     """On CPU, bpkit's steps compile without copies of loop carries (region analysis) and, on
-    JAX 0.10, with XLA's own convolutions rather than YNNPACK's (compat.step_compiler_options).
+    JAX 0.10 and 0.12, with XLA's own convolutions rather than YNNPACK's
+    (compat.step_compiler_options).
     The options must compile on the installed jaxlib, give the same numbers, and
     ``compiler_options=None`` must give XLA's defaults back."""
     model = nn.sequential(nn.conv2d(32, 3), nn.flatten(), nn.dense(4), name="net")
@@ -131,7 +132,7 @@ def test_steps_compile_with_the_xla_options_measured_faster_on_this_jax():
     assert ynn_convolutions(default) > 0 and carry_copies(default) > 0, (
         "XLA's defaults changed: re-measure compat.step_compiler_options")
     assert carry_copies(auto) == 0
-    assert (ynn_convolutions(auto) > 0) == (compat.JAX_VERSION >= (0, 11, 0))
+    assert (ynn_convolutions(auto) > 0) == compat.YNNPACK_CONVOLUTIONS_ON_CPU
     np.testing.assert_allclose(float(auto_loss), float(default_loss), rtol=1e-6)
 
 
