@@ -49,9 +49,8 @@ class _Jitted:
         """The ``jax.jit`` function. ``compiler_options="auto"`` takes the options measured
         faster than XLA's defaults on this JAX release and backend
         (``compat.step_compiler_options``: on CPU, no copies of loop carries, an LSTM step
-        0.93x as long, and on JAX 0.10 and 0.12 XLA's own convolutions, a 2-D CNN step 0.8x on
-        0.10); ``None``
-        or ``{}``: XLA's defaults."""
+        0.93x as long, and on JAX 0.10 and 0.12 XLA's own convolutions, a 2-D CNN step 0.8x and
+        0.9-1.0x); ``None`` or ``{}``: XLA's defaults."""
         if self._jitted is None:
             options = self._options
             if options == AUTO:
