@@ -11,15 +11,12 @@ import bpkit
 from bpkit.engine import registry
 
 
-def normal(key, shape, scale=0.5):
-    return jax.random.normal(key, shape, jnp.float64) * scale
+_RNG = np.random.default_rng(42)
 
 
-KEYS = iter(jax.random.split(jax.random.key(42), 64))
-
-
-def nk():
-    return next(KEYS)
+def normal(shape, scale=0.5):
+    """float64 normal draws, made by NumPy (no compile per shape while the module loads)."""
+    return jnp.asarray(_RNG.standard_normal(shape) * scale)
 
 
 # --- MLP with softmax cross-entropy -------------------------------------------------------------
@@ -30,9 +27,9 @@ def mlp(p, x, y):
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
 
-MLP_ARGS = ({"w1": normal(nk(), (5, 8)), "b1": normal(nk(), (8,), 0.1), "w2": normal(nk(), (8, 8)),
-             "b2": normal(nk(), (8,), 0.1), "w3": normal(nk(), (8, 4))},
-            normal(nk(), (6, 5), 1.0), jnp.array([0, 3, 1, 2, 3, 0]))
+MLP_ARGS = ({"w1": normal((5, 8)), "b1": normal((8,), 0.1), "w2": normal((8, 8)),
+             "b2": normal((8,), 0.1), "w3": normal((8, 4))},
+            normal((6, 5), 1.0), jnp.array([0, 3, 1, 2, 3, 0]))
 
 
 def ce_via_jax_nn(logits, labels):
@@ -45,7 +42,7 @@ def ce_via_optax(logits, labels):
     return jnp.mean(optax.softmax_cross_entropy(logits, onehot))
 
 
-CE_ARGS = (normal(nk(), (5, 7), 2.0), jnp.array([0, 6, 3, 3, 1]))
+CE_ARGS = (normal((5, 7), 2.0), jnp.array([0, 6, 3, 3, 1]))
 
 
 # --- CNN: conv + max pooling + average pooling ------------------------------------------------
@@ -59,9 +56,9 @@ def cnn(p, x):
     return jnp.sum(jnp.tanh(y.reshape(y.shape[0], -1) @ p["w"]) ** 2)
 
 
-CNN_ARGS = ({"k1": normal(nk(), (3, 3, 2, 4)), "b1": normal(nk(), (4,), 0.1),
-             "k2": normal(nk(), (3, 3, 4, 3)), "w": normal(nk(), (12, 2))},
-            normal(nk(), (2, 6, 6, 2), 1.0))
+CNN_ARGS = ({"k1": normal((3, 3, 2, 4)), "b1": normal((4,), 0.1),
+             "k2": normal((3, 3, 4, 3)), "w": normal((12, 2))},
+            normal((2, 6, 6, 2), 1.0))
 
 
 # --- recurrent nets through lax.scan ------------------------------------------------------------
@@ -80,8 +77,8 @@ def gru(p, xs):
     return jnp.mean(hs @ p["out"]) + jnp.sum(h ** 2)
 
 
-GRU_ARGS = ({"wx": normal(nk(), (3, 12)), "wh": normal(nk(), (4, 12)), "out": normal(nk(), (4, 2))},
-            normal(nk(), (6, 2, 3), 1.0))
+GRU_ARGS = ({"wx": normal((3, 12)), "wh": normal((4, 12)), "out": normal((4, 2))},
+            normal((6, 2, 3), 1.0))
 
 
 def lstm(p, xs):
@@ -100,8 +97,8 @@ def lstm(p, xs):
     return jnp.sum(hs[-1] * h) + jnp.mean(c)
 
 
-LSTM_ARGS = ({"wx": normal(nk(), (3, 16)), "wh": normal(nk(), (4, 16)), "b": normal(nk(), (16,), 0.1)},
-             normal(nk(), (5, 2, 3), 1.0))
+LSTM_ARGS = ({"wx": normal((3, 16)), "wh": normal((4, 16)), "b": normal((16,), 0.1)},
+             normal((5, 2, 3), 1.0))
 
 
 # --- transformer pieces -----------------------------------------------------------------------------
@@ -115,7 +112,7 @@ def layer_norm_loss(x, g, b):
     return jnp.sum(jnp.sin(layer_norm(x, g[None, :], b[None, :])))
 
 
-LN_ARGS = (normal(nk(), (4, 6), 1.0), 1 + normal(nk(), (6,), 0.1), normal(nk(), (6,), 0.1))
+LN_ARGS = (normal((4, 6), 1.0), 1 + normal((6,), 0.1), normal((6,), 0.1))
 
 
 def causal_attention(p, x):  # x: (B, T, D)
@@ -133,9 +130,9 @@ def causal_attention(p, x):  # x: (B, T, D)
     return jnp.sum(y ** 2) / (B * T)
 
 
-ATTN_ARGS = ({"wqkv": normal(nk(), (8, 24)), "wo": normal(nk(), (8, 8)),
-              "g": 1 + normal(nk(), (8,), 0.1), "b": normal(nk(), (8,), 0.1)},
-             normal(nk(), (2, 5, 8), 1.0))
+ATTN_ARGS = ({"wqkv": normal((8, 24)), "wo": normal((8, 8)),
+              "g": 1 + normal((8,), 0.1), "b": normal((8,), 0.1)},
+             normal((2, 5, 8), 1.0))
 
 
 def embedding(table, ids, w):
@@ -144,7 +141,7 @@ def embedding(table, ids, w):
     return jnp.sum(jnp.tanh((e + pos[None]) @ w))
 
 
-EMB_ARGS = (normal(nk(), (10, 4)), jnp.array([[1, 3, 3], [0, 1, 3]]), normal(nk(), (4, 3)))
+EMB_ARGS = (normal((10, 4)), jnp.array([[1, 3, 3], [0, 1, 3]]), normal((4, 3)))
 
 
 def dropout_mlp(w, x, key):
@@ -154,7 +151,7 @@ def dropout_mlp(w, x, key):
     return jnp.sum(h ** 2)
 
 
-DROP_ARGS = (normal(nk(), (4, 6)), normal(nk(), (3, 4), 1.0), jax.random.key(3))
+DROP_ARGS = (normal((4, 6)), normal((3, 4), 1.0), jax.random.key(3))
 
 
 PROGRAMS = {

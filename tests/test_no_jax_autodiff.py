@@ -77,8 +77,9 @@ def forbid_jax_autodiff(monkeypatch):
 
 
 # --- the programs -------------------------------------------------------------------------------
-def _normal(key, shape, scale=0.5):
-    return jax.random.normal(key, shape, jnp.float64) * scale
+def _normal(seed, shape, scale=0.5):
+    """float64 normal draws, made by NumPy (no compile per shape while the module loads)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape) * scale)
 
 
 K = jax.random.split(jax.random.key(0), 16)
@@ -93,8 +94,8 @@ def mlp(p, x, y):
             - jnp.mean(jnp.sum(jax.nn.log_softmax(logits) * onehot, -1)) * 0.5)
 
 
-MLP_ARGS = ({"w1": _normal(K[0], (4, 8)), "b1": _normal(K[1], (8,)), "w2": _normal(K[2], (8, 8)),
-             "w3": _normal(K[3], (8, 3))}, _normal(K[4], (6, 4), 1.0),
+MLP_ARGS = ({"w1": _normal(0, (4, 8)), "b1": _normal(1, (8,)), "w2": _normal(2, (8, 8)),
+             "w3": _normal(3, (8, 3))}, _normal(104, (6, 4), 1.0),  # every row has live units
             jnp.array([0, 1, 2, 1, 0, 2]))
 
 
@@ -109,8 +110,8 @@ def gru(p, xs):
     return jnp.sum(hs ** 2) + jnp.sum(h)
 
 
-GRU_ARGS = ({"wx": _normal(K[5], (3, 12)), "wh": _normal(K[6], (4, 12))},
-            _normal(K[7], (5, 2, 3), 1.0))
+GRU_ARGS = ({"wx": _normal(5, (3, 12)), "wh": _normal(6, (4, 12))},
+            _normal(7, (5, 2, 3), 1.0))
 
 
 def with_cond(x, y):
@@ -149,7 +150,7 @@ def cnn(p, x):
     return jnp.sum(y ** 2)
 
 
-CNN_ARGS = ({"k": _normal(K[8], (3, 3, 2, 4))}, _normal(K[9], (2, 8, 8, 2), 1.0))
+CNN_ARGS = ({"k": _normal(8, (3, 3, 2, 4))}, _normal(9, (2, 8, 8, 2), 1.0))
 
 
 def embedding(table, ids, w):
@@ -157,7 +158,7 @@ def embedding(table, ids, w):
     return jnp.sum(jnp.tanh(e @ w))
 
 
-EMB_ARGS = (_normal(K[10], (10, 4)), jnp.array([[1, 3, 3], [0, 1, 9]]), _normal(K[11], (4, 2)))
+EMB_ARGS = (_normal(10, (10, 4)), jnp.array([[1, 3, 3], [0, 1, 9]]), _normal(11, (4, 2)))
 
 def linalg_program(a, b):
     """Factorizations and solves: Cholesky + cho_solve (triangular solves), eigh, QR, LU, SVD,
@@ -195,7 +196,7 @@ def spectral_complex(w_re, w_im, x):
     return jnp.sum(jnp.abs(z) + jnp.real(z * jnp.conj(z)) * 0.1 + jnp.imag(z) ** 2 + special)
 
 
-SPECTRAL_ARGS = (_normal(K[0], (5,)), _normal(K[1], (5,)), _normal(K[2], (2, 8), 1.0))
+SPECTRAL_ARGS = (_normal(0, (5,)), _normal(1, (5,)), _normal(2, (2, 8), 1.0))
 
 
 def misc_primitives(x, w):
@@ -222,33 +223,35 @@ def cross_attention(params, x, memory):
 
 
 CROSS_ARGS = (bpkit_nn.cast(_CROSS.init(K[2], (3, 4))[0], jnp.float64),
-              _normal(K[3], (2, 3, 4), 1.0), _normal(K[4], (2, 5, 4), 1.0))
+              _normal(3, (2, 3, 4), 1.0), _normal(4, (2, 5, 4), 1.0))
 
 
 PROGRAMS = {
     "mlp_relu_gelu_softmax_ce": (mlp, MLP_ARGS, 0, None),
     "gru_scan": (gru, GRU_ARGS, 0, None),
-    "cond": (with_cond, (_normal(K[12], (5,)), _normal(K[13], (5,))), (0, 1), None),
-    "remat_custom_vjp": (remat_and_custom_vjp, (_normal(K[14], (3, 3)), _normal(K[15], (2, 3))),
+    "cond": (with_cond, (_normal(12, (5,)), _normal(13, (5,))), (0, 1), None),
+    "remat_custom_vjp": (remat_and_custom_vjp, (_normal(14, (3, 3)), _normal(15, (2, 3))),
                          (0, 1), None),
-    "remat_policies": (remat_policies, (_normal(K[14], (3, 3)), _normal(K[15], (2, 3))),
+    "remat_policies": (remat_policies, (_normal(14, (3, 3)), _normal(15, (2, 3))),
                        (0, 1), None),
     "cnn_conv_pooling": (cnn, CNN_ARGS, (0, 1), (lax.conv_general_dilated_p,
                                                   lax.reduce_window_max_p)),
     "embedding_gather": (embedding, EMB_ARGS, (0, 2), (lax.gather_p,)),
-    "linalg_decompositions": (linalg_program, (_normal(K[0], (3, 3), 1.0), _normal(K[1], (3,))),
+    "linalg_decompositions": (linalg_program, (_normal(0, (3, 3), 1.0), _normal(1, (3,))),
                               (0, 1), (lax.linalg.cholesky_p, lax.linalg.eigh_p, lax.linalg.svd_p)),
     "cross_attention": (cross_attention, CROSS_ARGS, (0, 1, 2), None),
-    "shard_map_collectives": (spmd, (_normal(K[0], (3, 2)), _normal(K[1], (8, 3), 1.0)), (0, 1),
+    "shard_map_collectives": (spmd, (_normal(0, (3, 2)), _normal(1, (8, 3), 1.0)), (0, 1),
                               None),
     "fft_complex_special": (spectral_complex, SPECTRAL_ARGS, (0, 1, 2), (lax.fft_p,)),
-    "misc_primitives": (misc_primitives, (_normal(jax.random.key(16), (4, 3)),
-                                          _normal(jax.random.key(17), (2, 3, 2))),
+    "misc_primitives": (misc_primitives, (_normal(16, (4, 3)),
+                                          _normal(17, (2, 3, 2))),
                         (0, 1), None),
 }
 
-# References, computed now, before anything is patched.
-REFERENCE = {name: jax.grad(f, argnums)(*args) for name, (f, args, argnums, _) in PROGRAMS.items()}
+# References, computed now, before anything is patched; jitted, as one compile per program
+# (eagerly, each new shape of every primitive compiled apart: 28 s of each worker's collection).
+REFERENCE = {name: jax.jit(jax.grad(f, argnums))(*args)
+             for name, (f, args, argnums, _) in PROGRAMS.items()}
 
 
 @pytest.fixture
@@ -332,7 +335,7 @@ def _with_statics(x, n, train, mode):
     return {"sum": jnp.sum, "mean": jnp.mean}[mode](y ** 2)
 
 
-STATIC_ARGS = (_normal(K[0], (3,)), jnp.int32(3), True, "mean")
+STATIC_ARGS = (_normal(0, (3,)), jnp.int32(3), True, "mean")
 STATIC_REFERENCE = jax.grad(_with_statics)(*STATIC_ARGS)
 
 

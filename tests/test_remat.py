@@ -20,7 +20,8 @@ from bpkit.train import TrainState, make_train_step
 
 
 def _normal(i, shape, dtype=jnp.float64):
-    return jax.random.normal(jax.random.key(i), shape, dtype)
+    """Normal draws made by NumPy (no compile per shape while the module loads)."""
+    return jnp.asarray(np.random.default_rng(i).standard_normal(shape), dtype)
 
 
 def residual_mlp(params, x):
